@@ -1,0 +1,348 @@
+//! The node's configuration: one typed tree built from flags and `KUBBI_*` environment
+//! variables (see `kubbi serve --help`), then checked by [`Config::validate`].
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use zeroize::Zeroizing;
+
+use crate::ids::Millis;
+
+const MIB: usize = 1 << 20;
+
+/// Request limits of API.md. Every one is enforced and tested at and just past the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most files in one package.
+    pub max_files: usize,
+    /// Largest `ttl_seconds` accepted.
+    pub max_ttl_seconds: u64,
+    /// `ttl_seconds` when the request has none.
+    pub default_ttl_seconds: u64,
+    /// Largest `max_retrievals` accepted.
+    pub max_retrievals_limit: u32,
+    /// Largest serialized `metadata` object, in bytes.
+    pub max_metadata_bytes: usize,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest decoded payload (single content, or the sum of all files), in bytes.
+    pub max_payload_bytes: usize,
+    /// How long an ended kubbi stays visible to its producer.
+    pub retention: Duration,
+    /// How long a claim's `Idempotency-Key` answers retries with the same result.
+    pub claim_idempotency_window: Duration,
+    /// How long a create's `Idempotency-Key` answers retries with the first response.
+    pub create_idempotency_window: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_files: 16,
+            max_ttl_seconds: 7 * 86_400,
+            default_ttl_seconds: 900,
+            max_retrievals_limit: 1000,
+            max_metadata_bytes: 1024,
+            max_body_bytes: 24 * MIB,
+            max_payload_bytes: 16 * MIB,
+            retention: Duration::from_secs(7 * 86_400),
+            claim_idempotency_window: Duration::from_secs(60),
+            create_idempotency_window: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// Raft timing of every group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and purge the log behind it) after this many entries.
+    pub snapshot_every_entries: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every_entries: 20_000,
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's raft id; stable for the life of its data directory.
+    pub node_id: u64,
+    /// Where the database, admin token and dev key ring live.
+    pub data_dir: PathBuf,
+    /// Public HTTP listen address (`host:port`; port 0 picks a free port).
+    pub http_addr: String,
+    /// Base of claim URLs; `None` means `http://<bound http address>`.
+    pub public_url: Option<String>,
+    /// File holding the admin token; `None` means `<data-dir>/admin-token`, created on first start.
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token itself (from `KUBBI_ADMIN_TOKEN`); takes precedence over the file.
+    pub admin_token: Option<Zeroizing<String>>,
+    /// The node key ring file; `None` means `<data-dir>/node-keys.json`, created on first start
+    /// (dev mode, with a warning).
+    pub node_key_file: Option<PathBuf>,
+    /// Number of kubbi shards, fixed when the data directory is first initialised.
+    pub shards: u16,
+    pub limits: Limits,
+    /// An idle kubbi actor is passivated after this long.
+    pub actor_idle: Duration,
+    pub raft: RaftTuning,
+}
+
+impl Config {
+    /// A configuration with every default, data in `data_dir`, HTTP on an ephemeral loopback port.
+    pub fn for_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id: 1,
+            data_dir: data_dir.into(),
+            http_addr: "127.0.0.1:0".into(),
+            public_url: None,
+            admin_token_file: None,
+            admin_token: None,
+            node_key_file: None,
+            shards: 16,
+            limits: Limits::default(),
+            actor_idle: Duration::from_secs(10),
+            raft: RaftTuning::default(),
+        }
+    }
+
+    /// Checks values that flags alone cannot.
+    ///
+    /// # Errors
+    /// A message naming the offending setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if self.node_id == 0 {
+            return Err("node id must be at least 1".into());
+        }
+        if self.shards == 0 || self.shards > 4096 {
+            return Err("shards must be between 1 and 4096".into());
+        }
+        if l.max_files == 0 {
+            return Err("max files must be at least 1".into());
+        }
+        if l.max_ttl_seconds == 0 || l.default_ttl_seconds == 0 {
+            return Err("ttl limits must be at least 1 second".into());
+        }
+        if l.default_ttl_seconds > l.max_ttl_seconds {
+            return Err("the default ttl exceeds the maximum ttl".into());
+        }
+        if l.max_retrievals_limit == 0 {
+            return Err("max retrievals limit must be at least 1".into());
+        }
+        if l.max_payload_bytes > l.max_body_bytes {
+            return Err("the payload limit exceeds the body limit".into());
+        }
+        if let Some(u) = &self.public_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            return Err("public url must start with http:// or https://".into());
+        }
+        if self.raft.election_timeout_min_ms <= self.raft.heartbeat_ms
+            || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
+        {
+            return Err("raft timing: need heartbeat < election min < election max".into());
+        }
+        Ok(())
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.admin_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("admin-token"))
+    }
+
+    pub fn node_key_path(&self) -> PathBuf {
+        self.node_key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("node-keys.json"))
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("db")
+    }
+}
+
+/// `kubbi serve` flags. Each is also read from `KUBBI_<NAME>`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Data directory (database, admin token, dev key ring).
+    #[arg(long, env = "KUBBI_DATA_DIR", default_value = "./kubbi-data")]
+    pub data_dir: PathBuf,
+    /// Public HTTP address. Port 0 picks a free port (written to <data-dir>/http.addr).
+    #[arg(long, env = "KUBBI_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: String,
+    /// Base URL of claim URLs, e.g. https://kubbi.example.com (default http://<http-addr>).
+    #[arg(long, env = "KUBBI_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// File with the admin token (must not be readable by group or others).
+    #[arg(long, env = "KUBBI_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token itself (prefer the file; a flag would show in process listings).
+    #[arg(long, env = "KUBBI_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Node key ring file (JSON). Default: <data-dir>/node-keys.json, generated in dev mode.
+    #[arg(long, env = "KUBBI_NODE_KEY_FILE")]
+    pub node_key_file: Option<PathBuf>,
+    /// This node's id (stable for its data directory).
+    #[arg(long, env = "KUBBI_NODE_ID", default_value_t = 1)]
+    pub node_id: u64,
+    /// Number of shards (only used when the data directory is first initialised).
+    #[arg(long, env = "KUBBI_SHARDS", default_value_t = 16)]
+    pub shards: u16,
+    /// Most files in a package.
+    #[arg(long, env = "KUBBI_MAX_FILES", default_value_t = 16)]
+    pub max_files: usize,
+    /// Largest ttl_seconds accepted.
+    #[arg(long, env = "KUBBI_MAX_TTL_SECONDS", default_value_t = 604_800)]
+    pub max_ttl_seconds: u64,
+    /// Largest max_retrievals accepted.
+    #[arg(long, env = "KUBBI_MAX_RETRIEVALS_LIMIT", default_value_t = 1000)]
+    pub max_retrievals_limit: u32,
+    /// Largest request body in bytes.
+    #[arg(long, env = "KUBBI_MAX_BODY_BYTES", default_value_t = 24 * MIB)]
+    pub max_body_bytes: usize,
+    /// Largest decoded payload in bytes.
+    #[arg(long, env = "KUBBI_MAX_PAYLOAD_BYTES", default_value_t = 16 * MIB)]
+    pub max_payload_bytes: usize,
+    /// How long ended kubbis stay visible, in seconds.
+    #[arg(long, env = "KUBBI_RETENTION_SECONDS", default_value_t = 604_800)]
+    pub retention_seconds: u64,
+    /// Claim Idempotency-Key window, in seconds.
+    #[arg(long, env = "KUBBI_CLAIM_IDEMPOTENCY_SECONDS", default_value_t = 60)]
+    pub claim_idempotency_seconds: u64,
+    /// Idle time after which a kubbi actor is passivated, in milliseconds.
+    #[arg(long, env = "KUBBI_ACTOR_IDLE_MS", default_value_t = 10_000)]
+    pub actor_idle_ms: u64,
+}
+
+impl ServeArgs {
+    /// Builds the configuration (pure: no file is read here).
+    pub fn into_config(self) -> Config {
+        let mut c = Config::for_dir(self.data_dir);
+        c.node_id = self.node_id;
+        c.http_addr = self.http_addr;
+        c.public_url = self.public_url.map(|u| u.trim_end_matches('/').to_string());
+        c.admin_token_file = self.admin_token_file;
+        c.admin_token = self.admin_token.map(Zeroizing::new);
+        c.node_key_file = self.node_key_file;
+        c.shards = self.shards;
+        c.limits.max_files = self.max_files;
+        c.limits.max_ttl_seconds = self.max_ttl_seconds;
+        c.limits.default_ttl_seconds = c.limits.default_ttl_seconds.min(self.max_ttl_seconds);
+        c.limits.max_retrievals_limit = self.max_retrievals_limit;
+        c.limits.max_body_bytes = self.max_body_bytes;
+        c.limits.max_payload_bytes = self.max_payload_bytes;
+        c.limits.retention = Duration::from_secs(self.retention_seconds);
+        c.limits.claim_idempotency_window = Duration::from_secs(self.claim_idempotency_seconds);
+        c.actor_idle = Duration::from_millis(self.actor_idle_ms);
+        c
+    }
+}
+
+/// Milliseconds of a duration, saturating.
+pub fn millis(d: Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes a new secret file readable only by its owner.
+///
+/// # Errors
+/// When the file exists already or cannot be written.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
+
+/// Reads a secret file, refusing one that group or others can read.
+///
+/// # Errors
+/// When the file cannot be read or its permissions are too open.
+pub fn read_secret_file(path: &Path) -> std::io::Result<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is readable by group or others (mode {:o}); chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                ),
+            ));
+        }
+    }
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_api_md() {
+        let c = Config::for_dir("/tmp/x");
+        c.validate().expect("valid");
+        assert_eq!(c.limits.max_files, 16);
+        assert_eq!(c.limits.max_ttl_seconds, 604_800);
+        assert_eq!(c.limits.default_ttl_seconds, 900);
+        assert_eq!(c.limits.max_retrievals_limit, 1000);
+        assert_eq!(c.limits.max_metadata_bytes, 1024);
+        assert_eq!(c.limits.max_body_bytes, 24 * MIB);
+        assert_eq!(c.limits.max_payload_bytes, 16 * MIB);
+    }
+
+    #[test]
+    fn validate_rejects_inconsistent_settings() {
+        let mut c = Config::for_dir("/tmp/x");
+        c.limits.max_payload_bytes = c.limits.max_body_bytes + 1;
+        assert!(c.validate().is_err());
+        let mut c = Config::for_dir("/tmp/x");
+        c.shards = 0;
+        assert!(c.validate().is_err());
+        let mut c = Config::for_dir("/tmp/x");
+        c.public_url = Some("ftp://x".into());
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn secret_files_are_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("s");
+        write_secret_file(&p, b"hunter2\n").expect("writes");
+        assert_eq!(read_secret_file(&p).expect("reads"), "hunter2");
+        assert!(write_secret_file(&p, b"again").is_err(), "never overwrites");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            assert!(read_secret_file(&p).is_err());
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The public HTTP API (API.md): producer, consumer, operator and health routes.
+//!
+//! A handler extracts, validates, makes one service call and maps the result; every failure is
+//! an [`ApiError`] turned into the envelope in [`error`]. [`router`] builds the whole app
+//! without a socket, so tests can also drive it directly.
+
+mod dto;
+mod error;
+mod extract;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use openraft::async_runtime::WatchReceiver;
+use serde_json::{Value, json};
+
+use self::dto::{
+    ClaimResponse, CreatedResponse, Detail, ListResponse, Pagination, PreviewResponse,
+};
+use self::extract::{Admin, idempotency_key, json_body};
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::{ApiKeyId, ClaimToken, KubbiId, format_millis};
+use crate::raft::client::known_leader;
+use crate::service::{CreateIdempotencyInput, Producer, Service};
+use crate::state::Status;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Service,
+    /// SHA-256 of the admin token.
+    pub admin_token_hash: [u8; 32],
+    /// Base of claim URLs, without a trailing slash.
+    pub public_url: Arc<str>,
+}
+
+/// The whole public app.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/kubbis", post(create).get(list))
+        .route("/kubbis/{id}", get(detail).delete(delete))
+        .fallback(not_found)
+        .layer(middleware::from_fn(api_version_header));
+    let admin = Router::new()
+        .route("/api-keys", post(create_api_key).get(list_api_keys))
+        .route("/api-keys/{id}", axum::routing::delete(revoke_api_key))
+        .route("/cluster", get(cluster))
+        .fallback(not_found);
+    Router::new()
+        .nest("/api/v1", v1)
+        .nest("/admin/v1", admin)
+        .route("/r/{token}", get(preview))
+        .route("/r/{token}/inspect", get(inspect))
+        .route("/r/{token}/claim", post(claim))
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn api_version_header(req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert("api-version", HeaderValue::from_static("v1"));
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this method is not allowed on this route",
+    )
+}
+
+async fn fallback(uri: Uri) -> ApiError {
+    let mut segs = uri.path().trim_start_matches('/').split('/');
+    if segs.next() == Some("api") && segs.next().is_some_and(|v| v != "v1") {
+        return ApiError::new(
+            ErrorCode::NotImplemented,
+            "this API version is not implemented; use /api/v1",
+        );
+    }
+    ApiError::not_found("route")
+}
+
+// ---- producer ------------------------------------------------------------------------------
+
+async fn create(
+    State(app): State<AppState>,
+    producer: Producer,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<CreatedResponse>), ApiError> {
+    let svc = &app.service;
+    let idem_key = idempotency_key(&headers)?;
+    let bytes = json_body(&headers, body, svc.limits().max_body_bytes).await?;
+    let idem = idem_key.map(|key| CreateIdempotencyInput {
+        key,
+        body_hash: crate::crypto::sha256(&bytes),
+    });
+    let parsed = validate::parse_json(&bytes)?;
+    drop(bytes);
+    let input = validate::create_input(parsed, svc.limits())?;
+    let created = svc.create(&producer, input, idem).await?;
+    let metadata = svc.metadata(&created.record)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedResponse::new(&created, metadata, &app.public_url)),
+    ))
+}
+
+fn kubbi_id(
+    raw: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<KubbiId, ApiError> {
+    raw.ok()
+        .and_then(|Path(s)| KubbiId::parse(&s))
+        .ok_or_else(|| ApiError::not_found("kubbi"))
+}
+
+async fn detail(
+    State(app): State<AppState>,
+    producer: Producer,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Detail>, ApiError> {
+    let id = kubbi_id(id)?;
+    let r = app.service.get(&producer.key.id, &id).await?;
+    Ok(Json(Detail::new(&r, &app.service, app.service.now())?))
+}
+
+async fn delete(
+    State(app): State<AppState>,
+    producer: Producer,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Detail>, ApiError> {
+    let id = kubbi_id(id)?;
+    let r = app.service.delete(&producer.key.id, &id).await?;
+    Ok(Json(Detail::new(&r, &app.service, app.service.now())?))
+}
+
+fn query_int(
+    q: &HashMap<String, String>,
+    k: &str,
+    default: u64,
+    lo: u64,
+    hi: u64,
+    errs: &mut Vec<String>,
+) -> u64 {
+    match q.get(k) {
+        None => default,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if (lo..=hi).contains(&n) => n,
+            _ => {
+                errs.push(format!("{k} must be an integer from {lo} to {hi}"));
+                default
+            }
+        },
+    }
+}
+
+async fn list(
+    State(app): State<AppState>,
+    producer: Producer,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let Query(q) =
+        query.map_err(|_| ApiError::validation(vec!["the query string is malformed".into()]))?;
+    let mut errs = Vec::new();
+    for k in q.keys() {
+        if !matches!(k.as_str(), "page" | "limit" | "status") {
+            let shown: String = k.chars().take(64).collect();
+            errs.push(format!("unknown query parameter `{shown}`"));
+        }
+    }
+    let page = query_int(&q, "page", 1, 1, 1_000_000, &mut errs);
+    let limit = query_int(&q, "limit", 20, 1, 100, &mut errs);
+    let status = match q.get("status") {
+        None => None,
+        Some(s) => match Status::parse(s) {
+            Some(s) => Some(s),
+            None => {
+                errs.push("status must be one of active, expired, burned, deleted".into());
+                None
+            }
+        },
+    };
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    let svc = &app.service;
+    let result = svc.list(&producer.key.id, page, limit, status).await?;
+    let now = svc.now();
+    let kubbis = result
+        .items
+        .iter()
+        .map(|r| Detail::new(r, svc, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(ListResponse {
+        kubbis,
+        pagination: Pagination {
+            page,
+            limit,
+            total: result.total,
+            total_pages: result.total.div_ceil(limit),
+        },
+    }))
+}
+
+// ---- consumer ------------------------------------------------------------------------------
+
+fn claim_token(
+    raw: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<ClaimToken, ApiError> {
+    raw.ok()
+        .and_then(|Path(s)| ClaimToken::parse(&s))
+        .ok_or_else(|| ApiError::not_found("kubbi"))
+}
+
+async fn preview_or_inspect(
+    app: &AppState,
+    token: ClaimToken,
+    with_claim: bool,
+) -> Result<Json<PreviewResponse>, ApiError> {
+    let p = app.service.preview(&token).await?;
+    let claim_url =
+        with_claim.then(|| format!("{}/r/{}/claim", app.public_url, token.expose().as_str()));
+    Ok(Json(PreviewResponse::new(
+        &p,
+        &app.service,
+        app.service.now(),
+        claim_url,
+    )?))
+}
+
+async fn preview(
+    State(app): State<AppState>,
+    token: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<PreviewResponse>, ApiError> {
+    preview_or_inspect(&app, claim_token(token)?, true).await
+}
+
+async fn inspect(
+    State(app): State<AppState>,
+    token: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<PreviewResponse>, ApiError> {
+    preview_or_inspect(&app, claim_token(token)?, false).await
+}
+
+async fn claim(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    token: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    let token = claim_token(token)?;
+    let idem = idempotency_key(&headers)?;
+    let out = app.service.claim(&token, idem.as_deref()).await?;
+    Ok(Json(ClaimResponse::new(out, &app.service)?))
+}
+
+// ---- operator ------------------------------------------------------------------------------
+
+const MAX_LABEL: usize = 128;
+
+async fn create_api_key(
+    State(app): State<AppState>,
+    _admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let bytes = json_body(&headers, body, 16 * 1024).await?;
+    let v = validate::parse_json(&bytes)?;
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::validation(vec![
+            "the request body must be a JSON object".into(),
+        ]));
+    };
+    let mut errs = Vec::new();
+    for k in obj.keys() {
+        if k != "label" {
+            let shown: String = k.chars().take(64).collect();
+            errs.push(format!("unknown field `{shown}`"));
+        }
+    }
+    let label = match obj.get("label") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s))
+            if s.chars().count() <= MAX_LABEL && !s.chars().any(char::is_control) =>
+        {
+            s.clone()
+        }
+        Some(_) => {
+            errs.push(format!("label must be a string of at most {MAX_LABEL} characters without control characters"));
+            String::new()
+        }
+    };
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    let (rec, key) = app.service.create_api_key(label).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": rec.id.to_string(),
+            "api_key": key.as_str(),
+            "key_prefix": rec.key_prefix,
+            "label": rec.label,
+            "created_at": format_millis(rec.created_at),
+        })),
+    ))
+}
+
+fn key_json(r: &crate::state::ApiKeyRecord) -> Value {
+    json!({
+        "id": r.id.to_string(),
+        "key_prefix": r.key_prefix,
+        "label": r.label,
+        "created_at": format_millis(r.created_at),
+        "revoked_at": r.revoked_at.map(format_millis),
+    })
+}
+
+async fn list_api_keys(
+    State(app): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Value>, ApiError> {
+    let keys = app.service.list_api_keys().await?;
+    Ok(Json(
+        json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() }),
+    ))
+}
+
+async fn revoke_api_key(
+    State(app): State<AppState>,
+    _admin: Admin,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = id
+        .ok()
+        .and_then(|Path(s)| ApiKeyId::parse(&s))
+        .ok_or_else(|| ApiError::not_found("api key"))?;
+    let rec = app.service.revoke_api_key(id).await?;
+    Ok(Json(key_json(&rec)))
+}
+
+async fn cluster(State(app): State<AppState>, _admin: Admin) -> Json<Value> {
+    let svc = &app.service;
+    let mut nodes = std::collections::BTreeMap::new();
+    let mut shards = Vec::new();
+    for h in svc.shards() {
+        let m = h.raft.metrics().borrow_watched().clone();
+        for (id, node) in m.membership_config.nodes() {
+            nodes.entry(*id).or_insert_with(|| node.clone());
+        }
+        shards.push(json!({
+            "id": h.group,
+            "leader": m.current_leader,
+            "replicas": m.membership_config.voter_ids().collect::<Vec<_>>(),
+            "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
+            "term": m.current_term,
+            "applied_index": m.last_applied.map(|l| l.index),
+            "last_log_index": m.last_log_index,
+        }));
+    }
+    let nodes: Vec<Value> = nodes
+        .into_iter()
+        .map(|(id, n)| {
+            json!({
+                "id": id,
+                "http": n.http,
+                "internal": n.internal,
+                "zone": n.zone,
+                "state": if id == svc.node_id() { "self" } else { "member" },
+            })
+        })
+        .collect();
+    Json(json!({ "node_id": svc.node_id(), "nodes": nodes, "shards": shards }))
+}
+
+// ---- health --------------------------------------------------------------------------------
+
+fn shard_leaders(svc: &Service) -> (usize, usize) {
+    let total = svc.shards().len() + 1;
+    let led = svc
+        .shards()
+        .iter()
+        .map(|h| &h.raft)
+        .chain(std::iter::once(svc.system()))
+        .filter(|r| known_leader(r).is_some())
+        .count();
+    (total, led)
+}
+
+async fn health(State(app): State<AppState>) -> Response {
+    let (total, led) = shard_leaders(&app.service);
+    let ok = total == led;
+    let body = json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "node_id": app.service.node_id(),
+        "groups": total,
+        "groups_with_leader": led,
+    });
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn ready(State(app): State<AppState>) -> Response {
+    let (total, led) = shard_leaders(&app.service);
+    if total == led {
+        (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response()
+    } else {
+        ApiError::unavailable(format!("{} of {total} groups have no leader", total - led))
+            .into_response()
+    }
+}

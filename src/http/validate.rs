@@ -1,0 +1,642 @@
+//! Validation of create requests: every rule of API.md, every problem reported at once.
+//!
+//! Pure functions over parsed JSON. A request that breaks only a size limit is `413`; anything
+//! else wrong is `400 validation_error` with one message per problem. Messages name fields and
+//! limits, never echo submitted content.
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+use crate::config::Limits;
+use crate::error::{ApiError, ErrorCode};
+use crate::service::{CreateBody, CreateInput, FileInput, Role};
+
+const TOP_FIELDS: &[&str] = &[
+    "content",
+    "content_type",
+    "files",
+    "ttl_seconds",
+    "max_retrievals",
+    "metadata",
+];
+const FILE_FIELDS: &[&str] = &["name", "content", "content_type", "role", "encoding"];
+const SINGLE_TYPES: &str =
+    "text/plain, application/json, text/markdown, text/csv or another text/* type";
+
+/// Parses a request body into JSON.
+///
+/// # Errors
+/// `400` with the position of the syntax error (never the content around it).
+pub fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Eof => "it ends early",
+            serde_json::error::Category::Syntax => "it has a syntax error",
+            _ => "it cannot be parsed",
+        };
+        ApiError::validation(vec![format!(
+            "the request body is not valid JSON: {what} at line {}, column {}",
+            e.line(),
+            e.column()
+        )])
+    })
+}
+
+/// Whether `s` is a MIME type `type/subtype`, optionally with `; name=value` parameters.
+pub fn is_mime_type(s: &str) -> bool {
+    fn token(t: &str) -> bool {
+        !t.is_empty()
+            && t.len() <= 127
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    }
+    if s.len() > 255 {
+        return false;
+    }
+    let mut parts = s.split(';');
+    let essence = parts.next().unwrap_or("").trim();
+    let Some((ty, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    if !token(ty) || !token(sub) {
+        return false;
+    }
+    parts.all(|p| {
+        p.trim()
+            .split_once('=')
+            .is_some_and(|(k, v)| token(k.trim()) && !v.trim().is_empty())
+    })
+}
+
+fn essence(ct: &str) -> String {
+    ct.split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether bytes of this type are returned as text when they are valid UTF-8.
+fn textual(ct: &str) -> bool {
+    let e = essence(ct);
+    e.starts_with("text/")
+        || matches!(
+            e.as_str(),
+            "application/json"
+                | "application/xml"
+                | "application/yaml"
+                | "application/x-yaml"
+                | "application/toml"
+                | "application/javascript"
+        )
+        || e.ends_with("+json")
+        || e.ends_with("+xml")
+}
+
+/// Whether a package file name follows API.md: 1..=255 of `[A-Za-z0-9._-]`, alphanumeric first,
+/// no `..`.
+pub fn is_valid_file_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 255
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && !name.contains("..")
+}
+
+fn unknown_fields(obj: &Map<String, Value>, allowed: &[&str], at: &str, errs: &mut Vec<String>) {
+    for k in obj.keys() {
+        if !allowed.contains(&k.as_str()) {
+            let shown: String = k.chars().take(64).collect();
+            errs.push(format!("{at}unknown field `{shown}`"));
+        }
+    }
+}
+
+/// An optional field: absent and `null` are the same.
+fn opt<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    obj.get(k).filter(|v| !v.is_null())
+}
+
+fn integer_in(v: &Value, lo: u64, hi: u64) -> Option<u64> {
+    v.as_u64().filter(|n| (lo..=hi).contains(n))
+}
+
+/// Validates a parsed create request against `limits`.
+///
+/// # Errors
+/// `400 validation_error` listing every problem, or `413` when only a size limit is broken.
+pub fn create_input(mut v: Value, limits: &Limits) -> Result<CreateInput, ApiError> {
+    let mut errs = Vec::new();
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ApiError::validation(vec![
+            "the request body must be a JSON object".into(),
+        ]));
+    };
+    unknown_fields(obj, TOP_FIELDS, "", &mut errs);
+
+    let ttl_seconds = match opt(obj, "ttl_seconds") {
+        None => limits.default_ttl_seconds,
+        Some(t) => integer_in(t, 1, limits.max_ttl_seconds).unwrap_or_else(|| {
+            errs.push(format!(
+                "ttl_seconds must be an integer from 1 to {}",
+                limits.max_ttl_seconds
+            ));
+            0
+        }),
+    };
+    let max_retrievals = match opt(obj, "max_retrievals") {
+        None => None,
+        Some(m) => match integer_in(m, 1, u64::from(limits.max_retrievals_limit)) {
+            Some(n) => Some(n as u32),
+            None => {
+                errs.push(format!(
+                    "max_retrievals must be null or an integer from 1 to {}",
+                    limits.max_retrievals_limit
+                ));
+                None
+            }
+        },
+    };
+    let mut too_large = Vec::new();
+    let metadata_json = match opt(obj, "metadata") {
+        None => None,
+        Some(m @ Value::Object(_)) => {
+            let bytes = serde_json::to_vec(m).unwrap_or_default();
+            if bytes.len() > limits.max_metadata_bytes {
+                too_large.push(format!(
+                    "metadata is {} bytes serialized; the limit is {}",
+                    bytes.len(),
+                    limits.max_metadata_bytes
+                ));
+            }
+            Some(bytes)
+        }
+        Some(_) => {
+            errs.push("metadata must be a JSON object".into());
+            None
+        }
+    };
+
+    let has_content = obj.contains_key("content");
+    let has_files = obj.get("files").is_some_and(|f| !f.is_null());
+    let body = match (has_content, has_files) {
+        (true, true) => {
+            errs.push("give either `content` or `files`, not both".into());
+            None
+        }
+        (false, false) => {
+            errs.push("one of `content` or `files` is required".into());
+            None
+        }
+        (true, false) => single(obj, limits, &mut errs, &mut too_large),
+        (false, true) => {
+            if obj.contains_key("content_type") {
+                errs.push(
+                    "content_type belongs to single-content kubbis; give each file its own".into(),
+                );
+            }
+            package(obj, limits, &mut errs, &mut too_large)
+        }
+    };
+
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    if !too_large.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            too_large.join("; "),
+        ));
+    }
+    let body =
+        body.ok_or_else(|| ApiError::validation(vec!["the request has no payload".into()]))?;
+    Ok(CreateInput {
+        ttl_seconds,
+        max_retrievals,
+        metadata_json,
+        body,
+    })
+}
+
+fn single(
+    obj: &mut Map<String, Value>,
+    limits: &Limits,
+    errs: &mut Vec<String>,
+    too_large: &mut Vec<String>,
+) -> Option<CreateBody> {
+    let content_type = match opt(obj, "content_type") {
+        None => "text/plain".to_string(),
+        Some(Value::String(s)) if is_mime_type(s) => {
+            let e = essence(s);
+            if e == "application/json" || e.starts_with("text/") {
+                s.trim().to_string()
+            } else {
+                errs.push(format!("content_type must be {SINGLE_TYPES}"));
+                return None;
+            }
+        }
+        Some(_) => {
+            errs.push(format!("content_type must be {SINGLE_TYPES}"));
+            return None;
+        }
+    };
+    let content = obj.remove("content").unwrap_or(Value::Null);
+    let bytes = if essence(&content_type) == "application/json" {
+        Zeroizing::new(serde_json::to_vec(&content).unwrap_or_default())
+    } else {
+        match content {
+            Value::String(s) => Zeroizing::new(s.into_bytes()),
+            _ => {
+                errs.push(
+                    "content must be a string unless content_type is application/json".into(),
+                );
+                return None;
+            }
+        }
+    };
+    if bytes.len() > limits.max_payload_bytes {
+        too_large.push(format!(
+            "the content is {} bytes; the limit is {}",
+            bytes.len(),
+            limits.max_payload_bytes
+        ));
+    }
+    Some(CreateBody::Single {
+        content_type,
+        content: bytes,
+    })
+}
+
+fn package(
+    obj: &mut Map<String, Value>,
+    limits: &Limits,
+    errs: &mut Vec<String>,
+    too_large: &mut Vec<String>,
+) -> Option<CreateBody> {
+    let Some(Value::Array(files)) = obj.remove("files") else {
+        errs.push("files must be an array".into());
+        return None;
+    };
+    if files.is_empty() || files.len() > limits.max_files {
+        errs.push(format!(
+            "files must have 1 to {} entries; it has {}",
+            limits.max_files,
+            files.len()
+        ));
+        return None;
+    }
+    let mut out = Vec::with_capacity(files.len());
+    let mut seen: Vec<String> = Vec::with_capacity(files.len());
+    let mut total = 0usize;
+    for (i, f) in files.into_iter().enumerate() {
+        let at = format!("files[{i}].");
+        let Value::Object(mut f) = f else {
+            errs.push(format!("files[{i}] must be an object"));
+            continue;
+        };
+        unknown_fields(&f, FILE_FIELDS, &at, errs);
+        let name = match f.get("name") {
+            Some(Value::String(n)) if is_valid_file_name(n) => {
+                let lower = n.to_ascii_lowercase();
+                if let Some(j) = seen.iter().position(|s| *s == lower) {
+                    errs.push(format!("{at}name duplicates files[{j}].name (names are compared case-insensitively)"));
+                }
+                seen.push(lower);
+                Some(n.clone())
+            }
+            _ => {
+                errs.push(format!(
+                    "{at}name must be 1 to 255 characters of A-Z a-z 0-9 . _ -, start with a letter or digit, and not contain '..'"
+                ));
+                seen.push(String::new());
+                None
+            }
+        };
+        let content_type = match f.get("content_type") {
+            Some(Value::String(ct)) if is_mime_type(ct) => Some(ct.trim().to_string()),
+            _ => {
+                errs.push(format!(
+                    "{at}content_type must be a MIME type such as text/plain"
+                ));
+                None
+            }
+        };
+        let role = match opt(&f, "role") {
+            None => None,
+            Some(Value::String(r)) if Role::parse(r).is_some() => Role::parse(r),
+            Some(_) => {
+                errs.push(format!(
+                    "{at}role must be one of instructions, data, context, config, attachment"
+                ));
+                None
+            }
+        };
+        let base64 = match opt(&f, "encoding") {
+            None => false,
+            Some(Value::String(e)) if e == "base64" => true,
+            Some(_) => {
+                errs.push(format!("{at}encoding must be \"base64\" when given"));
+                false
+            }
+        };
+        let content = match f.remove("content") {
+            Some(Value::String(s)) if base64 => {
+                let s = Zeroizing::new(s);
+                let decoded = STANDARD
+                    .decode(s.trim_end())
+                    .or_else(|_| STANDARD_NO_PAD.decode(s.trim_end()));
+                match decoded {
+                    Ok(b) => Some(Zeroizing::new(b)),
+                    Err(_) => {
+                        errs.push(format!("{at}content is not valid base64"));
+                        None
+                    }
+                }
+            }
+            Some(Value::String(s)) => Some(Zeroizing::new(s.into_bytes())),
+            _ => {
+                errs.push(format!("{at}content must be a string"));
+                None
+            }
+        };
+        if let (Some(name), Some(content_type), Some(content)) = (name, content_type, content) {
+            total += content.len();
+            let text = !base64 || (textual(&content_type) && std::str::from_utf8(&content).is_ok());
+            out.push(FileInput {
+                name,
+                content_type,
+                role,
+                content,
+                text,
+            });
+        }
+    }
+    if total > limits.max_payload_bytes {
+        too_large.push(format!(
+            "the files total {total} bytes decoded; the limit is {}",
+            limits.max_payload_bytes
+        ));
+    }
+    Some(CreateBody::Package { files: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_payload_bytes: 1000,
+            ..Limits::default()
+        }
+    }
+
+    fn err(v: Value) -> ApiError {
+        match create_input(v, &limits()) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e,
+        }
+    }
+
+    fn ok(v: Value) -> CreateInput {
+        match create_input(v, &limits()) {
+            Ok(i) => i,
+            Err(e) => panic!("rejected: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn single_defaults() {
+        let i = ok(json!({"content": "hi"}));
+        assert_eq!(i.ttl_seconds, 900);
+        assert_eq!(i.max_retrievals, None);
+        match i.body {
+            CreateBody::Single {
+                content_type,
+                content,
+            } => {
+                assert_eq!(content_type, "text/plain");
+                assert_eq!(&content[..], b"hi");
+            }
+            CreateBody::Package { .. } => panic!("not single"),
+        }
+    }
+
+    #[test]
+    fn json_content_is_stored_as_json_text() {
+        let i = ok(json!({"content": {"a": [1, 2]}, "content_type": "application/json"}));
+        match i.body {
+            CreateBody::Single { content, .. } => assert_eq!(&content[..], br#"{"a":[1,2]}"#),
+            CreateBody::Package { .. } => panic!(),
+        }
+        let e = err(json!({"content": {"a": 1}, "content_type": "text/plain"}));
+        assert_eq!(e.code, ErrorCode::ValidationError);
+    }
+
+    #[test]
+    fn ttl_limits() {
+        assert_eq!(ok(json!({"content": "x", "ttl_seconds": 1})).ttl_seconds, 1);
+        assert_eq!(
+            ok(json!({"content": "x", "ttl_seconds": 604_800})).ttl_seconds,
+            604_800
+        );
+        for bad in [
+            json!(0),
+            json!(604_801),
+            json!(-1),
+            json!(1.5),
+            json!("60"),
+            json!(true),
+        ] {
+            let e = err(json!({"content": "x", "ttl_seconds": bad}));
+            assert_eq!(e.messages.len(), 1, "{e:?}");
+            assert!(e.messages[0].starts_with("ttl_seconds"));
+        }
+    }
+
+    #[test]
+    fn max_retrievals_limits() {
+        assert_eq!(
+            ok(json!({"content": "x", "max_retrievals": 1})).max_retrievals,
+            Some(1)
+        );
+        assert_eq!(
+            ok(json!({"content": "x", "max_retrievals": 1000})).max_retrievals,
+            Some(1000)
+        );
+        assert_eq!(
+            ok(json!({"content": "x", "max_retrievals": null})).max_retrievals,
+            None
+        );
+        for bad in [json!(0), json!(1001), json!(-3), json!("5"), json!(2.0)] {
+            assert!(
+                err(json!({"content": "x", "max_retrievals": bad})).messages[0]
+                    .starts_with("max_retrievals")
+            );
+        }
+    }
+
+    #[test]
+    fn metadata_limit_is_1_kib_serialized() {
+        // {"k":"<v>"} is 8 bytes plus the value.
+        let at = "a".repeat(1024 - 8);
+        let i = ok(json!({"content": "x", "metadata": {"k": at}}));
+        assert_eq!(i.metadata_json.map(|m| m.len()), Some(1024));
+        let over = "a".repeat(1024 - 7);
+        let e = err(json!({"content": "x", "metadata": {"k": over}}));
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+        assert!(err(json!({"content": "x", "metadata": [1]})).messages[0].contains("metadata"));
+    }
+
+    #[test]
+    fn payload_limit_at_and_past() {
+        ok(json!({"content": "a".repeat(1000)}));
+        assert_eq!(
+            err(json!({"content": "a".repeat(1001)})).code,
+            ErrorCode::PayloadTooLarge
+        );
+        let half = STANDARD.encode(vec![7u8; 500]);
+        ok(json!({"files": [
+            {"name": "a.bin", "content": half, "content_type": "application/octet-stream", "encoding": "base64"},
+            {"name": "b.txt", "content": "b".repeat(500), "content_type": "text/plain"},
+        ]}));
+        let e = err(json!({"files": [
+            {"name": "a.bin", "content": half, "content_type": "application/octet-stream", "encoding": "base64"},
+            {"name": "b.txt", "content": "b".repeat(501), "content_type": "text/plain"},
+        ]}));
+        assert_eq!(e.code, ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn exactly_one_of_content_or_files() {
+        assert!(err(json!({"ttl_seconds": 5})).messages[0].contains("required"));
+        let both = err(
+            json!({"content": "x", "files": [{"name": "a", "content": "b", "content_type": "text/plain"}]}),
+        );
+        assert!(both.messages[0].contains("not both"));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e = err(json!({"content": "x", "colour": "red", "files2": 1}));
+        assert_eq!(e.messages.len(), 2);
+        let e = err(
+            json!({"files": [{"name": "a", "content": "b", "content_type": "text/plain", "mode": 7}]}),
+        );
+        assert!(e.messages[0].contains("files[0].unknown field `mode`"));
+    }
+
+    #[test]
+    fn file_count_limits() {
+        let file = |i: usize| json!({"name": format!("f{i}.txt"), "content": "x", "content_type": "text/plain"});
+        ok(json!({"files": (0..16).map(file).collect::<Vec<_>>()}));
+        assert!(
+            err(json!({"files": (0..17).map(file).collect::<Vec<_>>()})).messages[0]
+                .contains("1 to 16")
+        );
+        assert!(err(json!({"files": []})).messages[0].contains("1 to 16"));
+    }
+
+    #[test]
+    fn file_names() {
+        for good in ["a", "config.json", "A-b_c.1", &"x".repeat(255)] {
+            assert!(is_valid_file_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a\\b",
+            "a..b",
+            "../etc",
+            "a b",
+            "é.txt",
+            "a\0b",
+            &"x".repeat(256),
+        ] {
+            assert!(!is_valid_file_name(bad), "{bad:?}");
+        }
+        let e = err(json!({"files": [
+            {"name": "Report.md", "content": "x", "content_type": "text/markdown"},
+            {"name": "report.MD", "content": "y", "content_type": "text/markdown"},
+        ]}));
+        assert!(e.messages[0].contains("duplicates files[0]"), "{e:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let e = err(json!({
+            "ttl_seconds": 0,
+            "max_retrievals": 0,
+            "files": [
+                {"name": "../x", "content": "!!!", "content_type": "nope", "role": "boss", "encoding": "base64"},
+            ]
+        }));
+        assert_eq!(e.messages.len(), 6, "{:?}", e.messages);
+    }
+
+    #[test]
+    fn base64_and_text_detection() {
+        let i = ok(json!({"files": [
+            {"name": "a.tar.gz", "content": STANDARD.encode([0u8, 159, 146, 150]), "content_type": "application/gzip", "encoding": "base64", "role": "attachment"},
+            {"name": "n.txt", "content": STANDARD.encode("hello"), "content_type": "text/plain", "encoding": "base64"},
+            {"name": "c.json", "content": "{}", "content_type": "application/json", "role": "config"},
+        ]}));
+        let CreateBody::Package { files } = i.body else {
+            panic!()
+        };
+        assert_eq!(&files[0].content[..], &[0u8, 159, 146, 150]);
+        assert!(!files[0].text);
+        assert!(files[1].text);
+        assert!(files[2].text);
+        assert_eq!(files[0].role, Some(Role::Attachment));
+        assert!(err(json!({"files": [{"name": "a", "content": "%%%", "content_type": "text/plain", "encoding": "base64"}]})).messages[0].contains("base64"));
+    }
+
+    #[test]
+    fn mime_types() {
+        for good in [
+            "text/plain",
+            "application/json",
+            "text/plain; charset=utf-8",
+            "application/vnd.api+json",
+        ] {
+            assert!(is_mime_type(good), "{good}");
+        }
+        for bad in [
+            "",
+            "text",
+            "text/",
+            "/plain",
+            "text/pl ain",
+            "text/plain;",
+            "a/b/c",
+        ] {
+            assert!(!is_mime_type(bad), "{bad}");
+        }
+        assert!(
+            err(json!({"content": "x", "content_type": "image/png"})).messages[0]
+                .contains("content_type")
+        );
+        ok(json!({"content": "x", "content_type": "text/x-rust"}));
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects() {
+        for v in [json!([]), json!("x"), json!(null), json!(1)] {
+            assert_eq!(err(v).code, ErrorCode::ValidationError);
+        }
+        assert!(parse_json(b"{\"content\": \"secret-bytes").is_err());
+        let e = parse_json(b"{\"content\": \"secret-bytes\" x}")
+            .err()
+            .expect("fails");
+        assert!(!e.message.contains("secret"), "{}", e.message);
+    }
+}

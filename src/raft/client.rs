@@ -1,0 +1,136 @@
+//! Proposing commands to a group and confirming leadership for reads.
+//!
+//! A proposal is stamped with the proposing leader's clock right before it enters raft, and
+//! keeps its request id across retries: whatever happened to an earlier attempt (accepted,
+//! discarded by a leader change, timed out), the state machine applies the request at most once.
+
+use std::time::Duration;
+
+use openraft::ReadPolicy;
+use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+
+use super::{NodeId, Raft};
+use crate::clock::Clock;
+use crate::ids::RequestId;
+use crate::state::{Command, Outcome, Request};
+
+/// Why a proposal or a read could not be completed here.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RaftClientError {
+    /// This node does not lead the group; nothing was appended here.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// The command may or may not have been applied (timeout, leader change after append).
+    #[error("outcome unknown: {0}")]
+    Indeterminate(String),
+    /// No quorum could be reached to confirm leadership.
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
+    /// The group has stopped (shutdown or a storage failure).
+    #[error("raft group stopped: {0}")]
+    Stopped(String),
+}
+
+/// How long one attempt may take before it is reported indeterminate.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to keep retrying while the group has no leader yet (elections, startup).
+const LEADERLESS_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Proposes `cmd` and waits for its applied outcome.
+///
+/// Retries on this node while the group is between leaders; returns `NotLeader` with the known
+/// leader when another node leads (the caller forwards).
+///
+/// # Errors
+/// See [`RaftClientError`].
+///
+/// # Cancel safety
+/// Dropping the future may leave the command applied; a retry with the same `request_id` is
+/// answered from the dedup table.
+pub async fn propose(
+    raft: &Raft,
+    clock: &dyn Clock,
+    request_id: RequestId,
+    cmd: Command,
+) -> Result<Outcome, RaftClientError> {
+    let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let req = Request {
+            request_id,
+            now: clock.now(),
+            cmd: cmd.clone(),
+        };
+        let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, raft.client_write(req)).await;
+        let err = match attempt {
+            Err(_) => {
+                return Err(RaftClientError::Indeterminate(
+                    "no commit within the attempt timeout".into(),
+                ));
+            }
+            Ok(Ok(resp)) => return Ok(resp.data),
+            Ok(Err(e)) => e,
+        };
+        let retry = match err {
+            RaftError::Fatal(f) => return Err(RaftClientError::Stopped(f.to_string())),
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
+                Some(l) if l != *raft.node_id() => {
+                    return Err(RaftClientError::NotLeader { leader: Some(l) });
+                }
+                // Between leaders, or this node is about to lead: wait and retry.
+                _ => RaftClientError::NotLeader { leader: None },
+            },
+            RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)) => {
+                RaftClientError::Indeterminate(format!("entry discarded on leader change: {f}"))
+            }
+            RaftError::APIError(e) => return Err(RaftClientError::Indeterminate(e.to_string())),
+        };
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(retry);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Confirms this node leads the group and waits until its state machine has applied everything
+/// committed before the call, so a following read of local state is linearizable.
+///
+/// # Errors
+/// `NotLeader`, `NoQuorum` or `Stopped`.
+pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
+    let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let r = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await;
+        let err = match r {
+            Err(_) => return Err(RaftClientError::NoQuorum("read index timed out".into())),
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(RaftError::Fatal(f))) => return Err(RaftClientError::Stopped(f.to_string())),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                match f.leader_id {
+                    Some(l) if l != *raft.node_id() => {
+                        return Err(RaftClientError::NotLeader { leader: Some(l) });
+                    }
+                    _ => RaftClientError::NotLeader { leader: None },
+                }
+            }
+            Ok(Err(RaftError::APIError(e))) => RaftClientError::NoQuorum(e.to_string()),
+        };
+        if tokio::time::Instant::now() + backoff > deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// The current leader of a group as this node knows it.
+pub fn known_leader(raft: &Raft) -> Option<NodeId> {
+    raft.metrics().borrow_watched().current_leader
+}

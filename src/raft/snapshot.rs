@@ -1,0 +1,258 @@
+//! Snapshots without copies.
+//!
+//! The state machine already lives in RocksDB, so a snapshot needs no second copy of the state
+//! on disk (which would also keep wiped ciphertext around). Building a snapshot pins a RocksDB
+//! point-in-time snapshot of the group and makes the state durable up to it; the pinned view is
+//! held by a small thread and read in chunks only when a follower needs it.
+//!
+//! ```text
+//!   build ─▶ sync WAL ─▶ Holder thread { db.snapshot() } ◀── chunk requests (install, send)
+//!                             dropped when a newer snapshot replaces it
+//! ```
+//!
+//! After a restart there is no pinned view; the first request for the current snapshot pins the
+//! state as recovered, which is at or after every snapshot built before the restart.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use rocksdb::{DB, Direction, IteratorMode, ReadOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::GroupId;
+use crate::state::Table;
+use crate::storage::{CF_BLOB, CF_STATE, group_key};
+
+/// One key-value pair of a snapshot, with the group prefix removed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotItem {
+    pub blob: bool,
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl SnapshotItem {
+    pub fn table(&self) -> Table {
+        if self.blob { Table::Blob } else { Table::State }
+    }
+}
+
+/// A page of a snapshot and where the next one starts.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Chunk {
+    pub items: Vec<SnapshotItem>,
+    /// `None` when this is the last chunk.
+    pub next: Option<Cursor>,
+}
+
+/// Position inside a snapshot: the table and the last key returned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub blob: bool,
+    #[serde(with = "serde_bytes")]
+    pub after: Vec<u8>,
+}
+
+type Reply = tokio::sync::oneshot::Sender<Result<Chunk, String>>;
+
+struct ChunkRequest {
+    from: Option<Cursor>,
+    max_bytes: usize,
+    reply: Reply,
+}
+
+/// A pinned point-in-time view of one group, served by its own thread.
+struct Holder {
+    tx: mpsc::Sender<ChunkRequest>,
+}
+
+fn read_chunk(
+    snap: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+    db: &DB,
+    group: GroupId,
+    from: Option<Cursor>,
+    max_bytes: usize,
+) -> Result<Chunk, String> {
+    let mut items = Vec::new();
+    let mut bytes = 0usize;
+    let (mut blob, mut after) = match from {
+        None => (false, None),
+        Some(c) => (c.blob, Some(c.after)),
+    };
+    loop {
+        let cf_name = if blob { CF_BLOB } else { CF_STATE };
+        let cf = db
+            .cf_handle(cf_name)
+            .ok_or_else(|| format!("missing column family {cf_name}"))?;
+        let start = match &after {
+            Some(k) => {
+                let mut s = group_key(group, k);
+                s.push(0);
+                s
+            }
+            None => group_key(group, &[]),
+        };
+        let end = group_key(group, &[0xff; 64]);
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        let iter = snap.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            if k[..2] != group.to_be_bytes() {
+                break;
+            }
+            bytes += k.len() + v.len();
+            let key = k[2..].to_vec();
+            items.push(SnapshotItem {
+                blob,
+                key: key.clone(),
+                value: v.into_vec(),
+            });
+            if bytes >= max_bytes {
+                return Ok(Chunk {
+                    items,
+                    next: Some(Cursor { blob, after: key }),
+                });
+            }
+        }
+        if blob {
+            return Ok(Chunk { items, next: None });
+        }
+        blob = true;
+        after = None;
+    }
+}
+
+impl Holder {
+    fn start(db: Arc<DB>, group: GroupId) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<ChunkRequest>();
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("kubbi-snap-{group}"))
+            .spawn(move || {
+                let snap = db.snapshot();
+                let _ = ready_tx.send(());
+                while let Ok(req) = rx.recv() {
+                    let r = read_chunk(&snap, &db, group, req.from, req.max_bytes);
+                    let _ = req.reply.send(r);
+                }
+            })?;
+        // Wait until the view is pinned, so it reflects the state at this call.
+        ready_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("snapshot thread died"))?;
+        Ok(Self { tx })
+    }
+}
+
+/// The data of a snapshot: a pinned local view, or chunks received from a leader.
+#[derive(Clone)]
+pub struct SnapshotData {
+    source: Source,
+}
+
+#[derive(Clone)]
+enum Source {
+    Pinned(Arc<Holder>),
+    Received(Arc<Vec<Chunk>>),
+}
+
+impl fmt::Debug for SnapshotData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::Pinned(_) => f.write_str("SnapshotData(pinned)"),
+            Source::Received(c) => write!(f, "SnapshotData({} chunks received)", c.len()),
+        }
+    }
+}
+
+/// Chunk size when reading a snapshot.
+pub const CHUNK_BYTES: usize = 4 << 20;
+
+impl SnapshotData {
+    /// Pins the current state of `group`.
+    ///
+    /// # Errors
+    /// When the holder thread cannot start.
+    pub fn pin(db: Arc<DB>, group: GroupId) -> std::io::Result<Self> {
+        Ok(Self {
+            source: Source::Pinned(Arc::new(Holder::start(db, group)?)),
+        })
+    }
+
+    /// Snapshot data assembled from received chunks.
+    pub fn from_chunks(chunks: Vec<Chunk>) -> Self {
+        Self {
+            source: Source::Received(Arc::new(chunks)),
+        }
+    }
+
+    /// Reads one chunk starting after `from` (`None`: the beginning).
+    ///
+    /// # Errors
+    /// On a read failure of the pinned view.
+    pub async fn chunk(&self, from: Option<Cursor>) -> std::io::Result<Chunk> {
+        match &self.source {
+            Source::Pinned(h) => {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                h.tx.send(ChunkRequest {
+                    from,
+                    max_bytes: CHUNK_BYTES,
+                    reply,
+                })
+                .map_err(|_| std::io::Error::other("snapshot holder stopped"))?;
+                rx.await
+                    .map_err(|_| std::io::Error::other("snapshot holder stopped"))?
+                    .map_err(std::io::Error::other)
+            }
+            Source::Received(chunks) => {
+                // Received chunks are replayed in order; the cursor is the chunk index.
+                let idx = match from {
+                    None => 0,
+                    Some(c) => {
+                        let b: [u8; 8] = c
+                            .after
+                            .as_slice()
+                            .try_into()
+                            .map_err(|_| std::io::Error::other("bad cursor"))?;
+                        u64::from_be_bytes(b) as usize
+                    }
+                };
+                let Some(chunk) = chunks.get(idx) else {
+                    return Ok(Chunk {
+                        items: Vec::new(),
+                        next: None,
+                    });
+                };
+                let next = (idx + 1 < chunks.len()).then(|| Cursor {
+                    blob: false,
+                    after: ((idx + 1) as u64).to_be_bytes().to_vec(),
+                });
+                Ok(Chunk {
+                    items: chunk.items.clone(),
+                    next,
+                })
+            }
+        }
+    }
+
+    /// Reads every chunk in order.
+    ///
+    /// # Errors
+    /// On a read failure.
+    pub async fn all_chunks(&self) -> std::io::Result<Vec<Chunk>> {
+        let mut out = Vec::new();
+        let mut from = None;
+        loop {
+            let c = self.chunk(from).await?;
+            from = c.next.clone();
+            out.push(c);
+            if from.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+}

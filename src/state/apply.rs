@@ -1,0 +1,902 @@
+//! `apply`: what each command does to a shard's state.
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::{self, Timer};
+use super::{
+    ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, Outcome, REQUEST_DEDUP_WINDOW_MS,
+    Rejection, Request, Status,
+};
+use crate::codec::{decode, encode};
+use crate::crypto::MANIFEST_PART;
+use crate::ids::{ApiKeyId, KubbiId, Millis, TokenHash};
+
+/// The two key spaces of a shard: small records, and sealed payload parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Table {
+    State,
+    Blob,
+}
+
+/// Reading or decoding stored state failed. Never turned into "absent".
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(String),
+    #[error("corrupt state at {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A consistent read view of one shard's state.
+pub trait StateRead {
+    /// # Errors
+    /// On I/O failure.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Up to `limit` entries with `from <= key < to`, in key order.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+}
+
+/// A transaction over one shard's state: reads see this transaction's own writes.
+pub trait StateStore: StateRead {
+    fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>);
+    fn delete(&mut self, table: Table, key: Vec<u8>);
+}
+
+fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.iter().take(24).map(|b| format!("{b:02x}")).collect(),
+        reason: e.to_string(),
+    }
+}
+
+fn get_decoded<T: serde::de::DeserializeOwned>(
+    s: &impl StateRead,
+    what: &'static str,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    match s.get(Table::State, key)? {
+        None => Ok(None),
+        Some(bytes) => decode(what, &bytes).map(Some).map_err(|e| corrupt(key, e)),
+    }
+}
+
+/// Reads a kubbi record.
+///
+/// # Errors
+/// On I/O failure or a record that does not decode.
+pub fn read_kubbi(s: &impl StateRead, id: &KubbiId) -> Result<Option<KubbiRecord>, StoreError> {
+    get_decoded(s, "kubbi record", &keys::kubbi(id))
+}
+
+/// Resolves a token hash to its kubbi record.
+///
+/// # Errors
+/// On I/O failure or corrupt index entries.
+pub fn read_kubbi_by_token(
+    s: &impl StateRead,
+    token: &TokenHash,
+) -> Result<Option<KubbiRecord>, StoreError> {
+    let key = keys::token(token);
+    let Some(id) = s.get(Table::State, &key)? else {
+        return Ok(None);
+    };
+    let id: [u8; 16] = id
+        .as_slice()
+        .try_into()
+        .map_err(|_| corrupt(&key, "token index value is not an id"))?;
+    let rec = read_kubbi(s, &KubbiId(id))?;
+    if rec.is_none() {
+        return Err(corrupt(&key, "token index points at a missing record"));
+    }
+    Ok(rec)
+}
+
+/// A remembered result, for request-id dedup and claim idempotency.
+#[derive(Debug, Serialize, Deserialize)]
+struct Dedup {
+    outcome: Outcome,
+}
+
+/// The first answer of an idempotent create.
+#[derive(Debug, Serialize, Deserialize)]
+struct CreateIdemRecord {
+    body_hash: [u8; 32],
+    record: KubbiRecord,
+    #[serde(with = "serde_bytes")]
+    sealed_token: Vec<u8>,
+    until: Millis,
+}
+
+/// Applies one committed request. Deterministic: the same state and request give the same
+/// writes and outcome on every replica.
+///
+/// # Errors
+/// Only for storage failures or corrupt state, never for a request that cannot be honoured
+/// (that is an [`Outcome::Rejected`]).
+pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreError> {
+    let now = req.now;
+    match &req.cmd {
+        // Naturally idempotent: no request-id dedup needed.
+        Command::Sweep { max } => return sweep(s, now, *max),
+        Command::Expire { id } => return expire(s, id, now),
+        _ => {}
+    }
+
+    let dedup_key = keys::request(&req.request_id);
+    if let Some(prev) = get_decoded::<Dedup>(s, "request dedup", &dedup_key)? {
+        return Ok(Outcome::Duplicate(Box::new(prev.outcome)));
+    }
+
+    let outcome = match &req.cmd {
+        Command::Create(c) => create(s, c, now)?,
+        Command::Claim {
+            token_hash,
+            idempotency,
+        } => claim(s, token_hash, idempotency.as_ref(), now)?,
+        Command::Delete { id, owner } => delete(s, id, owner, now)?,
+        Command::PutApiKey(rec) => {
+            s.put(Table::State, keys::api_key(&rec.id), encode(rec));
+            Outcome::ApiKeyStored(rec.clone())
+        }
+        Command::RevokeApiKey { id } => revoke_api_key(s, id, now)?,
+        Command::Sweep { .. } | Command::Expire { .. } => Outcome::None,
+    };
+
+    let remembered = Dedup {
+        outcome: strip_payload(&outcome),
+    };
+    s.put(Table::State, dedup_key, encode(&remembered));
+    let due = now.saturating_add(REQUEST_DEDUP_WINDOW_MS);
+    s.put(
+        Table::State,
+        keys::timer(due, &Timer::DropRequest(req.request_id)),
+        Vec::new(),
+    );
+    Ok(outcome)
+}
+
+/// The outcome as remembered for request-id dedup: without payload bytes.
+fn strip_payload(o: &Outcome) -> Outcome {
+    match o {
+        Outcome::Claimed(c) => Outcome::Claimed(Box::new(Claimed {
+            parts: Vec::new(),
+            manifest: None,
+            ..(**c).clone()
+        })),
+        other => other.clone(),
+    }
+}
+
+fn put_record(s: &mut impl StateStore, rec: &KubbiRecord) {
+    s.put(Table::State, keys::kubbi(&rec.id), encode(rec));
+}
+
+fn set_owner_status(s: &mut impl StateStore, rec: &KubbiRecord) {
+    let mut v = Vec::with_capacity(9);
+    v.push(rec.status.to_byte());
+    v.extend_from_slice(&rec.expires_at.to_be_bytes());
+    s.put(
+        Table::State,
+        keys::owner(&rec.owner, rec.created_at, &rec.id),
+        v,
+    );
+}
+
+fn part_keys(rec: &KubbiRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
+    let manifest = rec.has_manifest.then_some(MANIFEST_PART);
+    (0..rec.parts)
+        .chain(manifest)
+        .map(|p| keys::blob(&rec.id, p))
+}
+
+fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, StoreError> {
+    if let Some(idem) = &c.idempotency {
+        let key = keys::create_idem(&idem.key);
+        if let Some(prev) = get_decoded::<CreateIdemRecord>(s, "create idempotency", &key)?
+            && now < prev.until
+        {
+            return Ok(if prev.body_hash == idem.body_hash {
+                Outcome::CreateReplayed {
+                    record: prev.record,
+                    sealed_token: prev.sealed_token,
+                }
+            } else {
+                Outcome::Rejected(Rejection::IdempotencyConflict)
+            });
+        }
+    }
+    if s.get(Table::State, &keys::kubbi(&c.id))?.is_some()
+        || s.get(Table::State, &keys::token(&c.token_hash))?.is_some()
+    {
+        return Ok(Outcome::Rejected(Rejection::Collision));
+    }
+
+    let rec = KubbiRecord {
+        id: c.id,
+        owner: c.owner,
+        token_hash: c.token_hash,
+        status: Status::Active,
+        created_at: now,
+        expires_at: now.saturating_add(c.ttl_ms),
+        ended_at: None,
+        max_retrievals: c.max_retrievals,
+        retrieval_count: 0,
+        first_retrieved_at: None,
+        last_retrieved_at: None,
+        body: c.body.clone(),
+        metadata: c.metadata.clone(),
+        parts: c.parts.len() as u32,
+        has_manifest: c.manifest.is_some(),
+        retention_ms: c.retention_ms,
+    };
+    put_record(s, &rec);
+    s.put(Table::State, keys::token(&c.token_hash), c.id.0.to_vec());
+    set_owner_status(s, &rec);
+    for (i, part) in c.parts.iter().enumerate() {
+        s.put(Table::Blob, keys::blob(&c.id, i as u32), part.0.clone());
+    }
+    if let Some(m) = &c.manifest {
+        s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), m.0.clone());
+    }
+    s.put(
+        Table::State,
+        keys::timer(rec.expires_at, &Timer::Expire(rec.id)),
+        Vec::new(),
+    );
+
+    if let Some(idem) = &c.idempotency {
+        let until = now.saturating_add(idem.window_ms);
+        let first = CreateIdemRecord {
+            body_hash: idem.body_hash,
+            record: rec.clone(),
+            sealed_token: idem.sealed_token.clone(),
+            until,
+        };
+        s.put(Table::State, keys::create_idem(&idem.key), encode(&first));
+        s.put(
+            Table::State,
+            keys::timer(until, &Timer::DropCreateIdem(idem.key)),
+            Vec::new(),
+        );
+    }
+    Ok(Outcome::Created(rec))
+}
+
+/// Moves an active record to a terminal status: ciphertext removed in this same batch, the
+/// expiry timer replaced by a purge timer.
+fn end(s: &mut impl StateStore, rec: &mut KubbiRecord, status: Status, now: Millis) {
+    debug_assert!(status.is_terminal());
+    for k in part_keys(rec).collect::<Vec<_>>() {
+        s.delete(Table::Blob, k);
+    }
+    s.delete(
+        Table::State,
+        keys::timer(rec.expires_at, &Timer::Expire(rec.id)),
+    );
+    rec.status = status;
+    rec.ended_at = Some(now);
+    let purge_at = now.saturating_add(rec.retention_ms);
+    s.put(
+        Table::State,
+        keys::timer(purge_at, &Timer::Purge(rec.id)),
+        Vec::new(),
+    );
+    put_record(s, rec);
+    set_owner_status(s, rec);
+}
+
+fn claim(
+    s: &mut impl StateStore,
+    token_hash: &TokenHash,
+    idem: Option<&super::ClaimIdempotency>,
+    now: Millis,
+) -> Result<Outcome, StoreError> {
+    if let Some(idem) = idem
+        && let Some(prev) =
+            get_decoded::<Dedup>(s, "claim idempotency", &keys::claim_idem(&idem.key))?
+        && let Outcome::Claimed(mut c) = prev.outcome
+    {
+        c.replayed = true;
+        return Ok(Outcome::Claimed(c));
+    }
+
+    let Some(mut rec) = read_kubbi_by_token(s, token_hash)? else {
+        return Ok(Outcome::Rejected(Rejection::NotFound));
+    };
+    if rec.status.is_terminal() {
+        return Ok(Outcome::Rejected(Rejection::Ended(rec.status)));
+    }
+    if now >= rec.expires_at {
+        end(s, &mut rec, Status::Expired, now);
+        return Ok(Outcome::Rejected(Rejection::Ended(Status::Expired)));
+    }
+
+    let mut parts = Vec::with_capacity(rec.parts as usize);
+    for p in 0..rec.parts {
+        let key = keys::blob(&rec.id, p);
+        let blob = s
+            .get(Table::Blob, &key)?
+            .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
+        parts.push(Blob(blob));
+    }
+    let manifest = if rec.has_manifest {
+        let key = keys::blob(&rec.id, MANIFEST_PART);
+        Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
+            corrupt(&key, "manifest missing from an active package")
+        })?))
+    } else {
+        None
+    };
+
+    rec.retrieval_count = rec.retrieval_count.saturating_add(1);
+    rec.first_retrieved_at.get_or_insert(now);
+    rec.last_retrieved_at = Some(now);
+    let burned = rec.max_retrievals.is_some_and(|m| rec.retrieval_count >= m);
+    if burned {
+        end(s, &mut rec, Status::Burned, now);
+    } else {
+        put_record(s, &rec);
+    }
+
+    let claimed = Outcome::Claimed(Box::new(Claimed {
+        record: rec,
+        parts,
+        manifest,
+        burned,
+        replayed: false,
+    }));
+    if let Some(idem) = idem {
+        let until = now.saturating_add(idem.window_ms);
+        let remembered = Dedup {
+            outcome: claimed.clone(),
+        };
+        s.put(
+            Table::State,
+            keys::claim_idem(&idem.key),
+            encode(&remembered),
+        );
+        s.put(
+            Table::State,
+            keys::timer(until, &Timer::DropClaimIdem(idem.key)),
+            Vec::new(),
+        );
+    }
+    Ok(claimed)
+}
+
+fn delete(
+    s: &mut impl StateStore,
+    id: &KubbiId,
+    owner: &ApiKeyId,
+    now: Millis,
+) -> Result<Outcome, StoreError> {
+    let Some(mut rec) = read_kubbi(s, id)? else {
+        return Ok(Outcome::Rejected(Rejection::NotFound));
+    };
+    if rec.owner != *owner {
+        return Ok(Outcome::Rejected(Rejection::NotFound));
+    }
+    if rec.status.is_terminal() {
+        return Ok(Outcome::Rejected(Rejection::Ended(rec.status)));
+    }
+    if now >= rec.expires_at {
+        end(s, &mut rec, Status::Expired, now);
+        return Ok(Outcome::Rejected(Rejection::Ended(Status::Expired)));
+    }
+    end(s, &mut rec, Status::Deleted, now);
+    Ok(Outcome::Deleted(rec))
+}
+
+fn expire(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<Outcome, StoreError> {
+    match read_kubbi(s, id)? {
+        Some(mut rec) if rec.status == Status::Active && now >= rec.expires_at => {
+            end(s, &mut rec, Status::Expired, now);
+            Ok(Outcome::Expired)
+        }
+        _ => Ok(Outcome::None),
+    }
+}
+
+fn purge(s: &mut impl StateStore, id: &KubbiId) -> Result<(), StoreError> {
+    let Some(rec) = read_kubbi(s, id)? else {
+        return Ok(());
+    };
+    for k in part_keys(&rec).collect::<Vec<_>>() {
+        s.delete(Table::Blob, k);
+    }
+    s.delete(Table::State, keys::token(&rec.token_hash));
+    s.delete(
+        Table::State,
+        keys::owner(&rec.owner, rec.created_at, &rec.id),
+    );
+    s.delete(
+        Table::State,
+        keys::timer(rec.expires_at, &Timer::Expire(rec.id)),
+    );
+    s.delete(Table::State, keys::kubbi(id));
+    Ok(())
+}
+
+fn sweep(s: &mut impl StateStore, now: Millis, max: u32) -> Result<Outcome, StoreError> {
+    let due = s.scan(
+        Table::State,
+        &keys::timers_start(),
+        &keys::timers_due_end(now),
+        max as usize,
+    )?;
+    let processed = due.len() as u32;
+    for (key, _) in due {
+        let (_, timer) = keys::parse_timer(&key).ok_or_else(|| corrupt(&key, "bad timer key"))?;
+        s.delete(Table::State, key);
+        match timer {
+            Timer::Expire(id) => {
+                expire(s, &id, now)?;
+            }
+            Timer::Purge(id) => purge(s, &id)?,
+            Timer::DropRequest(r) => s.delete(Table::State, keys::request(&r)),
+            Timer::DropClaimIdem(k) => s.delete(Table::State, keys::claim_idem(&k)),
+            Timer::DropCreateIdem(k) => s.delete(Table::State, keys::create_idem(&k)),
+        }
+    }
+    Ok(Outcome::Swept {
+        processed,
+        more: processed == max && max > 0,
+    })
+}
+
+fn revoke_api_key(
+    s: &mut impl StateStore,
+    id: &ApiKeyId,
+    now: Millis,
+) -> Result<Outcome, StoreError> {
+    let key = keys::api_key(id);
+    let Some(mut rec) = get_decoded::<ApiKeyRecord>(s, "api key", &key)? else {
+        return Ok(Outcome::Rejected(Rejection::NotFound));
+    };
+    if rec.revoked_at.is_none() {
+        rec.revoked_at = Some(now);
+        s.put(Table::State, key, encode(&rec));
+    }
+    Ok(Outcome::ApiKeyRevoked(rec))
+}
+
+/// The earliest due timer of a shard, if any (for the sweeper's sleep).
+///
+/// # Errors
+/// On I/O failure or a corrupt timer key.
+pub fn next_timer_due(s: &impl StateRead) -> Result<Option<Millis>, StoreError> {
+    let first = s.scan(
+        Table::State,
+        &keys::timers_start(),
+        &keys::prefix_end(&[keys::TIMER]),
+        1,
+    )?;
+    match first.first() {
+        None => Ok(None),
+        Some((k, _)) => keys::parse_timer(k)
+            .map(|(due, _)| Some(due))
+            .ok_or_else(|| corrupt(k, "bad timer key")),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod mem {
+    //! An in-memory [`StateStore`] for tests of the pure core.
+    use std::collections::BTreeMap;
+
+    use super::{StateRead, StateStore, StoreError, Table};
+
+    #[derive(Default, Clone, PartialEq, Eq, Debug)]
+    pub struct MemStore {
+        pub data: BTreeMap<(Table, Vec<u8>), Vec<u8>>,
+    }
+
+    impl MemStore {
+        pub fn count(&self, table: Table) -> usize {
+            self.data.keys().filter(|(t, _)| *t == table).count()
+        }
+    }
+
+    impl StateRead for MemStore {
+        fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.data.get(&(table, key.to_vec())).cloned())
+        }
+        fn scan(
+            &self,
+            table: Table,
+            from: &[u8],
+            to: &[u8],
+            limit: usize,
+        ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+            Ok(self
+                .data
+                .range((table, from.to_vec())..(table, to.to_vec()))
+                .take(limit)
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect())
+        }
+    }
+
+    impl StateStore for MemStore {
+        fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+            self.data.insert((table, key), value);
+        }
+        fn delete(&mut self, table: Table, key: Vec<u8>) {
+            self.data.remove(&(table, key));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mem::MemStore;
+    use super::*;
+    use crate::ids::RequestId;
+    use crate::state::{Body, ClaimIdempotency, CreateIdempotency};
+
+    const T0: Millis = 1_800_000_000_000;
+    const RETENTION: Millis = 7 * 86_400_000;
+
+    fn req(now: Millis, cmd: Command) -> Request {
+        Request {
+            request_id: RequestId::random(),
+            now,
+            cmd,
+        }
+    }
+
+    fn new_create(max: Option<u32>, ttl_ms: Millis, parts: usize) -> Create {
+        Create {
+            id: KubbiId::new_in_shard(0),
+            owner: ApiKeyId([1; 16]),
+            token_hash: TokenHash(rand_bytes()),
+            ttl_ms,
+            max_retrievals: max,
+            body: Body::Single {
+                content_type: "text/plain".into(),
+            },
+            metadata: None,
+            parts: (0..parts).map(|i| Blob(vec![i as u8; 100])).collect(),
+            manifest: (parts > 1).then(|| Blob(vec![0xee; 50])),
+            retention_ms: RETENTION,
+            idempotency: None,
+        }
+    }
+
+    fn rand_bytes() -> [u8; 32] {
+        let mut b = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+        b
+    }
+
+    fn create_one(s: &mut MemStore, c: &Create) -> KubbiRecord {
+        match apply(s, &req(T0, Command::Create(Box::new(c.clone())))).expect("applies") {
+            Outcome::Created(r) => r,
+            o => panic!("unexpected {o:?}"),
+        }
+    }
+
+    fn claim_at(s: &mut MemStore, t: &TokenHash, now: Millis) -> Outcome {
+        apply(
+            s,
+            &req(
+                now,
+                Command::Claim {
+                    token_hash: *t,
+                    idempotency: None,
+                },
+            ),
+        )
+        .expect("applies")
+    }
+
+    #[test]
+    fn burn_after_read_wipes_ciphertext_in_the_same_apply() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(1), 300_000, 1);
+        let rec = create_one(&mut s, &c);
+        assert_eq!(rec.expires_at, T0 + 300_000);
+        assert_eq!(s.count(Table::Blob), 1);
+
+        let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + 5) else {
+            panic!("claim failed")
+        };
+        assert!(got.burned);
+        assert_eq!(got.parts, c.parts);
+        assert_eq!(got.record.status, Status::Burned);
+        assert_eq!(got.record.retrieval_count, 1);
+        assert_eq!(s.count(Table::Blob), 0, "ciphertext gone with the burn");
+
+        assert_eq!(
+            claim_at(&mut s, &c.token_hash, T0 + 6),
+            Outcome::Rejected(Rejection::Ended(Status::Burned))
+        );
+    }
+
+    #[test]
+    fn multi_read_counts_then_burns() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(3), 3_600_000, 1);
+        create_one(&mut s, &c);
+        for n in 1..=3u32 {
+            let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + n as u64) else {
+                panic!("claim {n} failed")
+            };
+            assert_eq!(got.record.retrieval_count, n);
+            assert_eq!(got.burned, n == 3);
+            assert_eq!(got.record.first_retrieved_at, Some(T0 + 1));
+            assert_eq!(got.record.last_retrieved_at, Some(T0 + n as u64));
+        }
+        assert_eq!(
+            claim_at(&mut s, &c.token_hash, T0 + 10),
+            Outcome::Rejected(Rejection::Ended(Status::Burned))
+        );
+    }
+
+    #[test]
+    fn unlimited_reads_until_expiry_and_claim_at_deadline_is_expired() {
+        let mut s = MemStore::default();
+        let c = new_create(None, 1_000, 2);
+        create_one(&mut s, &c);
+        for i in 0..50 {
+            assert!(matches!(
+                claim_at(&mut s, &c.token_hash, T0 + i),
+                Outcome::Claimed(_)
+            ));
+        }
+        // Stamped time at the deadline: expired, and the payload is wiped by this very claim.
+        assert_eq!(
+            claim_at(&mut s, &c.token_hash, T0 + 1_000),
+            Outcome::Rejected(Rejection::Ended(Status::Expired))
+        );
+        assert_eq!(s.count(Table::Blob), 0);
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(rec.status, Status::Expired);
+        assert_eq!(rec.retrieval_count, 50);
+    }
+
+    #[test]
+    fn delete_checks_owner_and_state() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(2), 600_000, 1);
+        create_one(&mut s, &c);
+        let stranger = ApiKeyId([2; 16]);
+        let del = |s: &mut MemStore, owner, now| {
+            apply(s, &req(now, Command::Delete { id: c.id, owner })).expect("applies")
+        };
+        assert_eq!(
+            del(&mut s, stranger, T0 + 1),
+            Outcome::Rejected(Rejection::NotFound)
+        );
+        let Outcome::Deleted(rec) = del(&mut s, c.owner, T0 + 2) else {
+            panic!("delete failed")
+        };
+        assert_eq!(rec.status, Status::Deleted);
+        assert_eq!(s.count(Table::Blob), 0);
+        assert_eq!(
+            del(&mut s, c.owner, T0 + 3),
+            Outcome::Rejected(Rejection::Ended(Status::Deleted))
+        );
+        assert_eq!(
+            claim_at(&mut s, &c.token_hash, T0 + 4),
+            Outcome::Rejected(Rejection::Ended(Status::Deleted))
+        );
+    }
+
+    #[test]
+    fn sweep_expires_then_purges_after_retention() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(1), 2_000, 3);
+        create_one(&mut s, &c);
+        let sweep_at = |s: &mut MemStore, now| {
+            apply(s, &req(now, Command::Sweep { max: 100 })).expect("applies")
+        };
+        // Before the deadline the expiry timer is not due (request-dedup timers are later).
+        assert_eq!(
+            sweep_at(&mut s, T0 + 1_999),
+            Outcome::Swept {
+                processed: 0,
+                more: false
+            }
+        );
+        assert_eq!(s.count(Table::Blob), 4);
+        sweep_at(&mut s, T0 + 2_000);
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(rec.status, Status::Expired);
+        assert_eq!(rec.ended_at, Some(T0 + 2_000));
+        assert_eq!(s.count(Table::Blob), 0);
+
+        sweep_at(&mut s, T0 + 2_000 + RETENTION);
+        assert_eq!(read_kubbi(&s, &c.id).expect("reads"), None);
+        assert_eq!(
+            claim_at(&mut s, &c.token_hash, T0 + 2_001 + RETENTION),
+            Outcome::Rejected(Rejection::NotFound)
+        );
+        // Everything is gone after the last dedup window too: no leftovers in the state.
+        sweep_at(&mut s, T0 + 3 * RETENTION);
+        assert_eq!(s.count(Table::State), 0, "{:?}", s.data.keys());
+    }
+
+    #[test]
+    fn sweep_is_bounded() {
+        let mut s = MemStore::default();
+        for _ in 0..5 {
+            create_one(&mut s, &new_create(None, 10, 1));
+        }
+        let out = apply(&mut s, &req(T0 + 10, Command::Sweep { max: 3 })).expect("applies");
+        assert_eq!(
+            out,
+            Outcome::Swept {
+                processed: 3,
+                more: true
+            }
+        );
+    }
+
+    #[test]
+    fn expire_before_deadline_is_a_no_op() {
+        let mut s = MemStore::default();
+        let c = new_create(None, 5_000, 1);
+        create_one(&mut s, &c);
+        let before = s.clone();
+        let out = apply(&mut s, &req(T0 + 4_999, Command::Expire { id: c.id })).expect("applies");
+        assert_eq!(out, Outcome::None);
+        assert_eq!(s, before);
+        let out = apply(&mut s, &req(T0 + 5_000, Command::Expire { id: c.id })).expect("applies");
+        assert_eq!(out, Outcome::Expired);
+    }
+
+    #[test]
+    fn retried_request_applies_once() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(2), 60_000, 1);
+        create_one(&mut s, &c);
+        let r = req(
+            T0 + 1,
+            Command::Claim {
+                token_hash: c.token_hash,
+                idempotency: None,
+            },
+        );
+        let first = apply(&mut s, &r).expect("applies");
+        let Outcome::Claimed(first) = first else {
+            panic!("claim failed")
+        };
+        assert_eq!(first.record.retrieval_count, 1);
+        let again = apply(&mut s, &r).expect("applies");
+        let Outcome::Duplicate(inner) = again else {
+            panic!("not deduplicated: {again:?}")
+        };
+        let Outcome::Claimed(dup) = *inner else {
+            panic!("wrong remembered outcome")
+        };
+        assert_eq!(dup.record.retrieval_count, 1);
+        assert!(dup.parts.is_empty(), "request dedup keeps no payload");
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(rec.retrieval_count, 1);
+    }
+
+    #[test]
+    fn idempotent_claim_replays_result_and_counts_once() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(1), 60_000, 1);
+        create_one(&mut s, &c);
+        let idem = ClaimIdempotency {
+            key: [7; 32],
+            window_ms: 60_000,
+        };
+        let claim = |s: &mut MemStore, now| {
+            apply(
+                s,
+                &req(
+                    now,
+                    Command::Claim {
+                        token_hash: c.token_hash,
+                        idempotency: Some(idem),
+                    },
+                ),
+            )
+            .expect("applies")
+        };
+        let Outcome::Claimed(a) = claim(&mut s, T0 + 1) else {
+            panic!()
+        };
+        assert!(a.burned && !a.replayed);
+        let Outcome::Claimed(b) = claim(&mut s, T0 + 2) else {
+            panic!("retry not replayed")
+        };
+        assert!(b.replayed);
+        assert_eq!(b.parts, c.parts, "the retry gets the payload back");
+        // After the window the dedup record is swept, and the kubbi is gone for good.
+        apply(&mut s, &req(T0 + 60_001, Command::Sweep { max: 100 })).expect("applies");
+        assert_eq!(
+            claim(&mut s, T0 + 60_002),
+            Outcome::Rejected(Rejection::Ended(Status::Burned))
+        );
+    }
+
+    #[test]
+    fn idempotent_create_replays_or_conflicts() {
+        let mut s = MemStore::default();
+        let mut c = new_create(Some(1), 60_000, 1);
+        c.idempotency = Some(CreateIdempotency {
+            key: [5; 32],
+            body_hash: [1; 32],
+            sealed_token: vec![9; 60],
+            window_ms: 86_400_000,
+        });
+        let first = create_one(&mut s, &c);
+        let mut retry = new_create(Some(1), 60_000, 1);
+        retry.idempotency = c.idempotency.clone();
+        let out = apply(
+            &mut s,
+            &req(T0 + 10, Command::Create(Box::new(retry.clone()))),
+        )
+        .expect("applies");
+        assert_eq!(
+            out,
+            Outcome::CreateReplayed {
+                record: first,
+                sealed_token: vec![9; 60]
+            }
+        );
+        assert_eq!(s.count(Table::Blob), 1, "the retry stored nothing");
+
+        let mut other_body = retry.clone();
+        if let Some(i) = other_body.idempotency.as_mut() {
+            i.body_hash = [2; 32];
+        }
+        let out =
+            apply(&mut s, &req(T0 + 11, Command::Create(Box::new(other_body)))).expect("applies");
+        assert_eq!(out, Outcome::Rejected(Rejection::IdempotencyConflict));
+    }
+
+    #[test]
+    fn api_keys_are_stored_and_revoked() {
+        let mut s = MemStore::default();
+        let rec = ApiKeyRecord {
+            id: ApiKeyId::random(),
+            key_hash: [3; 32],
+            key_prefix: "kb_abc".into(),
+            label: "ci".into(),
+            created_at: T0,
+            revoked_at: None,
+        };
+        apply(&mut s, &req(T0, Command::PutApiKey(rec.clone()))).expect("applies");
+        let Outcome::ApiKeyRevoked(r) =
+            apply(&mut s, &req(T0 + 1, Command::RevokeApiKey { id: rec.id })).expect("applies")
+        else {
+            panic!()
+        };
+        assert_eq!(r.revoked_at, Some(T0 + 1));
+        let out = apply(
+            &mut s,
+            &req(
+                T0 + 2,
+                Command::RevokeApiKey {
+                    id: ApiKeyId::random(),
+                },
+            ),
+        )
+        .expect("applies");
+        assert_eq!(out, Outcome::Rejected(Rejection::NotFound));
+    }
+
+    #[test]
+    fn next_timer_is_the_earliest() {
+        let mut s = MemStore::default();
+        assert_eq!(next_timer_due(&s).expect("reads"), None);
+        create_one(&mut s, &new_create(None, 9_000, 1));
+        create_one(&mut s, &new_create(None, 4_000, 1));
+        assert_eq!(next_timer_due(&s).expect("reads"), Some(T0 + 4_000));
+    }
+}

@@ -1,0 +1,186 @@
+//! Key layout of a shard's state. Keys here carry no group prefix; the storage adapter adds
+//! `group (u16 BE)` in front of every key so all groups share one RocksDB.
+//!
+//! | table | key | value |
+//! |---|---|---|
+//! | `k` kubbi | `k ‖ id(16)` | [`KubbiRecord`](super::KubbiRecord) |
+//! | `t` token index | `t ‖ token_hash(32)` | `id(16)` |
+//! | `o` owner index | `o ‖ owner(16) ‖ !created_at(8 BE) ‖ id(16)` | `status(1)` (newest first) |
+//! | `x` timers | `x ‖ due(8 BE) ‖ kind(1) ‖ subject` | empty |
+//! | `r` request dedup | `r ‖ request_id(16)` | [`Dedup`](super::apply) |
+//! | `c` claim idempotency | `c ‖ key(32)` | dedup with the sealed result |
+//! | `i` create idempotency | `i ‖ key(32)` | the first response, token sealed |
+//! | `a` API keys (system group) | `a ‖ key_id(16)` | [`ApiKeyRecord`](super::ApiKeyRecord) |
+//! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
+
+use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
+
+pub const KUBBI: u8 = b'k';
+pub const TOKEN: u8 = b't';
+pub const OWNER: u8 = b'o';
+pub const TIMER: u8 = b'x';
+pub const REQUEST: u8 = b'r';
+pub const CLAIM_IDEM: u8 = b'c';
+pub const CREATE_IDEM: u8 = b'i';
+pub const API_KEY: u8 = b'a';
+
+/// What a timer does when it is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    Expire(KubbiId),
+    Purge(KubbiId),
+    DropRequest(RequestId),
+    DropClaimIdem([u8; 32]),
+    DropCreateIdem([u8; 32]),
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+pub fn kubbi(id: &KubbiId) -> Vec<u8> {
+    cat(&[&[KUBBI], &id.0])
+}
+
+pub fn token(hash: &TokenHash) -> Vec<u8> {
+    cat(&[&[TOKEN], &hash.0])
+}
+
+pub fn owner(owner: &ApiKeyId, created_at: Millis, id: &KubbiId) -> Vec<u8> {
+    cat(&[&[OWNER], &owner.0, &(!created_at).to_be_bytes(), &id.0])
+}
+
+/// The prefix of all owner-index keys of `owner`.
+pub fn owner_prefix(owner: &ApiKeyId) -> Vec<u8> {
+    cat(&[&[OWNER], &owner.0])
+}
+
+/// Decodes `(created_at, id)` from an owner-index key.
+pub fn parse_owner(key: &[u8]) -> Option<(Millis, KubbiId)> {
+    if key.len() != 41 || key[0] != OWNER {
+        return None;
+    }
+    let inv = u64::from_be_bytes(key[17..25].try_into().ok()?);
+    let id = KubbiId(key[25..41].try_into().ok()?);
+    Some((!inv, id))
+}
+
+pub fn request(id: &RequestId) -> Vec<u8> {
+    cat(&[&[REQUEST], &id.0])
+}
+
+pub fn claim_idem(key: &[u8; 32]) -> Vec<u8> {
+    cat(&[&[CLAIM_IDEM], key])
+}
+
+pub fn create_idem(key: &[u8; 32]) -> Vec<u8> {
+    cat(&[&[CREATE_IDEM], key])
+}
+
+pub fn api_key(id: &ApiKeyId) -> Vec<u8> {
+    cat(&[&[API_KEY], &id.0])
+}
+
+/// Blob-table key of one sealed part.
+pub fn blob(id: &KubbiId, part: u32) -> Vec<u8> {
+    cat(&[&id.0, &part.to_be_bytes()])
+}
+
+pub fn timer(due: Millis, t: &Timer) -> Vec<u8> {
+    let due = due.to_be_bytes();
+    match t {
+        Timer::Expire(id) => cat(&[&[TIMER], &due, &[1], &id.0]),
+        Timer::Purge(id) => cat(&[&[TIMER], &due, &[2], &id.0]),
+        Timer::DropRequest(r) => cat(&[&[TIMER], &due, &[3], &r.0]),
+        Timer::DropClaimIdem(k) => cat(&[&[TIMER], &due, &[4], k]),
+        Timer::DropCreateIdem(k) => cat(&[&[TIMER], &due, &[5], k]),
+    }
+}
+
+/// The exclusive upper bound of timer keys due at or before `now`.
+pub fn timers_due_end(now: Millis) -> Vec<u8> {
+    cat(&[&[TIMER], &now.saturating_add(1).to_be_bytes()])
+}
+
+/// The lower bound of all timer keys.
+pub fn timers_start() -> Vec<u8> {
+    vec![TIMER]
+}
+
+/// Decodes a timer key into its due time and action.
+pub fn parse_timer(key: &[u8]) -> Option<(Millis, Timer)> {
+    if key.len() < 10 || key[0] != TIMER {
+        return None;
+    }
+    let due = u64::from_be_bytes(key[1..9].try_into().ok()?);
+    let subject = &key[10..];
+    let t = match (key[9], subject.len()) {
+        (1, 16) => Timer::Expire(KubbiId(subject.try_into().ok()?)),
+        (2, 16) => Timer::Purge(KubbiId(subject.try_into().ok()?)),
+        (3, 16) => Timer::DropRequest(RequestId(subject.try_into().ok()?)),
+        (4, 32) => Timer::DropClaimIdem(subject.try_into().ok()?),
+        (5, 32) => Timer::DropCreateIdem(subject.try_into().ok()?),
+        _ => return None,
+    };
+    Some((due, t))
+}
+
+/// The exclusive end of a prefix range (`prefix` with its last byte incremented, carrying).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_keys_sort_newest_first_and_parse() {
+        let o = ApiKeyId::random();
+        let a = KubbiId::new_in_shard(0);
+        let b = KubbiId::new_in_shard(0);
+        let older = owner(&o, 1_000, &a);
+        let newer = owner(&o, 2_000, &b);
+        assert!(newer < older);
+        assert_eq!(parse_owner(&older), Some((1_000, a)));
+        assert!(older.starts_with(&owner_prefix(&o)));
+    }
+
+    #[test]
+    fn timers_sort_by_due_and_parse() {
+        let id = KubbiId::new_in_shard(1);
+        let all = [
+            Timer::Expire(id),
+            Timer::Purge(id),
+            Timer::DropRequest(RequestId([9; 16])),
+            Timer::DropClaimIdem([3; 32]),
+            Timer::DropCreateIdem([4; 32]),
+        ];
+        for t in all {
+            let k = timer(500, &t);
+            assert_eq!(parse_timer(&k), Some((500, t)));
+            assert!(k < timers_due_end(500));
+            assert!(k >= timers_due_end(499));
+        }
+        assert!(timer(1, &all[0]) < timer(2, &all[0]));
+        assert_eq!(parse_timer(b"x"), None);
+    }
+
+    #[test]
+    fn prefix_end_carries() {
+        assert_eq!(prefix_end(&[1, 2]), vec![1, 3]);
+        assert_eq!(prefix_end(&[1, 255]), vec![2]);
+        assert_eq!(prefix_end(&[255]), vec![255, 255]);
+    }
+}

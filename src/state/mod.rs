@@ -1,0 +1,356 @@
+//! The replicated state of a shard and the commands that change it: the pure core.
+//!
+//! Nothing here is async, reads a clock or touches RocksDB. [`apply`] takes a [`Request`] (a
+//! command plus the time its proposing leader stamped on it) and a [`StateStore`], and decides
+//! every effect deterministically, so every replica computes byte-identical state. The raft state
+//! machine (`raft::state_machine`) only feeds it committed entries and writes the result in one
+//! RocksDB `WriteBatch`; the tests here drive it with an in-memory store.
+//!
+//! ```text
+//!   Create ──▶ Active ──claim (count < max)──▶ Active
+//!                 │──claim (count = max)──▶ Burned  ─┐
+//!                 │──Delete──────────────▶ Deleted ─┼─ ciphertext removed in the same batch;
+//!                 └──stamped time ≥ expiry─▶ Expired ─┘  record purged after `retention`
+//! ```
+
+mod apply;
+pub mod keys;
+
+pub use apply::{
+    StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
+    read_kubbi_by_token,
+};
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
+
+/// How long a request id is remembered, so that a retried proposal applies at most once.
+/// A protocol constant: every replica must use the same value.
+pub const REQUEST_DEDUP_WINDOW_MS: Millis = 10 * 60 * 1000;
+
+/// Lifecycle status of a kubbi.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Active,
+    Expired,
+    Burned,
+    Deleted,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Expired => "expired",
+            Self::Burned => "burned",
+            Self::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => Self::Active,
+            "expired" => Self::Expired,
+            "burned" => Self::Burned,
+            "deleted" => Self::Deleted,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self != Self::Active
+    }
+
+    fn to_byte(self) -> u8 {
+        match self {
+            Self::Active => 0,
+            Self::Expired => 1,
+            Self::Burned => 2,
+            Self::Deleted => 3,
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            0 => Self::Active,
+            1 => Self::Expired,
+            2 => Self::Burned,
+            3 => Self::Deleted,
+            _ => return None,
+        })
+    }
+}
+
+/// Bytes sealed under a node key ring key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    pub key_id: u32,
+    #[serde(with = "serde_bytes")]
+    pub blob: Vec<u8>,
+}
+
+impl fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sealed(key {}, {} bytes)", self.key_id, self.blob.len())
+    }
+}
+
+/// What a kubbi holds, as far as it can be told without the claim token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    Single {
+        content_type: String,
+    },
+    Package {
+        file_count: u32,
+        total_size_bytes: u64,
+    },
+}
+
+/// The stored record of one kubbi. Payload ciphertext lives apart from it (see [`keys`]) so a
+/// claim rewrites only this small record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubbiRecord {
+    pub id: KubbiId,
+    pub owner: ApiKeyId,
+    pub token_hash: TokenHash,
+    pub status: Status,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub ended_at: Option<Millis>,
+    pub max_retrievals: Option<u32>,
+    pub retrieval_count: u32,
+    pub first_retrieved_at: Option<Millis>,
+    pub last_retrieved_at: Option<Millis>,
+    pub body: Body,
+    pub metadata: Option<Sealed>,
+    /// Number of sealed payload parts (1 for single content, one per file for a package).
+    pub parts: u32,
+    /// Whether a sealed manifest part exists (packages).
+    pub has_manifest: bool,
+    /// How long the record stays visible after it ends.
+    pub retention_ms: Millis,
+}
+
+impl KubbiRecord {
+    /// The status as a reader at `now` must see it: an active kubbi past its expiry is expired
+    /// even before the `Expire` entry is applied.
+    pub fn status_at(&self, now: Millis) -> Status {
+        if self.status == Status::Active && now >= self.expires_at {
+            Status::Expired
+        } else {
+            self.status
+        }
+    }
+
+    /// Claims left, `None` when unlimited.
+    pub fn remaining_reads(&self) -> Option<u32> {
+        self.max_retrievals
+            .map(|m| m.saturating_sub(self.retrieval_count))
+    }
+}
+
+/// A stored API key (the key itself is never stored, only its SHA-256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyRecord {
+    pub id: ApiKeyId,
+    pub key_hash: [u8; 32],
+    pub key_prefix: String,
+    pub label: String,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// A create made with an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateIdempotency {
+    /// SHA-256 of (API key id ‖ Idempotency-Key): the dedup key; also chooses the shard.
+    pub key: [u8; 32],
+    /// SHA-256 of the request body: the same key with another body is a conflict.
+    pub body_hash: [u8; 32],
+    /// The claim token sealed under `crypto::replay_key` (API key + Idempotency-Key).
+    #[serde(with = "serde_bytes")]
+    pub sealed_token: Vec<u8>,
+    pub window_ms: Millis,
+}
+
+/// A claim made with an `Idempotency-Key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimIdempotency {
+    /// SHA-256 of (token hash ‖ Idempotency-Key).
+    pub key: [u8; 32],
+    pub window_ms: Millis,
+}
+
+/// A sealed payload part as carried in a command or outcome.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blob(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+/// Create a kubbi. Everything secret is already sealed by the node that took the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Create {
+    pub id: KubbiId,
+    pub owner: ApiKeyId,
+    pub token_hash: TokenHash,
+    pub ttl_ms: Millis,
+    pub max_retrievals: Option<u32>,
+    pub body: Body,
+    pub metadata: Option<Sealed>,
+    /// Sealed parts: the single content, or one per file in creation order.
+    pub parts: Vec<Blob>,
+    /// Sealed file manifest (packages only).
+    pub manifest: Option<Blob>,
+    pub retention_ms: Millis,
+    pub idempotency: Option<CreateIdempotency>,
+}
+
+/// Every state change. Only committed raft entries carry these into [`apply`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Create(Box<Create>),
+    Claim {
+        token_hash: TokenHash,
+        idempotency: Option<ClaimIdempotency>,
+    },
+    Delete {
+        id: KubbiId,
+        owner: ApiKeyId,
+    },
+    /// Expire one kubbi if its deadline has passed (its actor's timer).
+    Expire {
+        id: KubbiId,
+    },
+    /// Process up to `max` due timers: expiries, purges after retention, dedup windows.
+    Sweep {
+        max: u32,
+    },
+    PutApiKey(ApiKeyRecord),
+    RevokeApiKey {
+        id: ApiKeyId,
+    },
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Create(_) => "create",
+            Self::Claim { .. } => "claim",
+            Self::Delete { .. } => "delete",
+            Self::Expire { .. } => "expire",
+            Self::Sweep { .. } => "sweep",
+            Self::PutApiKey(_) => "put_api_key",
+            Self::RevokeApiKey { .. } => "revoke_api_key",
+        }
+    }
+}
+
+/// A command with the time stamped by the proposing leader and its request id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub request_id: RequestId,
+    pub now: Millis,
+    pub cmd: Command,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}(req {:?})", self.cmd.name(), self.request_id)
+    }
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    NotFound,
+    /// The kubbi has ended with this status.
+    Ended(Status),
+    /// The `Idempotency-Key` was used before with another body.
+    IdempotencyConflict,
+    /// The id or token is already taken (a random collision).
+    Collision,
+}
+
+/// The result of a successful claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claimed {
+    /// The record after this claim.
+    pub record: KubbiRecord,
+    pub parts: Vec<Blob>,
+    pub manifest: Option<Blob>,
+    /// This claim was the last allowed one; the payload is gone.
+    pub burned: bool,
+    /// Answered from an `Idempotency-Key` record, not counted again.
+    pub replayed: bool,
+}
+
+/// What [`apply`] decided, returned to the proposer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Created(KubbiRecord),
+    /// An idempotent create seen before: the record as first created and the sealed token.
+    CreateReplayed {
+        record: KubbiRecord,
+        #[serde(with = "serde_bytes")]
+        sealed_token: Vec<u8>,
+    },
+    Claimed(Box<Claimed>),
+    Deleted(KubbiRecord),
+    Expired,
+    Swept {
+        processed: u32,
+        more: bool,
+    },
+    ApiKeyStored(ApiKeyRecord),
+    ApiKeyRevoked(ApiKeyRecord),
+    Rejected(Rejection),
+    /// This request id was applied before; what it did is given without payload bytes
+    /// (`Claimed` arrives with its parts removed).
+    Duplicate(Box<Outcome>),
+    /// A blank or membership entry.
+    None,
+}
+
+/// An entry of a shard's owner index (for listing), decoded from [`keys::owner`] keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerEntry {
+    pub created_at: Millis,
+    pub id: KubbiId,
+    pub status: Status,
+    pub expires_at: Millis,
+}
+
+impl OwnerEntry {
+    /// Decodes an owner-index key and value (the key without the group prefix).
+    pub fn decode(key: &[u8], value: &[u8]) -> Option<Self> {
+        let (created_at, id) = keys::parse_owner(key)?;
+        if value.len() != 9 {
+            return None;
+        }
+        let status = Status::from_byte(value[0])?;
+        let expires_at = u64::from_be_bytes(value[1..9].try_into().ok()?);
+        Some(Self {
+            created_at,
+            id,
+            status,
+            expires_at,
+        })
+    }
+
+    /// The status as seen at `now` (see [`KubbiRecord::status_at`]).
+    pub fn status_at(&self, now: Millis) -> Status {
+        if self.status == Status::Active && now >= self.expires_at {
+            Status::Expired
+        } else {
+            self.status
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! One RocksDB instance per node, shared by every raft group on it.
+//!
+//! ```text
+//!   column family   key                               value
+//!   raft_log        group(2) ‖ index(8 BE)            bincode raft entry
+//!   raft_meta       group(2) ‖ name                   vote, last purged log id
+//!   state           group(2) ‖ state::keys …          records, indexes, timers, dedup,
+//!                   group(2) ‖ 'm' ‖ name             last applied, membership, snapshot meta
+//!   blob            group(2) ‖ id(16) ‖ part(4 BE)    sealed payload parts
+//! ```
+//!
+//! All groups share one WAL, so one fsync makes every group's appends durable: [`Syncer`] runs
+//! fsyncs on a dedicated thread and completes every waiter that wrote before the fsync began
+//! (group commit). State-machine writes are not synced on their own: they ride the same WAL, and
+//! after a crash openraft re-applies from the durable log whatever the state lost.
+
+mod syncer;
+mod view;
+
+pub use syncer::Syncer;
+pub use view::{GroupTxn, ReadView};
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options};
+
+use crate::ids::GroupId;
+use crate::state::Table;
+
+/// Column family names.
+pub const CF_RAFT_LOG: &str = "raft_log";
+pub const CF_RAFT_META: &str = "raft_meta";
+pub const CF_STATE: &str = "state";
+pub const CF_BLOB: &str = "blob";
+
+/// Opening or using the database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("column family {0} is missing")]
+    MissingCf(&'static str),
+    #[error("cannot start the WAL sync thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
+/// The node's database and its group-commit syncer.
+pub struct Storage {
+    db: Arc<DB>,
+    syncer: Syncer,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").finish_non_exhaustive()
+    }
+}
+
+impl Storage {
+    /// Opens (creating if needed) the database under `dir`.
+    ///
+    /// # Errors
+    /// When RocksDB cannot open the directory (in use by another process, corrupt, no space).
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        opts.set_keep_log_file_num(4);
+        opts.increase_parallelism(2);
+
+        let mut log_opts = Options::default();
+        log_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        let mut blob_opts = Options::default();
+        // Large sealed payloads go to blob files instead of being rewritten by every compaction.
+        blob_opts.set_enable_blob_files(true);
+        blob_opts.set_min_blob_size(4096);
+        blob_opts.set_enable_blob_gc(true);
+        let mut state_opts = Options::default();
+        state_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
+            ColumnFamilyDescriptor::new(CF_RAFT_META, Options::default()),
+            ColumnFamilyDescriptor::new(CF_STATE, state_opts),
+            ColumnFamilyDescriptor::new(CF_BLOB, blob_opts),
+        ];
+        let db = Arc::new(DB::open_cf_descriptors(&opts, dir, cfs)?);
+        for name in [CF_RAFT_LOG, CF_RAFT_META, CF_STATE, CF_BLOB] {
+            db.cf_handle(name).ok_or(StorageError::MissingCf(name))?;
+        }
+        let syncer = Syncer::start(db.clone())?;
+        Ok(Arc::new(Self { db, syncer }))
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub fn db_arc(&self) -> Arc<DB> {
+        self.db.clone()
+    }
+
+    pub fn syncer(&self) -> &Syncer {
+        &self.syncer
+    }
+
+    /// A column family handle. The four families are checked at open, so this cannot fail.
+    pub fn cf(&self, name: &'static str) -> &ColumnFamily {
+        match self.db.cf_handle(name) {
+            Some(cf) => cf,
+            None => unreachable!("column family {name} verified at open"),
+        }
+    }
+
+    /// The column family of a state table.
+    pub fn table_cf(&self, table: Table) -> &ColumnFamily {
+        match table {
+            Table::State => self.cf(CF_STATE),
+            Table::Blob => self.cf(CF_BLOB),
+        }
+    }
+
+    /// A read view of one group's state at a consistent point in time.
+    pub fn read_view(&self, group: GroupId) -> ReadView<'_> {
+        ReadView::new(self, group)
+    }
+
+    /// Makes everything written so far durable (group-committed fsync of the WAL).
+    ///
+    /// # Errors
+    /// When the fsync fails; the node must then stop serving writes.
+    pub async fn sync(&self) -> std::io::Result<()> {
+        self.syncer.sync().await
+    }
+}
+
+/// Prefixes `key` with the group id.
+pub fn group_key(group: GroupId, key: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2 + key.len());
+    v.extend_from_slice(&group.to_be_bytes());
+    v.extend_from_slice(key);
+    v
+}

@@ -1,0 +1,130 @@
+//! Group commit: one thread fsyncs the shared WAL for every waiter that wrote before it began.
+//!
+//! ```text
+//!   append (group 3) ─write─┐                       ┌─▶ callback(group 3 entries durable)
+//!   append (group 9) ─write─┼─▶ queue ─▶ flush_wal(sync) ─▶ callback(group 9 entries durable)
+//!   save_vote        ─write─┘                       └─▶ callback(vote durable)
+//! ```
+//!
+//! A waiter enqueues only after its write returned, so the fsync that takes it covers it.
+//! While one fsync runs, new waiters accumulate and share the next one.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use rocksdb::DB;
+
+type Callback = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+struct Queue {
+    pending: Mutex<Vec<Callback>>,
+    wake: Condvar,
+    stop: AtomicBool,
+    /// Number of fsyncs done (for metrics and tests).
+    fsyncs: AtomicU64,
+    /// Fails every fsync from now on (fault injection in tests: a disk that stopped syncing).
+    fail: AtomicBool,
+}
+
+/// Handle to the syncer thread. Dropping it stops the thread after the queue drains and waits
+/// for it, so the database is closed when its owner is dropped.
+pub struct Syncer {
+    q: Arc<Queue>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    pub(super) fn start(db: Arc<DB>) -> std::io::Result<Self> {
+        let q = Arc::new(Queue {
+            pending: Mutex::new(Vec::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
+            fail: AtomicBool::new(false),
+        });
+        let q2 = q.clone();
+        let thread = std::thread::Builder::new()
+            .name("kubbi-wal-sync".into())
+            .spawn(move || run(&db, &q2))?;
+        Ok(Self {
+            q,
+            thread: Some(thread),
+        })
+    }
+
+    /// Calls `done` once everything written before this call is durable (or the fsync failed).
+    pub fn after_sync(&self, done: impl FnOnce(Result<(), String>) + Send + 'static) {
+        let mut pending = self
+            .q
+            .pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        pending.push(Box::new(done));
+        drop(pending);
+        self.q.wake.notify_one();
+    }
+
+    /// Waits until everything written before this call is durable.
+    ///
+    /// # Errors
+    /// When the fsync failed.
+    pub async fn sync(&self) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.after_sync(move |r| {
+            let _ = tx.send(r);
+        });
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(std::io::Error::other(e)),
+            Err(_) => Err(std::io::Error::other("WAL sync thread stopped")),
+        }
+    }
+
+    /// How many fsyncs have run.
+    pub fn fsync_count(&self) -> u64 {
+        self.q.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Makes every later fsync fail (tests of the failure path).
+    pub fn inject_failure(&self, fail: bool) {
+        self.q.fail.store(fail, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.q.stop.store(true, Ordering::SeqCst);
+        self.q.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(db: &DB, q: &Queue) {
+    loop {
+        let batch = {
+            let mut pending = q.pending.lock().unwrap_or_else(|p| p.into_inner());
+            while pending.is_empty() && !q.stop.load(Ordering::SeqCst) {
+                pending = q.wake.wait(pending).unwrap_or_else(|p| p.into_inner());
+            }
+            if pending.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        let result = if q.fail.load(Ordering::SeqCst) {
+            Err("injected fsync failure".to_string())
+        } else {
+            // Everything written to the WAL before this call reaches stable storage here.
+            db.flush_wal(true).map_err(|e| e.to_string())
+        };
+        q.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, waiters = batch.len(), "WAL fsync failed");
+        }
+        for done in batch {
+            done(result.clone());
+        }
+    }
+}

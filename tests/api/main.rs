@@ -1,0 +1,489 @@
+//! The v1 API over real HTTP against a real node: the four scenarios of the single-node issue,
+//! ownership, listing, idempotency, versions, health and key revocation.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use common::{TestNode, marker};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn token_of(created: &Value) -> String {
+    created["claim_token"].as_str().expect("token").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_burn_after_read() {
+    let n = TestNode::start().await;
+    let secret = marker("db-password");
+    let c = n
+        .api
+        .create(
+            &n.key,
+            json!({"content": secret, "content_type": "text/plain", "ttl_seconds": 300, "max_retrievals": 1}),
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+    assert_eq!(c.body["status"], "active");
+    assert_eq!(c.body["content_type"], "text/plain");
+    assert_eq!(c.body["max_retrievals"], 1);
+    let token = token_of(&c.body);
+    assert_eq!(
+        c.body["claim_url"].as_str().expect("url"),
+        format!("{}/r/{token}", n.api.base)
+    );
+
+    // Preview shows type and expiry without consuming, as often as asked.
+    for _ in 0..3 {
+        let p = n.api.preview(&token).await;
+        assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+        assert_eq!(p.body["content_type"], "text/plain");
+        assert_eq!(p.body["expires_at"], c.body["expires_at"]);
+        assert_eq!(p.body["retrieval_count"], 0);
+        assert_eq!(p.body["claim"]["method"], "POST");
+        assert!(p.body.get("content").is_none());
+    }
+    let i = n.api.inspect(&token).await;
+    assert_eq!(i.status, StatusCode::OK);
+    assert!(i.body.get("claim").is_none());
+
+    let claimed = n.api.claim(&token).await;
+    assert_eq!(claimed.status, StatusCode::OK, "{:?}", claimed.body);
+    assert_eq!(claimed.body["content"], secret.as_str());
+    assert_eq!(claimed.body["burned"], true);
+    assert_eq!(claimed.body["retrieval_count"], 1);
+    assert_eq!(claimed.body["remaining_reads"], 0);
+
+    let again = n.api.claim(&token).await;
+    assert_eq!(again.status, StatusCode::GONE);
+    assert_eq!(again.err_code(), "gone");
+    assert_eq!(again.body["status"], "burned");
+    let p = n.api.preview(&token).await;
+    assert_eq!(p.status, StatusCode::GONE);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_multi_read() {
+    let n = TestNode::start().await;
+    let c = n
+        .api
+        .create(
+            &n.key,
+            json!({"content": {"rows": 42, "path": "s3://etl/out"}, "content_type": "application/json",
+                   "ttl_seconds": 3600, "max_retrievals": 3}),
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+    let token = token_of(&c.body);
+    for k in 1..=3 {
+        let r = n.api.claim(&token).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert_eq!(r.body["retrieval_count"], k);
+        assert_eq!(
+            r.body["content"],
+            json!({"rows": 42, "path": "s3://etl/out"})
+        );
+        assert_eq!(r.body["burned"], k == 3);
+    }
+    let fourth = n.api.claim(&token).await;
+    assert_eq!(fourth.status, StatusCode::GONE);
+    let id = c.body["id"].as_str().expect("id");
+    let d = n.api.get(&n.key, &format!("/api/v1/kubbis/{id}")).await;
+    assert_eq!(d.body["status"], "burned");
+    assert_eq!(d.body["retrieval_count"], 3);
+    assert!(d.body["first_retrieved_at"].is_string());
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_producer_cancels() {
+    let n = TestNode::start().await;
+    let c = n
+        .api
+        .create(&n.key, json!({"content": "draft", "ttl_seconds": 600}))
+        .await;
+    let token = token_of(&c.body);
+    let id = c.body["id"].as_str().expect("id").to_string();
+    let d = n.api.delete(&n.key, &id).await;
+    assert_eq!(d.status, StatusCode::OK, "{:?}", d.body);
+    assert_eq!(d.body["status"], "deleted");
+    assert_eq!(d.body["retrieval_count"], 0);
+    let claim = n.api.claim(&token).await;
+    assert_eq!(claim.status, StatusCode::GONE);
+    assert_eq!(claim.err_code(), "gone");
+    assert_eq!(claim.body["status"], "deleted");
+    let detail = n.api.get(&n.key, &format!("/api/v1/kubbis/{id}")).await;
+    assert_eq!(detail.body["status"], "deleted");
+    let again = n.api.delete(&n.key, &id).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scenario_package() {
+    let n = TestNode::start().await;
+    let binary: Vec<u8> = (0..=255u8).cycle().take(3000).collect();
+    let c = n
+        .api
+        .create(
+            &n.key,
+            json!({"files": [
+                {"name": "config.json", "content": "{\"mode\":\"fast\"}", "content_type": "application/json", "role": "config"},
+                {"name": "instructions.md", "content": "# Do it\nnow", "content_type": "text/markdown", "role": "instructions"},
+                {"name": "artifact.tar.gz", "content": STANDARD.encode(&binary), "content_type": "application/gzip",
+                 "encoding": "base64", "role": "attachment"},
+            ], "ttl_seconds": 900, "max_retrievals": 1, "metadata": {"job": 7}}),
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+    assert_eq!(c.body["file_count"], 3);
+    assert_eq!(c.body["total_size_bytes"], 15 + 11 + 3000);
+    assert_eq!(c.body["metadata"], json!({"job": 7}));
+    let token = token_of(&c.body);
+
+    let p = n.api.preview(&token).await;
+    assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+    assert_eq!(p.body["type"], "kubbi_package");
+    assert_eq!(p.body["kubbi_id"], c.body["id"]);
+    assert_eq!(p.body["remaining_reads"], 1);
+    assert_eq!(
+        p.body["files"],
+        json!([
+            {"name": "config.json", "content_type": "application/json", "size_bytes": 15, "role": "config"},
+            {"name": "instructions.md", "content_type": "text/markdown", "size_bytes": 11, "role": "instructions"},
+            {"name": "artifact.tar.gz", "content_type": "application/gzip", "size_bytes": 3000, "role": "attachment"},
+        ])
+    );
+    assert!(p.body["claim"]["message"].is_string());
+
+    let claim = n.api.claim(&token).await;
+    assert_eq!(claim.status, StatusCode::OK, "{:?}", claim.body);
+    assert_eq!(claim.body["type"], "kubbi_package");
+    assert_eq!(claim.body["burned"], true);
+    let files = claim.body["files"].as_array().expect("files");
+    assert_eq!(files[0]["content"], "{\"mode\":\"fast\"}");
+    assert!(files[0].get("encoding").is_none());
+    assert_eq!(files[1]["content"], "# Do it\nnow");
+    assert_eq!(files[2]["encoding"], "base64");
+    let back = STANDARD
+        .decode(files[2]["content"].as_str().expect("b64"))
+        .expect("decodes");
+    assert_eq!(back, binary);
+    assert_eq!(n.api.claim(&token).await.status, StatusCode::GONE);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_keys_kubbi_is_not_found_and_lists_are_private() {
+    let n = TestNode::start().await;
+    let (other, _) = n.api.new_api_key(&n.admin, "other").await;
+    let c = n.api.create(&n.key, json!({"content": "mine"})).await;
+    let id = c.body["id"].as_str().expect("id");
+    let r = n.api.get(&other, &format!("/api/v1/kubbis/{id}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(n.api.delete(&other, id).await.status, StatusCode::NOT_FOUND);
+    let list = n.api.get(&other, "/api/v1/kubbis").await;
+    assert_eq!(list.body["pagination"]["total"], 0);
+    // Still intact for its owner.
+    let mine = n.api.get(&n.key, &format!("/api/v1/kubbis/{id}")).await;
+    assert_eq!(mine.body["status"], "active");
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_is_newest_first_paginated_and_filtered() {
+    let n = TestNode::start().await;
+    let mut ids = Vec::new();
+    for i in 0..25 {
+        let c = n
+            .api
+            .create(&n.key, json!({"content": format!("n{i}")}))
+            .await;
+        assert_eq!(c.status, StatusCode::CREATED);
+        ids.push(c.body["id"].as_str().expect("id").to_string());
+        // Distinct creation milliseconds make "newest first" observable.
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    n.api.delete(&n.key, &ids[3]).await;
+    let p1 = n.api.get(&n.key, "/api/v1/kubbis?page=1&limit=10").await;
+    assert_eq!(p1.status, StatusCode::OK, "{:?}", p1.body);
+    assert_eq!(
+        p1.body["pagination"],
+        json!({"page": 1, "limit": 10, "total": 25, "total_pages": 3})
+    );
+    let got: Vec<&str> = p1.body["kubbis"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|k| k["id"].as_str().expect("id"))
+        .collect();
+    let want: Vec<&str> = ids.iter().rev().take(10).map(String::as_str).collect();
+    assert_eq!(got, want);
+    let p3 = n.api.get(&n.key, "/api/v1/kubbis?page=3&limit=10").await;
+    assert_eq!(p3.body["kubbis"].as_array().expect("items").len(), 5);
+    let deleted = n.api.get(&n.key, "/api/v1/kubbis?status=deleted").await;
+    assert_eq!(deleted.body["pagination"]["total"], 1);
+    assert_eq!(deleted.body["kubbis"][0]["id"], ids[3].as_str());
+    let default = n.api.get(&n.key, "/api/v1/kubbis").await;
+    assert_eq!(default.body["pagination"]["limit"], 20);
+    for bad in [
+        "limit=0",
+        "limit=101",
+        "page=0",
+        "page=x",
+        "status=gone",
+        "sort=asc",
+    ] {
+        let r = n.api.get(&n.key, &format!("/api/v1/kubbis?{bad}")).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(r.err_code(), "validation_error");
+    }
+    let at_limit = n.api.get(&n.key, "/api/v1/kubbis?limit=100").await;
+    assert_eq!(at_limit.body["kubbis"].as_array().expect("items").len(), 25);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_create_returns_the_first_response() {
+    let n = TestNode::start().await;
+    let body = json!({"content": "once", "max_retrievals": 2});
+    let send = |b: &Value, key: &str| {
+        n.api.send(
+            n.api
+                .http
+                .post(n.api.url("/api/v1/kubbis"))
+                .bearer_auth(&n.key)
+                .header("Idempotency-Key", key)
+                .json(b),
+        )
+    };
+    let first = send(&body, "job-17").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{:?}", first.body);
+    let second = send(&body, "job-17").await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert_eq!(first.body, second.body);
+    let conflict = send(&json!({"content": "twice"}), "job-17").await;
+    assert_eq!(conflict.status, StatusCode::CONFLICT);
+    assert_eq!(conflict.err_code(), "conflict");
+    // Another producer using the same key string is independent.
+    let (other, _) = n.api.new_api_key(&n.admin, "other").await;
+    let theirs = n
+        .api
+        .send(
+            n.api
+                .http
+                .post(n.api.url("/api/v1/kubbis"))
+                .bearer_auth(&other)
+                .header("Idempotency-Key", "job-17")
+                .json(&body),
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::CREATED);
+    assert_ne!(theirs.body["id"], first.body["id"]);
+    let list = n.api.get(&n.key, "/api/v1/kubbis").await;
+    assert_eq!(
+        list.body["pagination"]["total"], 1,
+        "no second kubbi was created"
+    );
+    // The replayed token works.
+    let c = n
+        .api
+        .claim(second.body["claim_token"].as_str().expect("t"))
+        .await;
+    assert_eq!(c.body["content"], "once");
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_claim_counts_once_and_replays_the_payload() {
+    let n = TestNode::start().await;
+    let c = n
+        .api
+        .create(
+            &n.key,
+            json!({"content": "key material", "max_retrievals": 1}),
+        )
+        .await;
+    let token = token_of(&c.body);
+    let a = n.api.claim_idem(&token, "attempt-1").await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["burned"], true);
+    let b = n.api.claim_idem(&token, "attempt-1").await;
+    assert_eq!(b.status, StatusCode::OK, "{:?}", b.body);
+    assert_eq!(b.body["content"], "key material");
+    assert_eq!(b.body["retrieval_count"], 1);
+    let other = n.api.claim_idem(&token, "attempt-2").await;
+    assert_eq!(other.status, StatusCode::GONE);
+    let plain = n.api.claim(&token).await;
+    assert_eq!(plain.status, StatusCode::GONE);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_headers_and_health() {
+    let n = TestNode::start().await;
+    let r = n.api.get(&n.key, "/api/v1/kubbis").await;
+    assert_eq!(
+        r.headers.get("api-version").map(|v| v.as_bytes()),
+        Some(&b"v1"[..])
+    );
+    let r = n.api.get("kb_nope", "/api/v1/kubbis").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.headers.get("api-version").map(|v| v.as_bytes()),
+        Some(&b"v1"[..])
+    );
+    for path in ["/api/v2/kubbis", "/api/v0/kubbis/x", "/api/v2"] {
+        let r = n.api.get(&n.key, path).await;
+        assert_eq!(r.status, StatusCode::NOT_IMPLEMENTED, "{path}");
+        assert_eq!(r.err_code(), "not_implemented");
+    }
+    let h = n.api.get("", "/health").await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.body["status"], "ok");
+    assert_eq!(n.api.get("", "/health/live").await.status, StatusCode::OK);
+    assert_eq!(n.api.get("", "/health/ready").await.status, StatusCode::OK);
+    let unknown = n.api.get(&n.key, "/api/v1/nothing").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.err_code(), "not_found");
+    let wrong_method = n
+        .api
+        .send(
+            n.api
+                .http
+                .put(n.api.url("/api/v1/kubbis"))
+                .bearer_auth(&n.key),
+        )
+        .await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_keys_stop_working_and_their_kubbis_live_on() {
+    let n = TestNode::start().await;
+    let (key, key_id) = n.api.new_api_key(&n.admin, "to-revoke").await;
+    let c = n.api.create(&key, json!({"content": "still here"})).await;
+    assert_eq!(c.status, StatusCode::CREATED);
+    let listed = n
+        .api
+        .send(
+            n.api
+                .http
+                .get(n.api.url("/admin/v1/api-keys"))
+                .bearer_auth(&n.admin),
+        )
+        .await;
+    let keys = listed.body["keys"].as_array().expect("keys");
+    assert!(
+        keys.iter()
+            .any(|k| k["id"] == key_id.as_str() && k["revoked_at"].is_null())
+    );
+    assert!(
+        !listed.body.to_string().contains(&key),
+        "keys are never listed"
+    );
+
+    let r = n
+        .api
+        .send(
+            n.api
+                .http
+                .delete(n.api.url(&format!("/admin/v1/api-keys/{key_id}")))
+                .bearer_auth(&n.admin),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(r.body["revoked_at"].is_string());
+    let denied = n.api.create(&key, json!({"content": "x"})).await;
+    assert_eq!(denied.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(denied.err_code(), "unauthorized");
+    // The consumer does not need the key: the kubbi lives on.
+    let claim = n.api.claim(&token_of(&c.body)).await;
+    assert_eq!(claim.body["content"], "still here");
+    // Admin routes need the admin token, not an API key.
+    let not_admin = n
+        .api
+        .send(
+            n.api
+                .http
+                .get(n.api.url("/admin/v1/api-keys"))
+                .bearer_auth(&n.key),
+        )
+        .await;
+    assert_eq!(not_admin.status, StatusCode::UNAUTHORIZED);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_concurrent_claims_on_five_reads_succeed_exactly_five_times() {
+    let n = TestNode::start().await;
+    let payload = marker("fanout");
+    let c = n
+        .api
+        .create(&n.key, json!({"content": payload, "max_retrievals": 5}))
+        .await;
+    let token = token_of(&c.body);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let api = n.api.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move { api.claim(&token).await }));
+    }
+    let mut ok = Vec::new();
+    let mut gone = 0;
+    for t in tasks {
+        let r = t.await.expect("task");
+        match r.status {
+            StatusCode::OK => ok.push(r.body),
+            StatusCode::GONE => gone += 1,
+            s => panic!("unexpected {s}: {:?}", r.body),
+        }
+    }
+    assert_eq!(ok.len(), 5, "exactly max_retrievals claims succeed");
+    assert_eq!(gone, 95);
+    let mut counts: Vec<u64> = ok
+        .iter()
+        .map(|b| {
+            assert_eq!(
+                b["content"],
+                payload.as_str(),
+                "each success carries the created bytes"
+            );
+            b["retrieval_count"].as_u64().expect("count")
+        })
+        .collect();
+    counts.sort_unstable();
+    assert_eq!(counts, vec![1, 2, 3, 4, 5]);
+    assert_eq!(ok.iter().filter(|b| b["burned"] == true).count(), 1);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_tokens_are_not_found() {
+    let n = TestNode::start().await;
+    let fresh = kubbi::ids::ClaimToken::generate(0);
+    for t in [
+        fresh.expose().to_string(),
+        "short".into(),
+        "%2e%2e".into(),
+        "A".repeat(46),
+    ] {
+        assert_eq!(n.api.preview(&t).await.status, StatusCode::NOT_FOUND, "{t}");
+        assert_eq!(n.api.claim(&t).await.status, StatusCode::NOT_FOUND, "{t}");
+    }
+    // A token routed to a shard that does not exist.
+    let far = kubbi::ids::ClaimToken::generate(999);
+    assert_eq!(
+        n.api.claim(&far.expose()).await.status,
+        StatusCode::NOT_FOUND
+    );
+    for id in ["nope", "00000000-0000-4000-8000-000000000000"] {
+        let r = n.api.get(&n.key, &format!("/api/v1/kubbis/{id}")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{id}");
+    }
+    n.stop().await;
+}

@@ -1,0 +1,333 @@
+//! Test fixtures: a real node in this process (real RocksDB in a temp dir, real HTTP on an
+//! ephemeral loopback port) or in a child process (for kill -9), plus HTTP helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use kubbi::config::Config;
+use kubbi::node::{self, NodeHandle};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// Raft timings that make a fresh node lead within milliseconds.
+pub fn fast_config(dir: &Path) -> Config {
+    let mut c = Config::for_dir(dir);
+    c.raft.heartbeat_ms = 50;
+    c.raft.election_timeout_min_ms = 150;
+    c.raft.election_timeout_max_ms = 300;
+    c
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An HTTP client for one node.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+/// A response: status, headers and JSON body (`Value::Null` when the body is not JSON).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn err_code(&self) -> &str {
+        self.body["error"].as_str().unwrap_or("")
+    }
+}
+
+impl Api {
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+        }
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let r = req.send().await.expect("request sent");
+        let status = r.status();
+        let headers = r.headers().clone();
+        let bytes = r.bytes().await.expect("body read");
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn create(&self, key: &str, body: Value) -> Resp {
+        self.send(
+            self.http
+                .post(self.url("/api/v1/kubbis"))
+                .bearer_auth(key)
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, key: &str, path: &str) -> Resp {
+        self.send(self.http.get(self.url(path)).bearer_auth(key))
+            .await
+    }
+
+    pub async fn delete(&self, key: &str, id: &str) -> Resp {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/api/v1/kubbis/{id}")))
+                .bearer_auth(key),
+        )
+        .await
+    }
+
+    pub async fn preview(&self, token: &str) -> Resp {
+        self.send(self.http.get(self.url(&format!("/r/{token}"))))
+            .await
+    }
+
+    pub async fn inspect(&self, token: &str) -> Resp {
+        self.send(self.http.get(self.url(&format!("/r/{token}/inspect"))))
+            .await
+    }
+
+    pub async fn claim(&self, token: &str) -> Resp {
+        self.send(self.http.post(self.url(&format!("/r/{token}/claim"))))
+            .await
+    }
+
+    pub async fn claim_idem(&self, token: &str, key: &str) -> Resp {
+        self.send(
+            self.http
+                .post(self.url(&format!("/r/{token}/claim")))
+                .header("Idempotency-Key", key),
+        )
+        .await
+    }
+
+    pub async fn new_api_key(&self, admin: &str, label: &str) -> (String, String) {
+        let r = self
+            .send(
+                self.http
+                    .post(self.url("/admin/v1/api-keys"))
+                    .bearer_auth(admin)
+                    .json(&json!({ "label": label })),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        (
+            r.body["api_key"].as_str().expect("key").to_string(),
+            r.body["id"].as_str().expect("id").to_string(),
+        )
+    }
+}
+
+/// A node running in this process.
+pub struct TestNode {
+    pub node: Option<NodeHandle>,
+    pub dir: tempfile::TempDir,
+    pub api: Api,
+    pub admin: String,
+    /// An API key created at start.
+    pub key: String,
+}
+
+impl TestNode {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = fast_config(dir.path());
+        tune(&mut config);
+        Self::start_in(dir, config).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, config: Config) -> Self {
+        let node = node::start(config).await.expect("node starts");
+        let api = Api::new(format!("http://{}", node.http_addr));
+        let admin = node.admin_token.to_string();
+        let (key, _) = api.new_api_key(&admin, "test").await;
+        Self {
+            node: Some(node),
+            dir,
+            api,
+            admin,
+            key,
+        }
+    }
+
+    pub fn handle(&self) -> &NodeHandle {
+        self.node.as_ref().expect("running")
+    }
+
+    /// Stops the node gracefully and starts it again on the same data directory.
+    pub async fn restart(&mut self, tune: impl FnOnce(&mut Config)) {
+        if let Some(n) = self.node.take() {
+            n.shutdown().await;
+        }
+        let mut config = fast_config(self.dir.path());
+        tune(&mut config);
+        let node = node::start(config).await.expect("node restarts");
+        self.api = Api::new(format!("http://{}", node.http_addr));
+        self.node = Some(node);
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(n) = self.node.take() {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// A node in a child process, for crash tests.
+pub struct ProcessNode {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub api: Api,
+    pub stderr_path: PathBuf,
+}
+
+impl ProcessNode {
+    /// Starts `kubbi serve` on `dir` with an ephemeral port; stderr is appended to `dir/../<name>.log`.
+    pub async fn start(dir: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
+        let addr_file = dir.join("http.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn kubbi");
+        let addr = eventually(Duration::from_secs(60), "node writes http.addr", || {
+            let f = addr_file.clone();
+            async move { std::fs::read_to_string(&f).ok().filter(|s| !s.is_empty()) }
+        })
+        .await;
+        let api = Api::new(format!("http://{addr}"));
+        let probe = api.clone();
+        eventually(Duration::from_secs(60), "node ready", || {
+            let probe = probe.clone();
+            async move {
+                let r = probe
+                    .http
+                    .get(probe.url("/health/ready"))
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status() == StatusCode::OK).then_some(())
+            }
+        })
+        .await;
+        Self {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            api,
+            stderr_path: log.to_path_buf(),
+        }
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin-token"))
+            .expect("admin token")
+            .trim()
+            .to_string()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ProcessNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` occurs anywhere in `hay`.
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A random printable marker that cannot occur by chance.
+pub fn marker(tag: &str) -> String {
+    format!("{tag}-{:032x}", rand::random::<u128>())
+}

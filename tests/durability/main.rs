@@ -1,0 +1,414 @@
+//! Durability and wiping: expiry with no traffic (also across a restart), ciphertext removed at
+//! every end state, no plaintext in any file, kill -9 under load, and logs free of secrets.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{ProcessNode, TestNode, contains, eventually, files_under, marker};
+use kubbi::ids::KubbiId;
+use kubbi::state::{StateRead, Status, Table, read_kubbi};
+use kubbi::storage::{CF_BLOB, CF_STATE, Storage};
+use reqwest::StatusCode;
+use serde_json::json;
+
+fn stored_status(storage: &Storage, id: &KubbiId) -> Option<Status> {
+    read_kubbi(&storage.read_view(id.shard()), id)
+        .expect("reads")
+        .map(|r| r.status)
+}
+
+fn blob_count(storage: &Storage, id: &KubbiId) -> usize {
+    let view = storage.read_view(id.shard());
+    let mut end = id.0.to_vec();
+    end.extend_from_slice(&[0xff; 5]);
+    view.scan(Table::Blob, &id.0, &end, usize::MAX)
+        .expect("scan")
+        .len()
+}
+
+/// Every value of both state column families, raw.
+fn all_state_values(storage: &Storage) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for cf in [CF_STATE, CF_BLOB] {
+        for item in storage
+            .db()
+            .iterator_cf(storage.cf(cf), rocksdb::IteratorMode::Start)
+        {
+            let (k, v) = item.expect("iterate");
+            out.push(k.to_vec());
+            out.push(v.to_vec());
+        }
+    }
+    out
+}
+
+fn id_of(v: &serde_json::Value) -> KubbiId {
+    KubbiId::parse(v["id"].as_str().expect("id")).expect("uuid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_expires_with_no_traffic_and_wipes_the_payload() {
+    // Actors passivate quickly, so the shard sweeper (not a live actor) must do the expiring.
+    let n = TestNode::start_with(|c| c.actor_idle = Duration::from_millis(100)).await;
+    let c = n
+        .api
+        .create(
+            &n.key,
+            json!({"content": marker("short-lived"), "ttl_seconds": 2}),
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::CREATED);
+    let id = id_of(&c.body);
+    let storage = n.handle().storage().clone();
+    assert_eq!(blob_count(&storage, &id), 1);
+    eventually(
+        Duration::from_secs(10),
+        "stored status becomes expired",
+        || {
+            let s = storage.clone();
+            async move { (stored_status(&s, &id) == Some(Status::Expired)).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(blob_count(&storage, &id), 0, "payload gone from the state");
+    let claim = n
+        .api
+        .claim(c.body["claim_token"].as_str().expect("t"))
+        .await;
+    assert_eq!(claim.status, StatusCode::GONE);
+    assert_eq!(claim.err_code(), "expired");
+    assert_eq!(claim.body["status"], "expired");
+    let d = n.api.get(&n.key, &format!("/api/v1/kubbis/{id}")).await;
+    assert_eq!(d.body["status"], "expired");
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_happens_after_a_restart_too() {
+    let mut n = TestNode::start().await;
+    let c = n
+        .api
+        .create(&n.key, json!({"content": "x", "ttl_seconds": 3}))
+        .await;
+    let id = id_of(&c.body);
+    n.restart(|_| {}).await;
+    let storage = n.handle().storage().clone();
+    assert_eq!(stored_status(&storage, &id), Some(Status::Active));
+    eventually(Duration::from_secs(15), "expired after restart", || {
+        let s = storage.clone();
+        async move { (stored_status(&s, &id) == Some(Status::Expired)).then_some(()) }
+    })
+    .await;
+    assert_eq!(blob_count(&storage, &id), 0);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_end_state_removes_the_ciphertext_and_no_file_holds_plaintext() {
+    let n = TestNode::start().await;
+    let storage = n.handle().storage().clone();
+    let mut plaintexts = Vec::new();
+    let mut created = Vec::new();
+    for (how, body) in [
+        ("burn", json!({"max_retrievals": 1})),
+        ("delete", json!({})),
+        ("expire", json!({"ttl_seconds": 1})),
+        ("package", json!({"max_retrievals": 2})),
+    ] {
+        let secret = marker(how);
+        plaintexts.push(secret.clone());
+        let mut body = body;
+        if how == "package" {
+            let other = marker("file2");
+            plaintexts.push(other.clone());
+            body["files"] = json!([
+                {"name": "a.txt", "content": secret, "content_type": "text/plain"},
+                {"name": "b.bin", "content": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, other.as_bytes()),
+                 "content_type": "application/octet-stream", "encoding": "base64"},
+            ]);
+        } else {
+            body["content"] = json!(secret);
+        }
+        let c = n.api.create(&n.key, body).await;
+        assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+        created.push((how, c.body));
+    }
+    // Capture each kubbi's ciphertext while it exists.
+    let mut ciphertexts = Vec::new();
+    for (_, body) in &created {
+        let id = id_of(body);
+        let view = storage.read_view(id.shard());
+        let mut end = id.0.to_vec();
+        end.extend_from_slice(&[0xff; 5]);
+        for (_, v) in view
+            .scan(Table::Blob, &id.0, &end, usize::MAX)
+            .expect("scan")
+        {
+            ciphertexts.push(v);
+        }
+    }
+    assert_eq!(
+        ciphertexts.len(),
+        1 + 1 + 1 + 3,
+        "parts plus the package manifest"
+    );
+
+    for (how, body) in &created {
+        let token = body["claim_token"].as_str().expect("t");
+        match *how {
+            "burn" => assert_eq!(n.api.claim(token).await.status, StatusCode::OK),
+            "delete" => assert_eq!(
+                n.api
+                    .delete(&n.key, body["id"].as_str().expect("id"))
+                    .await
+                    .status,
+                StatusCode::OK
+            ),
+            "package" => {
+                assert_eq!(n.api.claim(token).await.status, StatusCode::OK);
+                let last = n.api.claim(token).await;
+                assert_eq!(last.body["burned"], true);
+            }
+            _ => {}
+        }
+    }
+    let expired = id_of(&created[2].1);
+    eventually(Duration::from_secs(10), "ttl 1 kubbi expired", || {
+        let s = storage.clone();
+        async move { (stored_status(&s, &expired) == Some(Status::Expired)).then_some(()) }
+    })
+    .await;
+
+    let values = all_state_values(&storage);
+    for ct in &ciphertexts {
+        // A 32-byte window of the ciphertext cannot occur by chance.
+        let probe = &ct[ct.len() - 32..];
+        assert!(
+            !values.iter().any(|v| contains(v, probe)),
+            "ciphertext left in the state"
+        );
+    }
+    for (_, body) in &created {
+        assert_eq!(blob_count(&storage, &id_of(body)), 0);
+    }
+
+    // No file under the data directory ever held a plaintext: flush memtables so SST files
+    // exist too, then read every byte of every file (WAL, SST, raft log, metadata).
+    for cf in [CF_STATE, CF_BLOB, kubbi::storage::CF_RAFT_LOG] {
+        storage.db().flush_cf(storage.cf(cf)).expect("flush");
+    }
+    let files = files_under(n.dir.path());
+    assert!(files.len() > 5);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        for p in &plaintexts {
+            assert!(
+                !contains(&bytes, p.as_bytes()),
+                "plaintext found in {}",
+                f.display()
+            );
+        }
+    }
+    n.stop().await;
+}
+
+/// What the load clients saw before the crash.
+#[derive(Default)]
+struct History {
+    /// id -> (token, content, max_retrievals)
+    created: HashMap<String, (String, String, Option<u64>)>,
+    /// token -> acknowledged successful claims
+    claims_ok: HashMap<String, u64>,
+    /// token -> claims with no answer (may or may not have counted)
+    claims_unknown: HashMap<String, u64>,
+    /// tokens a client saw burned
+    burned: Vec<String>,
+    acked_ops: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_acknowledged_create_and_no_count() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let data = base.path().join("node");
+    let log = base.path().join("node.log");
+    let mut node = ProcessNode::start(&data, &log, &[]).await;
+    let admin = node.admin_token();
+    let (key, _) = node.api.new_api_key(&admin, "load").await;
+
+    let history = Arc::new(Mutex::new(History::default()));
+    let mut clients = Vec::new();
+    for c in 0..16 {
+        let api = node.api.clone();
+        let key = key.clone();
+        let h = history.clone();
+        clients.push(tokio::spawn(async move {
+            let mut mine: Vec<String> = Vec::new();
+            for i in 0.. {
+                // Alternate: create (limits 1..3 or unlimited), then claim an earlier one.
+                let content = format!("client{c}-op{i}-{:016x}", rand::random::<u64>());
+                let max = match i % 4 {
+                    0 => json!(null),
+                    m => json!(m),
+                };
+                let r = api
+                    .http
+                    .post(api.url("/api/v1/kubbis"))
+                    .bearer_auth(&key)
+                    .json(&json!({"content": content, "max_retrievals": max, "ttl_seconds": 3600}))
+                    .send()
+                    .await;
+                let Ok(r) = r else { return };
+                if r.status() != StatusCode::CREATED {
+                    return;
+                }
+                let Ok(body) = r.json::<serde_json::Value>().await else {
+                    return;
+                };
+                let token = body["claim_token"].as_str().unwrap_or_default().to_string();
+                {
+                    let mut h = h.lock().expect("lock");
+                    h.created.insert(
+                        body["id"].as_str().unwrap_or_default().to_string(),
+                        (token.clone(), content, max.as_u64()),
+                    );
+                    h.acked_ops += 1;
+                }
+                mine.push(token);
+                let target = mine[(i * 7) % mine.len()].clone();
+                h.lock()
+                    .expect("lock")
+                    .claims_unknown
+                    .entry(target.clone())
+                    .and_modify(|n| *n += 1)
+                    .or_insert(1);
+                let r = api
+                    .http
+                    .post(api.url(&format!("/r/{target}/claim")))
+                    .send()
+                    .await;
+                let Ok(r) = r else { return };
+                let status = r.status();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                let mut h = h.lock().expect("lock");
+                if let Some(n) = h.claims_unknown.get_mut(&target) {
+                    *n -= 1;
+                }
+                h.acked_ops += 1;
+                if status == StatusCode::OK {
+                    *h.claims_ok.entry(target.clone()).or_insert(0) += 1;
+                    if body["burned"] == true {
+                        h.burned.push(target);
+                    }
+                } else if status != StatusCode::GONE {
+                    return;
+                }
+            }
+        }));
+    }
+    let h2 = history.clone();
+    eventually(Duration::from_secs(120), "load made progress", || {
+        let h = h2.clone();
+        async move { (h.lock().expect("lock").acked_ops >= 600).then_some(()) }
+    })
+    .await;
+    node.kill9();
+    for c in clients {
+        let _ = c.await;
+    }
+
+    let node = ProcessNode::start(&data, &log, &[]).await;
+    let h = history.lock().expect("lock");
+    assert!(
+        h.created.len() >= 200,
+        "{} creates acknowledged",
+        h.created.len()
+    );
+    let mut checked_burned = 0;
+    for (id, (token, content, max)) in &h.created {
+        let d = node.api.get(&key, &format!("/api/v1/kubbis/{id}")).await;
+        assert_eq!(d.status, StatusCode::OK, "acknowledged create {id} lost");
+        let count = d.body["retrieval_count"].as_u64().expect("count");
+        let ok = h.claims_ok.get(token).copied().unwrap_or(0);
+        let unknown = h.claims_unknown.get(token).copied().unwrap_or(0);
+        assert!(
+            count >= ok && count <= ok + unknown,
+            "{id}: count {count}, acknowledged {ok}, unanswered {unknown}"
+        );
+        if let Some(m) = max {
+            assert!(count <= *m, "{id}: {count} claims over max {m}");
+        }
+        if h.burned.contains(token) {
+            assert_eq!(d.body["status"], "burned", "{id} un-burned by the crash");
+            assert_eq!(node.api.claim(token).await.status, StatusCode::GONE);
+            checked_burned += 1;
+        } else if d.body["status"] == "active" {
+            let r = node.api.claim(token).await;
+            assert_eq!(r.status, StatusCode::OK, "{id}: {:?}", r.body);
+            assert_eq!(r.body["content"], content.as_str(), "{id}: bytes changed");
+        }
+    }
+    assert!(checked_burned > 0, "the run burned something");
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_tokens_keys_or_payload() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let data = base.path().join("node");
+    let log = base.path().join("node.log");
+    let env = [("KUBBI_LOG", "debug"), ("KUBBI_ACTOR_IDLE_MS", "200")];
+    let mut node = ProcessNode::start(&data, &log, &env).await;
+    let admin = node.admin_token();
+    let (key, key_id) = node.api.new_api_key(&admin, "logs").await;
+    let mut secrets = vec![key.clone(), admin.clone()];
+    let api = node.api.clone();
+    for i in 0..20 {
+        let payload = marker(&format!("payload{i}"));
+        let meta = marker("meta");
+        let body = if i % 2 == 0 {
+            json!({"content": payload, "max_retrievals": 2, "metadata": {"m": meta}, "ttl_seconds": if i % 5 == 0 { 1 } else { 60 }})
+        } else {
+            json!({"files": [{"name": "f.txt", "content": payload, "content_type": "text/plain"}], "max_retrievals": 1})
+        };
+        let c = api.create(&key, body).await;
+        assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+        let token = c.body["claim_token"].as_str().expect("t").to_string();
+        api.preview(&token).await;
+        api.claim(&token).await;
+        api.claim_idem(&token, "idem-1").await;
+        if i % 3 == 0 {
+            api.delete(&key, c.body["id"].as_str().expect("id")).await;
+        }
+        api.claim(&token).await;
+        secrets.extend([payload, meta, token]);
+    }
+    // Failed attempts with secrets in them must not be logged either.
+    api.create(
+        "kb_wrongwrongwrongwrongwrongwrongwrongwrongwro",
+        json!({"content": "x"}),
+    )
+    .await;
+    api.send(
+        api.http
+            .delete(api.url(&format!("/admin/v1/api-keys/{key_id}")))
+            .bearer_auth(&admin),
+    )
+    .await;
+    api.create(&key, json!({"content": "after revoke"})).await;
+    // Stop the node so its log is complete.
+    node.terminate();
+    let text = std::fs::read(&log).expect("log");
+    assert!(text.len() > 1000, "debug logging produced output");
+    for s in &secrets {
+        assert!(
+            !contains(&text, s.as_bytes()),
+            "a secret appears in the log"
+        );
+        // Also no long fragment of it.
+        assert!(!contains(&text, &s.as_bytes()[..20.min(s.len())]) || s.len() < 20);
+    }
+}
