@@ -2,6 +2,8 @@
 //! to one JSON object per line. Nothing secret is ever a field: tokens, keys and payloads are
 //! wrapped in types whose `Debug` redacts, and handlers log ids and sizes only.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -17,6 +19,7 @@ pub fn init() {
         .unwrap_or_else(|| DEFAULT_FILTER.to_string());
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var("KUBBI_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let ansi = std::io::stderr().is_terminal();
     let registry = tracing_subscriber::registry().with(filter);
     let result = if json {
         registry
@@ -28,7 +31,11 @@ pub fn init() {
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
     if result.is_err() {

@@ -634,9 +634,7 @@ mod tests {
             assert_eq!(err(v).code, ErrorCode::ValidationError);
         }
         assert!(parse_json(b"{\"content\": \"secret-bytes").is_err());
-        let e = parse_json(b"{\"content\": \"secret-bytes\" x}")
-            .err()
-            .expect("fails");
+        let e = parse_json(b"{\"content\": \"secret-bytes\" x}").expect_err("fails");
         assert!(!e.message.contains("secret"), "{}", e.message);
     }
 }

@@ -27,6 +27,9 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
 }
 
+/// Key-value pairs returned by a scan.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// A consistent read view of one shard's state.
 pub trait StateRead {
     /// # Errors
@@ -36,13 +39,7 @@ pub trait StateRead {
     ///
     /// # Errors
     /// On I/O failure.
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, table: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Rows, StoreError>;
 }
 
 /// A transaction over one shard's state: reads see this transaction's own writes.
@@ -493,7 +490,7 @@ pub(crate) mod mem {
     //! An in-memory [`StateStore`] for tests of the pure core.
     use std::collections::BTreeMap;
 
-    use super::{StateRead, StateStore, StoreError, Table};
+    use super::{Rows, StateRead, StateStore, StoreError, Table};
 
     #[derive(Default, Clone, PartialEq, Eq, Debug)]
     pub struct MemStore {
@@ -516,7 +513,7 @@ pub(crate) mod mem {
             from: &[u8],
             to: &[u8],
             limit: usize,
-        ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        ) -> Result<Rows, StoreError> {
             Ok(self
                 .data
                 .range((table, from.to_vec())..(table, to.to_vec()))

@@ -17,7 +17,7 @@ mod apply;
 pub mod keys;
 
 pub use apply::{
-    StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
+    Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
     read_kubbi_by_token,
 };
 

@@ -7,7 +7,7 @@ use rocksdb::{DB, Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, 
 
 use super::{Storage, group_key};
 use crate::ids::GroupId;
-use crate::state::{StateRead, StateStore, StoreError, Table};
+use crate::state::{Rows, StateRead, StateStore, StoreError, Table};
 
 fn io(e: rocksdb::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -20,7 +20,7 @@ fn scan_db<'a>(
     end: &[u8],
     limit: usize,
     mut skip: impl FnMut(&[u8]) -> bool,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+) -> Result<Rows, StoreError> {
     let mut out = Vec::new();
     if limit == 0 {
         return Ok(out);
@@ -66,13 +66,7 @@ impl StateRead for ReadView<'_> {
             .map_err(io)
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, table: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Rows, StoreError> {
         let start = group_key(self.group, from);
         let end = group_key(self.group, to);
         let mut ro = ReadOptions::default();
@@ -130,13 +124,7 @@ impl StateRead for GroupTxn<'_> {
             .map_err(io)
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, table: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Rows, StoreError> {
         let start = group_key(self.group, from);
         let end = group_key(self.group, to);
         let mut ro = ReadOptions::default();

@@ -321,7 +321,7 @@ async fn kill_9_under_load_loses_no_acknowledged_create_and_no_count() {
     }
 
     let node = ProcessNode::start(&data, &log, &[]).await;
-    let h = history.lock().expect("lock");
+    let h = std::mem::take(&mut *history.lock().expect("lock"));
     assert!(
         h.created.len() >= 200,
         "{} creates acknowledged",
