@@ -114,8 +114,8 @@ async fn create(
         body_hash: crate::crypto::sha256(&bytes),
     });
     let parsed = validate::parse_json(&bytes)?;
+    let input = validate::create_input(parsed, &bytes, svc.limits())?;
     drop(bytes);
-    let input = validate::create_input(parsed, svc.limits())?;
     let created = svc.create(&producer, input, idem).await?;
     let metadata = svc.metadata(&created.record)?;
     Ok((

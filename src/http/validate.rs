@@ -125,11 +125,19 @@ fn integer_in(v: &Value, lo: u64, hi: u64) -> Option<u64> {
     v.as_u64().filter(|n| (lo..=hi).contains(n))
 }
 
-/// Validates a parsed create request against `limits`.
+/// The exact submitted text of `content` (JSON content is stored as sent, not re-serialized:
+/// numbers keep every digit).
+#[derive(serde::Deserialize)]
+struct RawContent<'a> {
+    #[serde(borrow)]
+    content: &'a serde_json::value::RawValue,
+}
+
+/// Validates a parsed create request against `limits`. `raw` is the body it was parsed from.
 ///
 /// # Errors
 /// `400 validation_error` listing every problem, or `413` when only a size limit is broken.
-pub fn create_input(mut v: Value, limits: &Limits) -> Result<CreateInput, ApiError> {
+pub fn create_input(mut v: Value, raw: &[u8], limits: &Limits) -> Result<CreateInput, ApiError> {
     let mut errs = Vec::new();
     let Some(obj) = v.as_object_mut() else {
         return Err(ApiError::validation(vec![
@@ -192,7 +200,7 @@ pub fn create_input(mut v: Value, limits: &Limits) -> Result<CreateInput, ApiErr
             errs.push("one of `content` or `files` is required".into());
             None
         }
-        (true, false) => single(obj, limits, &mut errs, &mut too_large),
+        (true, false) => single(obj, raw, limits, &mut errs, &mut too_large),
         (false, true) => {
             if obj.contains_key("content_type") {
                 errs.push(
@@ -224,6 +232,7 @@ pub fn create_input(mut v: Value, limits: &Limits) -> Result<CreateInput, ApiErr
 
 fn single(
     obj: &mut Map<String, Value>,
+    raw: &[u8],
     limits: &Limits,
     errs: &mut Vec<String>,
     too_large: &mut Vec<String>,
@@ -246,7 +255,14 @@ fn single(
     };
     let content = obj.remove("content").unwrap_or(Value::Null);
     let bytes = if essence(&content_type) == "application/json" {
-        Zeroizing::new(serde_json::to_vec(&content).unwrap_or_default())
+        drop(content);
+        match serde_json::from_slice::<RawContent>(raw) {
+            Ok(rc) => Zeroizing::new(rc.content.get().as_bytes().to_vec()),
+            Err(_) => {
+                errs.push("`content` must appear exactly once".into());
+                return None;
+            }
+        }
     } else {
         match content {
             Value::String(s) => Zeroizing::new(s.into_bytes()),
@@ -397,15 +413,20 @@ mod tests {
         }
     }
 
+    fn check(v: Value) -> Result<CreateInput, ApiError> {
+        let raw = serde_json::to_vec(&v).expect("serializes");
+        create_input(v, &raw, &limits())
+    }
+
     fn err(v: Value) -> ApiError {
-        match create_input(v, &limits()) {
+        match check(v) {
             Ok(_) => panic!("accepted"),
             Err(e) => e,
         }
     }
 
     fn ok(v: Value) -> CreateInput {
-        match create_input(v, &limits()) {
+        match check(v) {
             Ok(i) => i,
             Err(e) => panic!("rejected: {e:?}"),
         }
@@ -437,6 +458,23 @@ mod tests {
         }
         let e = err(json!({"content": {"a": 1}, "content_type": "text/plain"}));
         assert_eq!(e.code, ErrorCode::ValidationError);
+    }
+
+    #[test]
+    fn json_content_keeps_its_exact_text() {
+        let raw = br#"{"content_type":"application/json","content": {"big": 123456789012345678901234567890, "f": 1.50}}"#;
+        let v = parse_json(raw).expect("parses");
+        let i = create_input(v, raw, &limits()).expect("valid");
+        match i.body {
+            CreateBody::Single { content, .. } => assert_eq!(
+                &content[..],
+                br#"{"big": 123456789012345678901234567890, "f": 1.50}"#
+            ),
+            CreateBody::Package { .. } => panic!(),
+        }
+        let dup = br#"{"content_type":"application/json","content": 1, "content": 2}"#;
+        let v = parse_json(dup).expect("parses");
+        assert!(create_input(v, dup, &limits()).is_err());
     }
 
     #[test]

@@ -420,18 +420,31 @@ impl Service {
 
     // ---- consumers ------------------------------------------------------------------------
 
-    /// Resolves a token to its record with a linearizable read.
-    async fn resolve(&self, token: &ClaimToken) -> Result<(&ShardHandle, KubbiRecord), ApiError> {
+    /// Resolves a token to its record.
+    ///
+    /// With `linearizable`, the read follows a read index (previews: invariant 6). Without it
+    /// (claims, which raft orders anyway) local state answers, and only a miss pays for a read
+    /// index, so a claim right after its create never gets a false 404.
+    async fn resolve(
+        &self,
+        token: &ClaimToken,
+        linearizable: bool,
+    ) -> Result<(&ShardHandle, KubbiRecord), ApiError> {
         let handle = self
             .shard(token.shard())
             .ok_or_else(|| ApiError::not_found("kubbi"))?;
+        let hash = token.hash();
+        let read = || {
+            let view = self.inner.storage.read_view(handle.group);
+            read_kubbi_by_token(&view, &hash).map_err(store_error)
+        };
+        if !linearizable && let Some(r) = read()? {
+            return Ok((handle, r));
+        }
         client::linearizable(&handle.raft)
             .await
             .map_err(raft_error)?;
-        let view = self.inner.storage.read_view(handle.group);
-        let record = read_kubbi_by_token(&view, &token.hash())
-            .map_err(store_error)?
-            .ok_or_else(|| ApiError::not_found("kubbi"))?;
+        let record = read()?.ok_or_else(|| ApiError::not_found("kubbi"))?;
         Ok((handle, record))
     }
 
@@ -440,7 +453,7 @@ impl Service {
     /// # Errors
     /// `404` unknown token, `410` ended.
     pub async fn preview(&self, token: &ClaimToken) -> Result<Preview, ApiError> {
-        let (handle, record) = self.resolve(token).await?;
+        let (handle, record) = self.resolve(token, true).await?;
         let status = record.status_at(self.now());
         if status.is_terminal() {
             return Err(ApiError::ended(status));
@@ -473,7 +486,7 @@ impl Service {
         token: &ClaimToken,
         idempotency_key: Option<&str>,
     ) -> Result<ClaimOutput, ApiError> {
-        let (handle, record) = self.resolve(token).await?;
+        let (handle, record) = self.resolve(token, false).await?;
         let idempotency = idempotency_key.map(|k| {
             let mut m = token.hash().0.to_vec();
             m.extend_from_slice(k.as_bytes());
