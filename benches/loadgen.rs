@@ -374,18 +374,20 @@ async fn main() {
     let mut rss = Value::Null;
     if let (Some(n), Some(pid)) = (opts.rss, node.child.as_ref().map(Child::id)) {
         let before = rss_kib(pid);
-        let made = Arc::new(AtomicUsize::new(0));
+        // Fill: n active kubbis (2 reads each, 2 h TTL). A fresh kubbi with a far deadline
+        // starts passive: no actor until its first request.
+        let tokens = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
         let next = Arc::new(AtomicUsize::new(0));
         let t0 = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..64 {
             let ctx = ctx.clone();
-            let made = made.clone();
+            let tokens = tokens.clone();
             let next = next.clone();
             tasks.push(tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < n {
-                    if ctx.create(Some(1), 7200).await.is_some() {
-                        made.fetch_add(1, Ordering::Relaxed);
+                    if let Some(t) = ctx.create(Some(2), 7200).await {
+                        tokens.lock().await.push(t);
                     }
                 }
             }));
@@ -394,21 +396,48 @@ async fn main() {
             let _ = t.await;
         }
         let fill_secs = t0.elapsed().as_secs_f64();
+        let tokens = Arc::new(std::mem::take(&mut *tokens.lock().await));
+        let filled = rss_kib(pid);
+        // One claim each activates every kubbi's actor (1 of 2 reads: all stay active).
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let ctx = ctx.clone();
+            let tokens = tokens.clone();
+            let next = next.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(t) = tokens.get(i) else { break };
+                    ctx.claim(t).await;
+                }
+            }));
+        }
+        let t1 = Instant::now();
+        for t in tasks {
+            let _ = t.await;
+        }
+        let activate_secs = t1.elapsed().as_secs_f64();
         let with_actors = rss_kib(pid);
-        // Actors passivate after 10 s idle: measure again once they have.
+        // Actors passivate after 10 s idle; freed memory may stay with the allocator.
         tokio::time::sleep(Duration::from_secs(15)).await;
         let passivated = rss_kib(pid);
+        let mib = |k: Option<u64>| k.map(|k| k / 1024).unwrap_or(0);
         println!(
-            "\nRSS with {} active kubbis ({} B each): before {:?} MiB, right after creating (actors live) {:?} MiB, after passivation {:?} MiB; filled in {:.1} s",
-            made.load(Ordering::Relaxed),
+            "\nRSS, {} active kubbis of {} B: empty node {} MiB; filled (no actors) {} MiB; \
+             every kubbi's actor live {} MiB; after passivation {} MiB. Fill {:.1} s, activation {:.1} s",
+            tokens.len(),
             opts.payload,
-            before.map(|k| k / 1024),
-            with_actors.map(|k| k / 1024),
-            passivated.map(|k| k / 1024),
-            fill_secs
+            mib(before),
+            mib(filled),
+            mib(with_actors),
+            mib(passivated),
+            fill_secs,
+            activate_secs
         );
-        rss = json!({"kubbis": made.load(Ordering::Relaxed), "before_kib": before,
-                     "actors_live_kib": with_actors, "passivated_kib": passivated, "fill_seconds": fill_secs});
+        rss = json!({"kubbis": tokens.len(), "empty_kib": before, "filled_kib": filled,
+                     "actors_live_kib": with_actors, "passivated_kib": passivated,
+                     "fill_seconds": fill_secs, "activate_seconds": activate_secs});
     }
 
     if let Some(out) = opts.out {

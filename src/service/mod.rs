@@ -263,9 +263,14 @@ impl Service {
             };
             match outcome {
                 Outcome::Created(record) => {
-                    let _ = handle.actor.send_message(ShardMsg::Activate {
-                        record: record.clone(),
-                    });
+                    // An actor would passivate before a later deadline: then the shard's timer
+                    // index alone holds it, and the first request activates the actor.
+                    let idle_ms = millis(handle.ctx.idle);
+                    if record.expires_at <= self.now().saturating_add(idle_ms) {
+                        let _ = handle.actor.send_message(ShardMsg::Activate {
+                            record: record.clone(),
+                        });
+                    }
                     return Ok(Created {
                         record,
                         token,

@@ -70,9 +70,13 @@ impl Storage {
         opts.set_bytes_per_sync(1 << 20);
         opts.set_keep_log_file_num(4);
         opts.increase_parallelism(2);
+        // Bound memtable memory across all column families: the node's RSS must not grow with
+        // write volume (kubbis themselves live on disk).
+        opts.set_db_write_buffer_size(128 << 20);
 
         let mut log_opts = Options::default();
         log_opts.set_compression_type(rocksdb::DBCompressionType::None);
+        log_opts.set_write_buffer_size(32 << 20);
         let mut blob_opts = Options::default();
         // Large sealed payloads go to blob files instead of being rewritten by every compaction.
         blob_opts.set_enable_blob_files(true);

@@ -487,3 +487,93 @@ async fn unknown_and_malformed_tokens_are_not_found() {
     }
     n.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actors_activate_on_demand_and_passivate_when_idle() {
+    let n = TestNode::start_with(|c| c.actor_idle = std::time::Duration::from_millis(1500)).await;
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        let c = n
+            .api
+            .create(
+                &n.key,
+                json!({"content": format!("v{i}"), "max_retrievals": 3, "ttl_seconds": 3600}),
+            )
+            .await;
+        tokens.push(token_of(&c.body));
+    }
+    // A far deadline: created passive, its deadline held by the shard's timer index.
+    assert_eq!(n.handle().service.live_actors().await, 0);
+    for t in &tokens {
+        assert_eq!(n.api.claim(t).await.status, StatusCode::OK);
+    }
+    let live = n.handle().service.live_actors().await;
+    assert!(live > 0 && live <= 20, "{live} actors after claims");
+    let svc = n.handle().service.clone();
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "actors passivate",
+        || {
+            let svc = svc.clone();
+            async move { (svc.live_actors().await == 0).then_some(()) }
+        },
+    )
+    .await;
+    // Reactivated on demand, with the right count.
+    for t in &tokens {
+        let r = n.api.claim(t).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.body["retrieval_count"], 2);
+    }
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "actors passivate again",
+        || {
+            let svc = svc.clone();
+            async move { (svc.live_actors().await == 0).then_some(()) }
+        },
+    )
+    .await;
+    // A kubbi expiring within the idle window gets its actor (and timer) at creation.
+    let soon = n
+        .api
+        .create(&n.key, json!({"content": "soon", "ttl_seconds": 1}))
+        .await;
+    assert_eq!(soon.status, StatusCode::CREATED);
+    let svc = n.handle().service.clone();
+    common::eventually(
+        std::time::Duration::from_secs(5),
+        "actor activated at creation",
+        || {
+            let svc = svc.clone();
+            async move { (svc.live_actors().await == 1).then_some(()) }
+        },
+    )
+    .await;
+    let detail = format!("/api/v1/kubbis/{}", soon.body["id"].as_str().expect("id"));
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "the short kubbi expires",
+        || {
+            let api = n.api.clone();
+            let key = n.key.clone();
+            let detail = detail.clone();
+            async move { (api.get(&key, &detail).await.body["status"] == "expired").then_some(()) }
+        },
+    )
+    .await;
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "all actors gone again",
+        || {
+            let svc = svc.clone();
+            async move { (svc.live_actors().await == 0).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        n.api.claim(&token_of(&soon.body)).await.err_code(),
+        "expired"
+    );
+    n.stop().await;
+}
