@@ -75,6 +75,76 @@ impl Default for RaftTuning {
     }
 }
 
+/// One member of the initial cluster, from `--bootstrap`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapMember {
+    pub id: u64,
+    /// Internal address `host:port`.
+    pub internal: String,
+    /// Locality label `region/zone`.
+    pub zone: String,
+}
+
+/// Parses `1=10.0.0.1:7070@eu/a,2=10.0.0.2:7070@eu/b,...` (the `@zone` part is optional).
+///
+/// # Errors
+/// A message naming the malformed entry.
+pub fn parse_bootstrap(s: &str) -> Result<Vec<BootstrapMember>, String> {
+    let mut out: Vec<BootstrapMember> = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, rest) = item
+            .split_once('=')
+            .ok_or_else(|| format!("bootstrap entry `{item}` is not id=host:port[@zone]"))?;
+        let id: u64 = id.trim().parse().ok().filter(|i| *i > 0).ok_or_else(|| {
+            format!("bootstrap entry `{item}`: the id must be a positive integer")
+        })?;
+        let (internal, zone) = match rest.split_once('@') {
+            Some((a, z)) => (a.trim(), z.trim()),
+            None => (rest.trim(), DEFAULT_ZONE),
+        };
+        if !internal.contains(':') {
+            return Err(format!(
+                "bootstrap entry `{item}`: the address must be host:port"
+            ));
+        }
+        if out.iter().any(|m| m.id == id) {
+            return Err(format!("bootstrap lists node {id} twice"));
+        }
+        out.push(BootstrapMember {
+            id,
+            internal: internal.to_string(),
+            zone: zone.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// The zone of a node that names none.
+pub const DEFAULT_ZONE: &str = "default/default";
+
+/// How a node takes part in a cluster. All empty: a single node with no internal port.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    /// Internal (node-to-node) listen address; `None` runs a single node.
+    pub internal_addr: Option<String>,
+    /// The internal address peers use to reach this node (default: the bound address).
+    pub advertise_internal: Option<String>,
+    /// The public HTTP address other nodes and tools show for this node (default: bound).
+    pub advertise_http: Option<String>,
+    /// Locality label, `region/zone`.
+    pub zone: String,
+    /// The initial members (first start of a new cluster; harmless on restarts).
+    pub bootstrap: Vec<BootstrapMember>,
+    /// The internal address of any member, to join an existing cluster.
+    pub join: Option<String>,
+    /// The shared secret of the internal port.
+    pub secret: Option<Zeroizing<String>>,
+    /// File holding the shared secret (mode 0600).
+    pub secret_file: Option<PathBuf>,
+    /// Replicas per shard (capped by the number of nodes).
+    pub replication_factor: usize,
+}
+
 /// Everything a node needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -99,6 +169,7 @@ pub struct Config {
     /// An idle kubbi actor is passivated after this long.
     pub actor_idle: Duration,
     pub raft: RaftTuning,
+    pub cluster: ClusterConfig,
 }
 
 impl Config {
@@ -116,6 +187,11 @@ impl Config {
             limits: Limits::default(),
             actor_idle: Duration::from_secs(10),
             raft: RaftTuning::default(),
+            cluster: ClusterConfig {
+                zone: DEFAULT_ZONE.into(),
+                replication_factor: 3,
+                ..ClusterConfig::default()
+            },
         }
     }
 
@@ -150,6 +226,27 @@ impl Config {
             && !(u.starts_with("http://") || u.starts_with("https://"))
         {
             return Err("public url must start with http:// or https://".into());
+        }
+        let c = &self.cluster;
+        if c.internal_addr.is_none() && (c.join.is_some() || !c.bootstrap.is_empty()) {
+            return Err("--bootstrap and --join need --internal-addr".into());
+        }
+        if c.join.is_some() && !c.bootstrap.is_empty() {
+            return Err(
+                "give either --bootstrap (a new cluster) or --join (an existing one)".into(),
+            );
+        }
+        if !c.bootstrap.is_empty() && !c.bootstrap.iter().any(|m| m.id == self.node_id) {
+            return Err(format!(
+                "--bootstrap does not list this node ({})",
+                self.node_id
+            ));
+        }
+        if c.internal_addr.is_some() && c.secret.is_none() && c.secret_file.is_none() {
+            return Err("the internal port needs a cluster secret (--cluster-secret-file or KUBBI_CLUSTER_SECRET)".into());
+        }
+        if c.replication_factor == 0 {
+            return Err("the replication factor must be at least 1".into());
         }
         if self.raft.election_timeout_min_ms <= self.raft.heartbeat_ms
             || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
@@ -227,11 +324,44 @@ pub struct ServeArgs {
     /// Idle time after which a kubbi actor is passivated, in milliseconds.
     #[arg(long, env = "KUBBI_ACTOR_IDLE_MS", default_value_t = 10_000)]
     pub actor_idle_ms: u64,
+    /// Internal (node-to-node) listen address; enables cluster mode.
+    #[arg(long, env = "KUBBI_INTERNAL_ADDR")]
+    pub internal_addr: Option<String>,
+    /// Internal address peers should use (default: the bound internal address).
+    #[arg(long, env = "KUBBI_ADVERTISE_INTERNAL")]
+    pub advertise_internal: Option<String>,
+    /// Public HTTP address shown to peers and tools (default: the bound HTTP address).
+    #[arg(long, env = "KUBBI_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
+    /// Locality label `region/zone`; replicas of a shard go to distinct zones when possible.
+    #[arg(long, env = "KUBBI_ZONE", default_value = DEFAULT_ZONE)]
+    pub zone: String,
+    /// Initial members of a new cluster: `1=host:port@region/zone,2=...` (internal addresses).
+    #[arg(long, env = "KUBBI_BOOTSTRAP")]
+    pub bootstrap: Option<String>,
+    /// Internal address of any member of an existing cluster to join.
+    #[arg(long, env = "KUBBI_JOIN")]
+    pub join: Option<String>,
+    /// File with the cluster secret shared by all nodes (mode 0600).
+    #[arg(long, env = "KUBBI_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// The cluster secret itself (prefer the file).
+    #[arg(long, env = "KUBBI_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// Replicas per shard, capped by the number of nodes.
+    #[arg(long, env = "KUBBI_REPLICATION_FACTOR", default_value_t = 3)]
+    pub replication_factor: usize,
+    /// Raft heartbeat interval in milliseconds (election timeouts are 5 to 10 heartbeats).
+    #[arg(long, env = "KUBBI_RAFT_HEARTBEAT_MS", default_value_t = 100)]
+    pub raft_heartbeat_ms: u64,
 }
 
 impl ServeArgs {
     /// Builds the configuration (pure: no file is read here).
-    pub fn into_config(self) -> Config {
+    ///
+    /// # Errors
+    /// A malformed `--bootstrap` list.
+    pub fn into_config(self) -> Result<Config, String> {
         let mut c = Config::for_dir(self.data_dir);
         c.node_id = self.node_id;
         c.http_addr = self.http_addr;
@@ -249,7 +379,24 @@ impl ServeArgs {
         c.limits.retention = Duration::from_secs(self.retention_seconds);
         c.limits.claim_idempotency_window = Duration::from_secs(self.claim_idempotency_seconds);
         c.actor_idle = Duration::from_millis(self.actor_idle_ms);
-        c
+        c.raft.heartbeat_ms = self.raft_heartbeat_ms;
+        c.raft.election_timeout_min_ms = self.raft_heartbeat_ms * 5;
+        c.raft.election_timeout_max_ms = self.raft_heartbeat_ms * 10;
+        c.cluster = ClusterConfig {
+            internal_addr: self.internal_addr,
+            advertise_internal: self.advertise_internal,
+            advertise_http: self.advertise_http,
+            zone: self.zone,
+            bootstrap: match self.bootstrap {
+                Some(b) => parse_bootstrap(&b)?,
+                None => Vec::new(),
+            },
+            join: self.join,
+            secret: self.cluster_secret.map(Zeroizing::new),
+            secret_file: self.cluster_secret_file,
+            replication_factor: self.replication_factor,
+        };
+        Ok(c)
     }
 }
 
@@ -329,6 +476,32 @@ mod tests {
         let mut c = Config::for_dir("/tmp/x");
         c.public_url = Some("ftp://x".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn bootstrap_lists_parse() {
+        let m = parse_bootstrap("1=10.0.0.1:7070@eu/a, 2=h2:7070").expect("parses");
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].zone, "eu/a");
+        assert_eq!(m[1].zone, DEFAULT_ZONE);
+        for bad in ["x=1:2", "0=a:1", "1=nohost", "1=a:1,1=b:2", "1"] {
+            assert!(parse_bootstrap(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cluster_flags_are_checked() {
+        let mut c = Config::for_dir("/tmp/x");
+        c.cluster.join = Some("a:1".into());
+        assert!(c.validate().is_err(), "join without an internal address");
+        c.cluster.internal_addr = Some("127.0.0.1:0".into());
+        assert!(c.validate().is_err(), "no secret");
+        c.cluster.secret = Some(Zeroizing::new("s".repeat(32)));
+        c.validate().expect("valid");
+        c.cluster.bootstrap = parse_bootstrap("2=a:1").expect("parses");
+        assert!(c.validate().is_err(), "both join and bootstrap");
+        c.cluster.join = None;
+        assert!(c.validate().is_err(), "bootstrap without this node");
     }
 
     #[test]

@@ -23,3 +23,4 @@ pub mod shard;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod transport;

@@ -92,7 +92,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.into_config();
+    let config = args.into_config().map_err(anyhow::Error::msg)?;
     let node = kubbi::node::start(config).await?;
     eprintln!(
         "kubbi serving on {} (admin token: see the data directory's admin-token file)",

@@ -1,16 +1,21 @@
-//! The composition root: opens storage, starts every raft group, the actors, the sweepers and
-//! the HTTP server, and stops them in order.
+//! The composition root: opens storage, starts every raft group, the actors, the servers and
+//! the background loops, and stops them in order.
 //!
 //! ```text
-//!   Config ─▶ admin token, key ring ─▶ Storage (RocksDB) ─▶ raft groups 0..shards + system
-//!          ─▶ ShardActor per shard ─▶ sweeper per group ─▶ Service ─▶ axum on http_addr
+//!   Config ─▶ secrets, key ring ─▶ Storage (RocksDB) ─▶ raft groups 0..shards + system
+//!          ─▶ initialise (single node / bootstrap) ─▶ executor, router, service
+//!          ─▶ public HTTP + internal port ─▶ register in the member table (or join)
+//!          ─▶ sweepers, leadership watchers, directory poller, rebalancer
 //! ```
+//!
+//! A single node (no `--internal-addr`) is a one-member cluster on the same code path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use openraft::async_runtime::WatchReceiver;
 use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,14 +25,19 @@ use crate::actor::{ShardActor, ShardCtx, ShardMsg};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, read_secret_file, write_secret_file};
 use crate::crypto::{self, KeyRing};
+use crate::http::internal::{InternalState, internal_router};
 use crate::http::{AppState, router};
 use crate::ids::{GroupId, RequestId, SYSTEM_GROUP};
 use crate::raft::client::{self, known_leader};
 use crate::raft::state_machine::ApplyObserver;
-use crate::raft::{LogStore, NetworkFactory, NodeInfo, Raft, StateMachine};
-use crate::service::{KeyCache, Service, ShardHandle};
-use crate::state::{Command, Outcome, next_timer_due};
+use crate::raft::{LogStore, NodeInfo, Raft, StateMachine};
+use crate::service::{Directory, Executor, KeyCache, LocalGroup, Router, Service};
+use crate::shard::{Candidate, placement, replicas};
+use crate::state::{Command, NodeRecord, NodeState, Outcome, next_timer_due, read_nodes};
 use crate::storage::{CF_RAFT_META, Storage, group_key};
+use crate::transport::messages::{NodeStatus, ShardOp, ShardReply};
+use crate::transport::raft_network::NetworkFactory;
+use crate::transport::{AddressBook, Identity, Peers};
 
 /// Starting a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +58,8 @@ pub enum NodeError {
     Raft(String),
     #[error("state: {0}")]
     State(#[from] crate::state::StoreError),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -61,14 +73,16 @@ const NODE_META_GROUP: GroupId = 0xfffe;
 /// A running node.
 pub struct NodeHandle {
     pub http_addr: SocketAddr,
+    pub internal_addr: Option<SocketAddr>,
     pub public_url: String,
     /// The admin token, for tools and tests that start a node in-process.
     pub admin_token: Zeroizing<String>,
     pub service: Service,
     pub clock: SystemClock,
+    pub incarnation: u64,
     storage: Arc<Storage>,
     stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
+    servers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
     rafts: Vec<Raft>,
     actors: Vec<ActorRef<ShardMsg>>,
@@ -87,11 +101,14 @@ impl NodeHandle {
         self.shutdown().await;
     }
 
-    /// Stops HTTP, sweepers, actors and raft groups, in that order.
+    /// Stops the servers, background loops, actors and raft groups, in that order.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.server.await;
+        for s in self.servers {
+            let _ = s.await;
+        }
         for t in self.tasks {
+            t.abort();
             let _ = t.await;
         }
         for a in &self.actors {
@@ -132,6 +149,27 @@ fn load_admin_token(config: &Config) -> Result<Zeroizing<String>, NodeError> {
     Ok(token)
 }
 
+fn load_cluster_secret(config: &Config) -> Result<Option<Zeroizing<String>>, NodeError> {
+    let c = &config.cluster;
+    if c.internal_addr.is_none() {
+        return Ok(None);
+    }
+    let secret = match (&c.secret, &c.secret_file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(p)) => Zeroizing::new(read_secret_file(p).map_err(io(format!(
+            "cannot read the cluster secret file {}",
+            p.display()
+        )))?),
+        (None, None) => return Err(NodeError::Config("no cluster secret".into())),
+    };
+    if secret.len() < 16 {
+        return Err(NodeError::Config(
+            "the cluster secret must be at least 16 characters".into(),
+        ));
+    }
+    Ok(Some(secret))
+}
+
 fn load_key_ring(config: &Config) -> Result<KeyRing, NodeError> {
     let path = config.node_key_path();
     if config.node_key_file.is_some() {
@@ -142,14 +180,14 @@ fn load_key_ring(config: &Config) -> Result<KeyRing, NodeError> {
         tracing::warn!(
             path = %path.display(),
             "dev mode: generated a node key ring in the data directory; \
-             production nodes should load an operator-supplied --node-key-file"
+             production nodes (and every node of a cluster) load an operator-supplied --node-key-file"
         );
     }
     Ok(ring)
 }
 
-/// Checks (or records, on first start) which node and how many shards this data dir holds.
-fn check_identity(storage: &Storage, config: &Config) -> Result<u16, NodeError> {
+/// This data directory's identity: node id, shard count, and a random incarnation.
+fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), NodeError> {
     let cf = storage.cf(CF_RAFT_META);
     let key = group_key(NODE_META_GROUP, b"identity");
     let db = storage.db();
@@ -158,8 +196,9 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<u16, NodeError> 
         .map_err(|e| NodeError::Storage(e.into()))?;
     match stored {
         Some(b) => {
-            let (node_id, shards): (u64, u16) = crate::codec::decode("node identity", &b)
-                .map_err(|e| NodeError::Config(e.to_string()))?;
+            let (node_id, shards, incarnation): (u64, u16, u64) =
+                crate::codec::decode("node identity", &b)
+                    .map_err(|e| NodeError::Config(e.to_string()))?;
             if node_id != config.node_id {
                 return Err(NodeError::Config(format!(
                     "this data directory belongs to node {node_id}, not node {}",
@@ -173,16 +212,17 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<u16, NodeError> 
                     "the shard count is fixed at initialisation; using the stored count"
                 );
             }
-            Ok(shards)
+            Ok((shards, incarnation))
         }
         None => {
+            let incarnation = rand::random::<u64>().max(1);
             db.put_cf(
                 cf,
                 &key,
-                crate::codec::encode(&(config.node_id, config.shards)),
+                crate::codec::encode(&(config.node_id, config.shards, incarnation)),
             )
             .map_err(|e| NodeError::Storage(e.into()))?;
-            Ok(config.shards)
+            Ok((config.shards, incarnation))
         }
     }
 }
@@ -204,6 +244,44 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
         .map_err(|e| NodeError::Config(e.to_string()))
 }
 
+/// Tells several observers about every apply.
+struct Observers(Vec<Arc<dyn ApplyObserver>>);
+
+impl ApplyObserver for Observers {
+    fn applied(&self, group: GroupId, outcome: &Outcome) {
+        for o in &self.0 {
+            o.applied(group, outcome);
+        }
+    }
+    fn state_replaced(&self, group: GroupId) {
+        for o in &self.0 {
+            o.state_replaced(group);
+        }
+    }
+}
+
+/// Mirrors the member table into the address book as the system group applies it.
+struct MemberObserver {
+    book: Arc<AddressBook>,
+    me: u64,
+}
+
+impl ApplyObserver for MemberObserver {
+    fn applied(&self, group: GroupId, outcome: &Outcome) {
+        if group != SYSTEM_GROUP {
+            return;
+        }
+        match outcome {
+            Outcome::NodeStored(n) if n.id != self.me => {
+                self.book.set(n.id, &n.internal, n.incarnation);
+            }
+            Outcome::Duplicate(inner) => self.applied(group, inner),
+            _ => {}
+        }
+    }
+    fn state_replaced(&self, _: GroupId) {}
+}
+
 /// How often a sweeper looks at its timer index when nothing is due sooner.
 const SWEEP_IDLE: Duration = Duration::from_millis(500);
 /// Timers processed per sweep entry.
@@ -215,7 +293,6 @@ async fn sweep_loop(
     raft: Raft,
     storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
-    mut stop: watch::Receiver<bool>,
 ) {
     loop {
         let mut wait = SWEEP_IDLE;
@@ -229,7 +306,7 @@ async fn sweep_loop(
                         Ok(other) => {
                             tracing::warn!(group, outcome = ?other, "unexpected sweep outcome")
                         }
-                        Err(e) => tracing::warn!(group, error = %e, "sweep not committed"),
+                        Err(e) => tracing::debug!(group, error = %e, "sweep not committed"),
                     }
                 }
                 Ok(Some(due)) => wait = wait.min(Duration::from_millis(due - now)),
@@ -237,18 +314,314 @@ async fn sweep_loop(
                 Err(e) => tracing::error!(group, error = %e, "cannot read the timer index"),
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.changed() => return,
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Stops a shard's kubbi actors when this node stops leading it.
+async fn leadership_watch(node_id: u64, raft: Raft, actor: ActorRef<ShardMsg>) {
+    let mut rx = raft.metrics();
+    let mut was_leader = false;
+    loop {
+        let is_leader = {
+            let m = rx.borrow_watched();
+            m.state.is_leader() && m.current_leader == Some(node_id)
+        };
+        if was_leader && !is_leader {
+            let _ = actor.send_message(ShardMsg::StopAll);
+        }
+        was_leader = is_leader;
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }
 
-/// Starts a node and returns once it serves HTTP.
+fn node_info(n: &NodeRecord) -> NodeInfo {
+    NodeInfo {
+        http: n.http.clone(),
+        internal: n.internal.clone(),
+        zone: n.zone.clone(),
+    }
+}
+
+/// Keeps the directory (members, leaders) and the address book fresh: the member table from
+/// the system group, leaders from every peer's status.
+async fn directory_loop(service: Service, storage: Arc<Storage>, peers: Peers, me: u64) {
+    let directory = service.router().directory().clone();
+    loop {
+        let mut nodes = read_nodes(&storage.read_view(SYSTEM_GROUP)).unwrap_or_default();
+        if nodes.is_empty()
+            && let Ok((_, n)) = service.read_system().await
+        {
+            nodes = n;
+        }
+        if !nodes.is_empty() {
+            for n in &nodes {
+                if n.id != me && n.state != NodeState::Removed {
+                    peers.book().set(n.id, &n.internal, n.incarnation);
+                }
+            }
+            directory.set_nodes(nodes.clone());
+        }
+        let polls = nodes
+            .iter()
+            .filter(|n| n.id != me && n.state != NodeState::Removed)
+            .map(|n| {
+                let peers = peers.clone();
+                let id = n.id;
+                async move {
+                    peers
+                        .post::<(), NodeStatus>(
+                            id,
+                            "/internal/v1/status",
+                            &(),
+                            Duration::from_secs(1),
+                        )
+                        .await
+                }
+            });
+        let mut best: BTreeMap<GroupId, (u64, u64)> = BTreeMap::new();
+        for st in futures::future::join_all(polls).await.into_iter().flatten() {
+            for (g, leader, term) in st.groups {
+                if let Some(l) = leader
+                    && best.get(&g).is_none_or(|(_, t)| term > *t)
+                {
+                    best.insert(g, (l, term));
+                }
+            }
+        }
+        for (g, (l, _)) in best {
+            directory.set_leader(g, l);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// On the system group's leader: moves replicas and leaders toward the placement of the
+/// current members, one change per round, and retires drained members.
+async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: usize) {
+    let exec = service.router().executor().clone();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leads_system = exec
+            .group(SYSTEM_GROUP)
+            .is_some_and(|g| known_leader(&g.raft) == Some(me));
+        if !leads_system {
+            continue;
+        }
+        if let Err(e) = rebalance_once(&service, &storage, rf).await {
+            tracing::debug!(error = %e.message, "rebalance round incomplete");
+        }
+    }
+}
+
+async fn rebalance_once(
+    service: &Service,
+    storage: &Storage,
+    rf: usize,
+) -> Result<(), crate::error::ApiError> {
+    let exec = service.router().executor().clone();
+    let nodes = read_nodes(&storage.read_view(SYSTEM_GROUP)).map_err(|e| {
+        tracing::error!(error = %e, "cannot read the member table");
+        crate::error::ApiError::internal()
+    })?;
+    let active: Vec<&NodeRecord> = nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Active)
+        .collect();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let infos: BTreeMap<u64, NodeInfo> = nodes.iter().map(|n| (n.id, node_info(n))).collect();
+    let registered: BTreeSet<u64> = nodes
+        .iter()
+        .filter(|n| n.incarnation != 0)
+        .map(|n| n.id)
+        .collect();
+    let candidates: Vec<Candidate> = active
+        .iter()
+        .map(|n| Candidate {
+            id: n.id,
+            zone: n.zone.clone(),
+        })
+        .collect();
+    let pick = |ids: &[u64], current: &BTreeSet<u64>| -> BTreeMap<u64, NodeInfo> {
+        // A member not yet part of the group is added only once it has registered (is alive).
+        ids.iter()
+            .filter(|id| current.contains(id) || registered.contains(id))
+            .filter_map(|id| infos.get(id).map(|i| (*id, i.clone())))
+            .collect()
+    };
+
+    // The system group: up to five voters, every other member a learner (so every node has
+    // the member table and the API keys).
+    let mut statuses = Vec::new();
+    if let Some(st) = exec.status(SYSTEM_GROUP) {
+        let current: BTreeSet<u64> = st.voters.iter().chain(&st.learners).copied().collect();
+        let target_voters = replicas(SYSTEM_GROUP, &candidates, 5);
+        let voters = pick(&target_voters, &current);
+        let learners_ids: Vec<u64> = active
+            .iter()
+            .map(|n| n.id)
+            .filter(|id| !target_voters.contains(id))
+            .collect();
+        let learners = pick(&learners_ids, &current);
+        let same = st.voters.iter().copied().collect::<BTreeSet<_>>()
+            == voters.keys().copied().collect()
+            && st.learners.iter().copied().collect::<BTreeSet<_>>()
+                == learners.keys().copied().collect();
+        if !same && !voters.is_empty() {
+            tracing::info!(?voters, ?learners, "reconfiguring the system group");
+            exec.execute(SYSTEM_GROUP, ShardOp::Reconfigure { voters, learners })
+                .await
+                .map_err(|e| crate::error::ApiError::unavailable(e.to_string()))?;
+            return Ok(());
+        }
+        statuses.push(st);
+    }
+
+    let plan = placement(service.shard_count(), &candidates, rf);
+    let mut changed = false;
+    for (g, target) in &plan {
+        let st = match service.router().call(*g, ShardOp::Status).await? {
+            ShardReply::Status(s) => s,
+            _ => continue,
+        };
+        if !changed {
+            let current: BTreeSet<u64> = st.voters.iter().copied().collect();
+            let voters = pick(target, &current);
+            let same = current == voters.keys().copied().collect() && st.learners.is_empty();
+            if !same && !voters.is_empty() {
+                tracing::info!(shard = g, ?voters, "moving shard replicas");
+                service
+                    .router()
+                    .call(
+                        *g,
+                        ShardOp::Reconfigure {
+                            voters,
+                            learners: BTreeMap::new(),
+                        },
+                    )
+                    .await?;
+                changed = true;
+            } else if let (Some(leader), Some(preferred)) = (st.leader, target.first())
+                && leader != *preferred
+                && st.voters.contains(preferred)
+                && caught_up(&st, *preferred)
+            {
+                tracing::info!(
+                    shard = g,
+                    from = leader,
+                    to = preferred,
+                    "moving shard leadership"
+                );
+                service
+                    .router()
+                    .call(*g, ShardOp::TransferLeader { to: *preferred })
+                    .await?;
+                changed = true;
+            }
+        }
+        statuses.push(st);
+    }
+
+    // Drained members: out of every group, then retired.
+    for n in nodes.iter().filter(|n| n.state == NodeState::Leaving) {
+        let still = statuses
+            .iter()
+            .any(|s| s.voters.contains(&n.id) || s.learners.contains(&n.id));
+        if !still && statuses.len() == plan.len() + 1 {
+            tracing::info!(node = n.id, "member drained; marking it removed");
+            service
+                .put_node(Command::SetNodeState {
+                    id: n.id,
+                    state: NodeState::Removed,
+                })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+fn caught_up(st: &crate::transport::messages::GroupStatus, node: u64) -> bool {
+    let last = st.last_log.unwrap_or(0);
+    st.matched
+        .get(&node)
+        .copied()
+        .flatten()
+        .is_some_and(|m| last.saturating_sub(m) < 100)
+}
+
+/// Registers this node in the member table (creating it at bootstrap), retrying until the
+/// system group answers. A data directory the cluster does not know is refused for good.
+async fn register(
+    service: &Service,
+    me: &NodeRecord,
+    join: Option<(&Peers, &str)>,
+) -> Result<NodeRecord, NodeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let attempt = match join {
+            Some((peers, seed)) => peers
+                .post_addr::<Result<NodeRecord, String>>(
+                    0,
+                    seed,
+                    0,
+                    "/internal/v1/join",
+                    crate::codec::encode(me),
+                    Duration::from_secs(15),
+                )
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r),
+            None => service
+                .put_node(Command::PutNode(me.clone()))
+                .await
+                .map_err(|e| format!("{}: {}", e.code.as_str(), e.message)),
+        };
+        match attempt {
+            Ok(r) => return Ok(r),
+            Err(e) if e.starts_with("conflict") => {
+                return Err(NodeError::Cluster(format!(
+                    "node {} is still a member of this cluster with another data directory; \
+                     remove it first (DELETE /admin/v1/nodes/{} or `kubbi cluster remove {}`), \
+                     then start it again to join: {e}",
+                    me.id, me.id, me.id
+                )));
+            }
+            Err(e) => {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(NodeError::Cluster(format!(
+                        "cannot register with the cluster: {e}"
+                    )));
+                }
+                tracing::info!(error = %e, "waiting for the cluster to register this node");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// Whether any reachable replica of `g` reports the group as already formed.
+async fn formed_elsewhere(peers: &Peers, g: GroupId, replicas: &[u64], me: u64) -> bool {
+    for id in replicas.iter().filter(|id| **id != me) {
+        if let Ok(st) = peers
+            .post::<(), NodeStatus>(*id, "/internal/v1/status", &(), Duration::from_secs(1))
+            .await
+            && st.groups.iter().any(|(gg, _, _)| *gg == g)
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Starts a node and returns once it serves HTTP and is registered in its cluster.
 ///
 /// # Errors
-/// Invalid configuration, unreadable secrets, a data directory of another node, storage or raft
-/// start-up failures, or an address that cannot be bound.
+/// Invalid configuration, unreadable secrets, a data directory of another node or one the
+/// cluster refuses, storage or raft start-up failures, or an address that cannot be bound.
 pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     config.validate().map_err(NodeError::Config)?;
     std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
@@ -256,11 +629,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         config.data_dir.display()
     )))?;
     let admin_token = load_admin_token(&config)?;
+    let cluster_secret = load_cluster_secret(&config)?;
     let keyring = load_key_ring(&config)?;
     let storage = Storage::open(&config.db_path())?;
-    let shards = check_identity(&storage, &config)?;
+    let (shards, incarnation) = check_identity(&storage, &config)?;
     let clock = SystemClock::default();
     let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
+    let cc = &config.cluster;
 
     let listener = tokio::net::TcpListener::bind(&config.http_addr)
         .await
@@ -272,15 +647,69 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{http_addr}"));
+    let internal_listener = match &cc.internal_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(io(format!("cannot listen on {a}")))?,
+        ),
+        None => None,
+    };
+    let internal_addr = match &internal_listener {
+        Some(l) => Some(
+            l.local_addr()
+                .map_err(io("cannot read the bound address"))?,
+        ),
+        None => None,
+    };
+
+    let me = NodeRecord {
+        id: config.node_id,
+        http: cc
+            .advertise_http
+            .clone()
+            .unwrap_or_else(|| http_addr.to_string()),
+        internal: cc
+            .advertise_internal
+            .clone()
+            .or_else(|| internal_addr.map(|a| a.to_string()))
+            .unwrap_or_default(),
+        zone: cc.zone.clone(),
+        incarnation,
+        state: NodeState::Active,
+        updated_at: 0,
+    };
+    let my_info = node_info(&me);
+    let book = Arc::new(AddressBook::default());
+    for m in &cc.bootstrap {
+        if m.id != config.node_id {
+            book.set(m.id, &m.internal, 0);
+        }
+    }
+    let peers = match cluster_secret {
+        Some(secret) => Some(
+            Peers::new(
+                Identity {
+                    node_id: config.node_id,
+                    incarnation,
+                },
+                secret,
+                book.clone(),
+            )
+            .map_err(|e| NodeError::Cluster(format!("cannot build the peer client: {e}")))?,
+        ),
+        None => None,
+    };
 
     let keys = KeyCache::load(storage.clone())?;
-    let observer: Arc<dyn ApplyObserver> = keys.clone();
+    let observer: Arc<dyn ApplyObserver> = Arc::new(Observers(vec![
+        keys.clone(),
+        Arc::new(MemberObserver {
+            book: book.clone(),
+            me: config.node_id,
+        }),
+    ]));
     let rcfg = raft_config(&config)?;
-    let me = NodeInfo {
-        http: http_addr.to_string(),
-        internal: String::new(),
-        zone: "local/local".into(),
-    };
 
     let groups: Vec<GroupId> = (0..shards).chain(std::iter::once(SYSTEM_GROUP)).collect();
     let mut rafts = Vec::with_capacity(groups.len());
@@ -288,38 +717,85 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let raft = Raft::new(
             config.node_id,
             rcfg.clone(),
-            NetworkFactory::new(g),
+            NetworkFactory::new(g, peers.clone()),
             LogStore::new(storage.clone(), g),
             StateMachine::new(storage.clone(), g, observer.clone()),
         )
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
-        if !raft
-            .is_initialized()
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?
-        {
-            let members = BTreeMap::from([(config.node_id, me.clone())]);
+        rafts.push(raft);
+    }
+
+    // Form the groups of a new cluster: each by the lowest-numbered of its replicas.
+    let bootstrap: Vec<Candidate> = if cc.internal_addr.is_none() {
+        vec![Candidate {
+            id: config.node_id,
+            zone: cc.zone.clone(),
+        }]
+    } else {
+        cc.bootstrap
+            .iter()
+            .map(|m| Candidate {
+                id: m.id,
+                zone: m.zone.clone(),
+            })
+            .collect()
+    };
+    let mut initialised_system = false;
+    if !bootstrap.is_empty() {
+        let plan = placement(shards, &bootstrap, cc.replication_factor);
+        let info_of = |id: u64| -> NodeInfo {
+            if id == config.node_id {
+                return my_info.clone();
+            }
+            cc.bootstrap
+                .iter()
+                .find(|m| m.id == id)
+                .map(|m| NodeInfo {
+                    http: String::new(),
+                    internal: m.internal.clone(),
+                    zone: m.zone.clone(),
+                })
+                .unwrap_or_default()
+        };
+        for (raft, &g) in rafts.iter().zip(&groups) {
+            let voters = if g == SYSTEM_GROUP {
+                replicas(SYSTEM_GROUP, &bootstrap, 5)
+            } else {
+                plan.get(&g).cloned().unwrap_or_default()
+            };
+            if voters.iter().min() != Some(&config.node_id)
+                || raft
+                    .is_initialized()
+                    .await
+                    .map_err(|e| NodeError::Raft(e.to_string()))?
+            {
+                continue;
+            }
+            if let Some(p) = &peers
+                && formed_elsewhere(p, g, &voters, config.node_id).await
+            {
+                continue;
+            }
+            let members: BTreeMap<u64, NodeInfo> =
+                voters.iter().map(|id| (*id, info_of(*id))).collect();
             raft.initialize(members)
                 .await
                 .map_err(|e| NodeError::Raft(format!("group {g}: {e}")))?;
+            if g == SYSTEM_GROUP {
+                initialised_system = true;
+            }
         }
-        rafts.push(raft);
     }
     for (raft, g) in rafts.iter().zip(&groups) {
-        raft.wait(Some(Duration::from_secs(30)))
-            .current_leader(config.node_id, "leader elected")
-            .await
-            .map_err(|e| NodeError::Raft(format!("group {g} elected no leader: {e}")))?;
         raft.wait_for_recovery(Some(Duration::from_secs(30)))
             .await
             .map_err(|e| NodeError::Raft(format!("group {g} did not recover: {e}")))?;
     }
 
-    let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut actors = Vec::new();
-    let mut handles = Vec::new();
+    let mut local = Vec::new();
     for (raft, &g) in rafts.iter().zip(&groups) {
         tasks.push(tokio::spawn(sweep_loop(
             config.node_id,
@@ -327,9 +803,14 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             raft.clone(),
             storage.clone(),
             dyn_clock.clone(),
-            stop_rx.clone(),
         )));
         if g == SYSTEM_GROUP {
+            local.push(LocalGroup {
+                group: g,
+                raft: raft.clone(),
+                actor: None,
+                ctx: None,
+            });
             continue;
         }
         let ctx = Arc::new(ShardCtx {
@@ -342,52 +823,156 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         let (actor, _) = Actor::spawn(None, ShardActor, ctx.clone())
             .await
             .map_err(|e| NodeError::Raft(format!("cannot start shard actor {g}: {e}")))?;
+        tasks.push(tokio::spawn(leadership_watch(
+            config.node_id,
+            raft.clone(),
+            actor.clone(),
+        )));
         actors.push(actor.clone());
-        handles.push(ShardHandle {
+        local.push(LocalGroup {
             group: g,
             raft: raft.clone(),
-            actor,
-            ctx,
+            actor: Some(actor),
+            ctx: Some(ctx),
         });
     }
-    let system = rafts
-        .last()
-        .cloned()
-        .ok_or_else(|| NodeError::Raft("no system group".into()))?;
-
-    let service = Service::new(
+    let exec = Arc::new(Executor::new(
         config.node_id,
         storage.clone(),
         dyn_clock.clone(),
+        local,
+    ));
+    let directory = Arc::new(Directory::default());
+    if let Ok(nodes) = read_nodes(&storage.read_view(SYSTEM_GROUP))
+        && !nodes.is_empty()
+    {
+        for n in &nodes {
+            if n.id != config.node_id && n.state != NodeState::Removed {
+                book.set(n.id, &n.internal, n.incarnation);
+            }
+        }
+        directory.set_nodes(nodes);
+    } else if cc.internal_addr.is_some() {
+        directory.set_nodes(
+            cc.bootstrap
+                .iter()
+                .map(|m| NodeRecord {
+                    id: m.id,
+                    http: String::new(),
+                    internal: m.internal.clone(),
+                    zone: m.zone.clone(),
+                    incarnation: 0,
+                    state: NodeState::Active,
+                    updated_at: 0,
+                })
+                .collect(),
+        );
+    }
+    let router_ = Arc::new(Router::new(
+        exec.clone(),
+        peers.clone(),
+        directory,
+        cc.replication_factor,
+    ));
+    let service = Service::new(
+        dyn_clock.clone(),
         config.limits.clone(),
         keyring,
-        handles,
-        system,
+        shards,
+        router_,
         keys,
     );
+
+    let (stop, stop_rx) = watch::channel(false);
+    let mut servers = Vec::new();
     let app = router(AppState {
         service: service.clone(),
         admin_token_hash: crypto::sha256(admin_token.as_bytes()),
         public_url: public_url.clone().into(),
     });
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = server_stop.changed().await;
+    servers.push(serve(listener, app, stop_rx.clone(), "public"));
+    if let (Some(l), Some(p)) = (internal_listener, &peers) {
+        let secret_hash = {
+            // The secret is only in `Peers`; hash what it presents.
+            let s = load_cluster_secret(&config)?.unwrap_or_default();
+            crypto::sha256(s.as_bytes())
         };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(error = %e, "HTTP server failed");
+        let st = Arc::new(InternalState {
+            exec: exec.clone(),
+            service: service.clone(),
+            me: p.me().clone(),
+            http: me.http.clone(),
+            zone: me.zone.clone(),
+            book: book.clone(),
+            secret_hash,
+            uploads: Mutex::new(Default::default()),
+        });
+        servers.push(serve(l, internal_router(st), stop_rx.clone(), "internal"));
+    }
+
+    // Single node: wait for the groups to lead before answering (fast, local).
+    if cc.internal_addr.is_none() {
+        for (raft, g) in rafts.iter().zip(&groups) {
+            raft.wait(Some(Duration::from_secs(30)))
+                .current_leader(config.node_id, "leader elected")
+                .await
+                .map_err(|e| NodeError::Raft(format!("group {g} elected no leader: {e}")))?;
         }
-    });
+    }
+
+    // Join the member table: the system group's founder records every bootstrap member; every
+    // node registers itself with its data directory's incarnation.
+    if initialised_system {
+        for m in cc.bootstrap.iter().filter(|m| m.id != config.node_id) {
+            let rec = NodeRecord {
+                id: m.id,
+                http: String::new(),
+                internal: m.internal.clone(),
+                zone: m.zone.clone(),
+                incarnation: 0,
+                state: NodeState::Active,
+                updated_at: 0,
+            };
+            register(&service, &rec, None).await?;
+        }
+    }
+    let join = match (&cc.join, &peers) {
+        (Some(seed), Some(p)) => Some((p, seed.as_str())),
+        _ => None,
+    };
+    let registered = register(&service, &me, join).await?;
+    tracing::info!(
+        node = registered.id,
+        state = registered.state.as_str(),
+        "registered in the member table"
+    );
+
+    if let Some(p) = &peers {
+        tasks.push(tokio::spawn(directory_loop(
+            service.clone(),
+            storage.clone(),
+            p.clone(),
+            config.node_id,
+        )));
+    }
+    tasks.push(tokio::spawn(rebalance_loop(
+        service.clone(),
+        storage.clone(),
+        config.node_id,
+        cc.replication_factor,
+    )));
+
     let addr_file = config.data_dir.join("http.addr");
     std::fs::write(&addr_file, http_addr.to_string())
         .map_err(io(format!("cannot write {}", addr_file.display())))?;
+    if let Some(a) = internal_addr {
+        let f = config.data_dir.join("internal.addr");
+        std::fs::write(&f, a.to_string()).map_err(io(format!("cannot write {}", f.display())))?;
+    }
     tracing::info!(
         node_id = config.node_id,
         %http_addr,
+        internal = ?internal_addr,
         %public_url,
         shards,
         data_dir = %config.data_dir.display(),
@@ -395,15 +980,36 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     );
     Ok(NodeHandle {
         http_addr,
+        internal_addr,
         public_url,
         admin_token,
         service,
         clock,
+        incarnation,
         storage,
         stop,
-        server,
+        servers,
         tasks,
         rafts,
         actors,
+    })
+}
+
+fn serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    name: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.changed().await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
+            tracing::error!(server = name, error = %e, "server failed");
+        }
     })
 }

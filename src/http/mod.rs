@@ -7,6 +7,7 @@
 mod dto;
 mod error;
 mod extract;
+pub mod internal;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -20,7 +21,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use openraft::async_runtime::WatchReceiver;
 use serde_json::{Value, json};
 
 use self::dto::{
@@ -29,7 +29,6 @@ use self::dto::{
 use self::extract::{Admin, idempotency_key, json_body};
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ApiKeyId, ClaimToken, KubbiId, format_millis};
-use crate::raft::client::known_leader;
 use crate::service::{CreateIdempotencyInput, Producer, Service};
 use crate::state::Status;
 
@@ -54,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api-keys", post(create_api_key).get(list_api_keys))
         .route("/api-keys/{id}", axum::routing::delete(revoke_api_key))
         .route("/cluster", get(cluster))
+        .route("/nodes", post(add_node))
+        .route("/nodes/{id}", axum::routing::delete(remove_node))
         .fallback(not_found);
     Router::new()
         .nest("/api/v1", v1)
@@ -337,7 +338,7 @@ async fn list_api_keys(
     State(app): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Value>, ApiError> {
-    let keys = app.service.list_api_keys().await?;
+    let (keys, _) = app.service.read_system().await?;
     Ok(Json(
         json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() }),
     ))
@@ -356,52 +357,130 @@ async fn revoke_api_key(
     Ok(Json(key_json(&rec)))
 }
 
-async fn cluster(State(app): State<AppState>, _admin: Admin) -> Json<Value> {
+async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {
     let svc = &app.service;
-    let mut nodes = std::collections::BTreeMap::new();
+    let (_, nodes) = svc.read_system().await?;
+    let statuses = svc.group_statuses().await;
     let mut shards = Vec::new();
-    for h in svc.shards() {
-        let m = h.raft.metrics().borrow_watched().clone();
-        for (id, node) in m.membership_config.nodes() {
-            nodes.entry(*id).or_insert_with(|| node.clone());
+    for (i, st) in statuses.into_iter().enumerate() {
+        let group = if i < svc.shard_count() as usize {
+            json!(i)
+        } else {
+            json!("system")
+        };
+        match st {
+            Ok(s) => {
+                let last = s.last_log.unwrap_or(0);
+                let lag: serde_json::Map<String, Value> = s
+                    .matched
+                    .iter()
+                    .map(|(id, m)| (id.to_string(), json!(last.saturating_sub(m.unwrap_or(0)))))
+                    .collect();
+                shards.push(json!({
+                    "id": group,
+                    "leader": s.leader,
+                    "term": s.term,
+                    "replicas": s.voters,
+                    "learners": s.learners,
+                    "applied_index": s.last_applied,
+                    "last_log_index": s.last_log,
+                    "replication_lag": lag,
+                }));
+            }
+            Err(e) => shards.push(json!({ "id": group, "leader": null, "error": e.message })),
         }
-        shards.push(json!({
-            "id": h.group,
-            "leader": m.current_leader,
-            "replicas": m.membership_config.voter_ids().collect::<Vec<_>>(),
-            "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
-            "term": m.current_term,
-            "applied_index": m.last_applied.map(|l| l.index),
-            "last_log_index": m.last_log_index,
-        }));
     }
     let nodes: Vec<Value> = nodes
-        .into_iter()
-        .map(|(id, n)| {
+        .iter()
+        .map(|n| {
             json!({
-                "id": id,
+                "id": n.id,
                 "http": n.http,
                 "internal": n.internal,
                 "zone": n.zone,
-                "state": if id == svc.node_id() { "self" } else { "member" },
+                "state": n.state.as_str(),
             })
         })
         .collect();
-    Json(json!({ "node_id": svc.node_id(), "nodes": nodes, "shards": shards }))
+    Ok(Json(
+        json!({ "node_id": svc.node_id(), "nodes": nodes, "shards": shards }),
+    ))
+}
+
+async fn add_node(
+    State(app): State<AppState>,
+    _admin: Admin,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let bytes = json_body(&headers, body, 16 * 1024).await?;
+    let v = validate::parse_json(&bytes)?;
+    let mut errs = Vec::new();
+    let id = v["id"].as_u64().filter(|i| *i > 0);
+    if id.is_none() {
+        errs.push("id must be a positive integer".into());
+    }
+    let internal = v["internal"]
+        .as_str()
+        .filter(|a| a.parse::<std::net::SocketAddr>().is_ok() || a.contains(':'));
+    if internal.is_none() {
+        errs.push("internal must be the node's internal host:port".into());
+    }
+    if let Some(obj) = v.as_object() {
+        for k in obj.keys() {
+            if !matches!(k.as_str(), "id" | "internal" | "http" | "zone") {
+                errs.push(format!(
+                    "unknown field `{}`",
+                    k.chars().take(64).collect::<String>()
+                ));
+            }
+        }
+    }
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    let rec = crate::state::NodeRecord {
+        id: id.unwrap_or(0),
+        http: v["http"].as_str().unwrap_or("").to_string(),
+        internal: internal.unwrap_or("").to_string(),
+        zone: v["zone"].as_str().unwrap_or("default/default").to_string(),
+        incarnation: 0,
+        state: crate::state::NodeState::Active,
+        updated_at: 0,
+    };
+    let r = app
+        .service
+        .put_node(crate::state::Command::PutNode(rec))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": r.id, "internal": r.internal, "state": r.state.as_str()})),
+    ))
+}
+
+async fn remove_node(
+    State(app): State<AppState>,
+    _admin: Admin,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = id
+        .ok()
+        .and_then(|Path(s)| s.parse::<u64>().ok())
+        .ok_or_else(|| ApiError::not_found("node"))?;
+    let r = app
+        .service
+        .put_node(crate::state::Command::SetNodeState {
+            id,
+            state: crate::state::NodeState::Leaving,
+        })
+        .await?;
+    Ok(Json(json!({"id": r.id, "state": r.state.as_str()})))
 }
 
 // ---- health --------------------------------------------------------------------------------
 
 fn shard_leaders(svc: &Service) -> (usize, usize) {
-    let total = svc.shards().len() + 1;
-    let led = svc
-        .shards()
-        .iter()
-        .map(|h| &h.raft)
-        .chain(std::iter::once(svc.system()))
-        .filter(|r| known_leader(r).is_some())
-        .count();
-    (total, led)
+    svc.leaders_known()
 }
 
 async fn health(State(app): State<AppState>) -> Response {

@@ -1,12 +1,12 @@
-//! The raft wiring, named in one place: entry and response types, the RocksDB log store, the
-//! state machine that feeds committed entries to [`crate::state::apply`], and the network.
+//! The raft wiring, named in one place: entry and response types, the RocksDB log store and the
+//! state machine that feeds committed entries to [`crate::state::apply`]. The network that
+//! carries raft messages between nodes is `transport::raft_network`.
 //!
 //! Every group (each kubbi shard and the system group) is one `openraft::Raft` with its own
 //! [`LogStore`] and [`StateMachine`], all over the node's single [`Storage`](crate::storage::Storage).
 
 pub mod client;
 pub mod log_store;
-pub mod network;
 pub mod snapshot;
 pub mod state_machine;
 
@@ -15,7 +15,6 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use log_store::LogStore;
-pub use network::NetworkFactory;
 pub use snapshot::SnapshotData;
 pub use state_machine::StateMachine;
 

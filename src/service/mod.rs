@@ -13,41 +13,31 @@
 //! key) and drops them, zeroized, when the request ends. Everything it returns to the HTTP layer
 //! is either a record (no secrets) or plaintext the caller is entitled to.
 
+pub mod exec;
 pub mod keys;
 pub mod model;
+pub mod router;
 
 use std::sync::Arc;
 
-use ractor::ActorRef;
-use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
+pub use exec::{Executor, LocalGroup};
 pub use keys::KeyCache;
 pub use model::*;
+pub use router::{Directory, Router};
 
-use crate::actor::{KubbiMsg, ShardCtx, ShardMsg};
 use crate::clock::Clock;
 use crate::codec::{decode, encode};
 use crate::config::{Limits, millis};
 use crate::crypto::{self, KeyRing, MANIFEST_PART, part_aad};
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ApiKeyId, ClaimToken, GroupId, KubbiId, Millis, RequestId, SYSTEM_GROUP};
-use crate::raft::client::{self, RaftClientError};
-use crate::raft::{NodeId, Raft};
 use crate::state::{
     ApiKeyRecord, Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, KubbiRecord,
-    Outcome, OwnerEntry, Rejection, Sealed, Status, StoreError, Table, keys as state_keys,
-    read_kubbi, read_kubbi_by_token,
+    NodeRecord, Outcome, OwnerEntry, Rejection, Sealed, Status,
 };
-use crate::storage::Storage;
-
-/// One shard as the service sees it.
-pub struct ShardHandle {
-    pub group: GroupId,
-    pub raft: Raft,
-    pub actor: ActorRef<ShardMsg>,
-    pub ctx: Arc<ShardCtx>,
-}
+use crate::transport::messages::{GroupStatus, ShardOp, ShardReply};
 
 /// Everything the operations need. Cheap to clone.
 #[derive(Clone)]
@@ -56,13 +46,11 @@ pub struct Service {
 }
 
 struct Inner {
-    node_id: NodeId,
-    storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
     limits: Limits,
     keyring: KeyRing,
-    shards: Vec<ShardHandle>,
-    system: Raft,
+    shards: u16,
+    router: Arc<Router>,
     keys: Arc<KeyCache>,
 }
 
@@ -73,30 +61,13 @@ pub struct Producer {
     pub presented: Zeroizing<String>,
 }
 
-fn raft_error(e: RaftClientError) -> ApiError {
-    match e {
-        RaftClientError::Indeterminate(_) => ApiError::unavailable(
-            "the outcome of this request is unknown; retry it (with the same Idempotency-Key to be safe)",
-        ),
-        RaftClientError::Stopped(_) => ApiError::unavailable("this node is shutting down"),
-        RaftClientError::NotLeader { .. } | RaftClientError::NoQuorum(_) => {
-            ApiError::unavailable("the shard has no reachable leader right now")
-        }
-    }
-}
-
-fn store_error(e: StoreError) -> ApiError {
-    tracing::error!(error = %e, "state read failed");
-    ApiError::internal()
-}
-
 fn crypto_error(what: &'static str, e: crypto::CryptoError) -> ApiError {
     tracing::error!(what, error = %e, "cannot open sealed data");
     ApiError::internal()
 }
 
-fn unexpected(what: &'static str, o: &Outcome) -> ApiError {
-    tracing::error!(what, outcome = ?o, "unexpected outcome");
+fn unexpected(what: &'static str, o: &impl std::fmt::Debug) -> ApiError {
+    tracing::error!(what, reply = ?o, "unexpected reply");
     ApiError::internal()
 }
 
@@ -116,27 +87,40 @@ async fn maybe_blocking<T: Send + 'static>(
     })
 }
 
+fn outcome(r: ShardReply) -> Result<Outcome, ApiError> {
+    match r {
+        ShardReply::Outcome(o) => Ok(match o {
+            Outcome::Duplicate(inner) => match *inner {
+                // Remembered without payload: the claim counted but its bytes cannot be sent.
+                Outcome::Claimed(c) if c.parts.is_empty() => {
+                    return Err(ApiError::unavailable(
+                        "this claim was counted but its result was lost; use an Idempotency-Key to make claims retry-safe",
+                    ));
+                }
+                other => other,
+            },
+            o => o,
+        }),
+        other => Err(unexpected("outcome", &other)),
+    }
+}
+
 impl Service {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        node_id: NodeId,
-        storage: Arc<Storage>,
         clock: Arc<dyn Clock>,
         limits: Limits,
         keyring: KeyRing,
-        shards: Vec<ShardHandle>,
-        system: Raft,
+        shards: u16,
+        router: Arc<Router>,
         keys: Arc<KeyCache>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                node_id,
-                storage,
                 clock,
                 limits,
                 keyring,
                 shards,
-                system,
+                router,
                 keys,
             }),
         }
@@ -150,20 +134,28 @@ impl Service {
         self.inner.clock.now()
     }
 
-    pub fn node_id(&self) -> NodeId {
-        self.inner.node_id
+    pub fn node_id(&self) -> u64 {
+        self.inner.router.executor().node_id()
     }
 
-    pub fn shards(&self) -> &[ShardHandle] {
-        &self.inner.shards
+    pub fn shard_count(&self) -> u16 {
+        self.inner.shards
     }
 
-    pub fn system(&self) -> &Raft {
-        &self.inner.system
+    pub fn router(&self) -> &Arc<Router> {
+        &self.inner.router
     }
 
-    fn shard(&self, group: GroupId) -> Option<&ShardHandle> {
-        self.inner.shards.get(group as usize)
+    fn shard_of(&self, g: GroupId) -> Result<GroupId, ApiError> {
+        if g < self.inner.shards {
+            Ok(g)
+        } else {
+            Err(ApiError::not_found("kubbi"))
+        }
+    }
+
+    async fn call(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
+        self.inner.router.call(g, op).await
     }
 
     // ---- producers ------------------------------------------------------------------------
@@ -195,7 +187,7 @@ impl Service {
         input: CreateInput,
         idem: Option<CreateIdempotencyInput>,
     ) -> Result<Created, ApiError> {
-        let shards = self.inner.shards.len() as u16;
+        let shards = self.inner.shards;
         let idem_hash = idem.as_ref().map(|i| {
             let mut m = producer.key.id.0.to_vec();
             m.extend_from_slice(i.key.as_bytes());
@@ -205,14 +197,11 @@ impl Service {
             Some(h) => crate::shard::shard_of_key(h, shards),
             None => crate::shard::random_shard(shards),
         };
-        let handle = self.shard(shard).ok_or_else(ApiError::internal)?;
-
         let payload_bytes = match &input.body {
             CreateBody::Single { content, .. } => content.len(),
             CreateBody::Package { files } => files.iter().map(|f| f.content.len()).sum(),
         };
         let input = Arc::new(input);
-        let request_id = RequestId::random();
         // A random id or token collision is astronomically unlikely; it is still handled.
         for _ in 0..3 {
             let id = KubbiId::new_in_shard(shard);
@@ -241,7 +230,7 @@ impl Service {
                 }
                 _ => None,
             };
-            let cmd = Command::Create(Box::new(Create {
+            let create = Box::new(Create {
                 id,
                 owner: producer.key.id,
                 token_hash: token.hash(),
@@ -253,24 +242,13 @@ impl Service {
                 manifest: sealed.manifest,
                 retention_ms: millis(self.inner.limits.retention),
                 idempotency,
-            }));
-            let outcome = client::propose(&handle.raft, &*self.inner.clock, request_id, cmd)
-                .await
-                .map_err(raft_error)?;
-            let outcome = match outcome {
-                Outcome::Duplicate(inner) => *inner,
-                o => o,
+            });
+            let op = ShardOp::Create {
+                request_id: RequestId::random(),
+                create,
             };
-            match outcome {
+            match outcome(self.call(shard, op).await?)? {
                 Outcome::Created(record) => {
-                    // An actor would passivate before a later deadline: then the shard's timer
-                    // index alone holds it, and the first request activates the actor.
-                    let idle_ms = millis(handle.ctx.idle);
-                    if record.expires_at <= self.now().saturating_add(idle_ms) {
-                        let _ = handle.actor.send_message(ShardMsg::Activate {
-                            record: record.clone(),
-                        });
-                    }
                     return Ok(Created {
                         record,
                         token,
@@ -313,16 +291,13 @@ impl Service {
     /// # Errors
     /// `404` when unknown, purged or another key's.
     pub async fn get(&self, owner: &ApiKeyId, id: &KubbiId) -> Result<KubbiRecord, ApiError> {
-        let handle = self
-            .shard(id.shard())
-            .ok_or_else(|| ApiError::not_found("kubbi"))?;
-        client::linearizable(&handle.raft)
-            .await
-            .map_err(raft_error)?;
-        let view = self.inner.storage.read_view(handle.group);
-        match read_kubbi(&view, id).map_err(store_error)? {
-            Some(r) if r.owner == *owner => Ok(r),
-            _ => Err(ApiError::not_found("kubbi")),
+        let g = self.shard_of(id.shard())?;
+        match self.call(g, ShardOp::Get { ids: vec![*id] }).await? {
+            ShardReply::Records(mut rs) => match rs.pop() {
+                Some(r) if r.owner == *owner => Ok(r),
+                _ => Err(ApiError::not_found("kubbi")),
+            },
+            other => Err(unexpected("get", &other)),
         }
     }
 
@@ -331,22 +306,14 @@ impl Service {
     /// # Errors
     /// `404` unknown or another key's, `409` already ended.
     pub async fn delete(&self, owner: &ApiKeyId, id: &KubbiId) -> Result<KubbiRecord, ApiError> {
-        let handle = self
-            .shard(id.shard())
-            .ok_or_else(|| ApiError::not_found("kubbi"))?;
-        let outcome = self
-            .route(handle, *id, |reply| KubbiMsg::Delete {
-                request_id: RequestId::random(),
-                owner: *owner,
-                reply,
-            })
-            .await?;
-        match outcome {
+        let g = self.shard_of(id.shard())?;
+        let op = ShardOp::Delete {
+            request_id: RequestId::random(),
+            id: *id,
+            owner: *owner,
+        };
+        match outcome(self.call(g, op).await?)? {
             Outcome::Deleted(r) => Ok(r),
-            Outcome::Duplicate(inner) => match *inner {
-                Outcome::Deleted(r) => Ok(r),
-                other => Err(delete_rejection(&other)),
-            },
             other => Err(delete_rejection(&other)),
         }
     }
@@ -362,45 +329,43 @@ impl Service {
         limit: u64,
         status: Option<Status>,
     ) -> Result<ListPage, ApiError> {
-        let reads = self
-            .inner
-            .shards
-            .iter()
-            .map(|h| client::linearizable(&h.raft));
-        for r in futures::future::join_all(reads).await {
-            r.map_err(raft_error)?;
-        }
+        let calls =
+            (0..self.inner.shards).map(|g| self.call(g, ShardOp::OwnerEntries { owner: *owner }));
         let now = self.now();
-        let prefix = state_keys::owner_prefix(owner);
-        let end = state_keys::prefix_end(&prefix);
         let mut entries: Vec<OwnerEntry> = Vec::new();
-        for h in &self.inner.shards {
-            let view = self.inner.storage.read_view(h.group);
-            let rows =
-                crate::state::StateRead::scan(&view, Table::State, &prefix, &end, usize::MAX)
-                    .map_err(store_error)?;
-            for (k, v) in rows {
-                let e = OwnerEntry::decode(&k, &v).ok_or_else(|| {
-                    store_error(StoreError::Corrupt {
-                        key: "owner index".into(),
-                        reason: "undecodable entry".into(),
-                    })
-                })?;
-                if status.is_none_or(|s| e.status_at(now) == s) {
-                    entries.push(e);
-                }
+        for r in futures::future::join_all(calls).await {
+            match r? {
+                ShardReply::OwnerEntries(es) => entries.extend(
+                    es.into_iter()
+                        .filter(|e| status.is_none_or(|s| e.status_at(now) == s)),
+                ),
+                other => return Err(unexpected("owner entries", &other)),
             }
         }
         entries.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         let total = entries.len() as u64;
         let skip = page.saturating_sub(1).saturating_mul(limit);
-        let mut items = Vec::new();
-        for e in entries.iter().skip(skip as usize).take(limit as usize) {
-            let view = self.inner.storage.read_view(e.id.shard());
-            if let Some(r) = read_kubbi(&view, &e.id).map_err(store_error)? {
-                items.push(r);
+        let page_ids: Vec<KubbiId> = entries
+            .iter()
+            .skip(usize::try_from(skip).unwrap_or(usize::MAX))
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|e| e.id)
+            .collect();
+        let mut by_shard: std::collections::BTreeMap<GroupId, Vec<KubbiId>> = Default::default();
+        for id in &page_ids {
+            by_shard.entry(id.shard()).or_default().push(*id);
+        }
+        let calls = by_shard
+            .into_iter()
+            .map(|(g, ids)| self.call(g, ShardOp::Get { ids }));
+        let mut found: std::collections::HashMap<KubbiId, KubbiRecord> = Default::default();
+        for r in futures::future::join_all(calls).await {
+            match r? {
+                ShardReply::Records(rs) => found.extend(rs.into_iter().map(|r| (r.id, r))),
+                other => return Err(unexpected("get", &other)),
             }
         }
+        let items = page_ids.iter().filter_map(|id| found.remove(id)).collect();
         Ok(ListPage { items, total })
     }
 
@@ -425,59 +390,31 @@ impl Service {
 
     // ---- consumers ------------------------------------------------------------------------
 
-    /// Resolves a token to its record.
-    ///
-    /// With `linearizable`, the read follows a read index (previews: invariant 6). Without it
-    /// (claims, which raft orders anyway) local state answers, and only a miss pays for a read
-    /// index, so a claim right after its create never gets a false 404.
-    async fn resolve(
-        &self,
-        token: &ClaimToken,
-        linearizable: bool,
-    ) -> Result<(&ShardHandle, KubbiRecord), ApiError> {
-        let handle = self
-            .shard(token.shard())
-            .ok_or_else(|| ApiError::not_found("kubbi"))?;
-        let hash = token.hash();
-        let read = || {
-            let view = self.inner.storage.read_view(handle.group);
-            read_kubbi_by_token(&view, &hash).map_err(store_error)
-        };
-        if !linearizable && let Some(r) = read()? {
-            return Ok((handle, r));
-        }
-        client::linearizable(&handle.raft)
-            .await
-            .map_err(raft_error)?;
-        let record = read()?.ok_or_else(|| ApiError::not_found("kubbi"))?;
-        Ok((handle, record))
-    }
-
-    /// What is waiting behind a token, without consuming it.
+    /// What is waiting behind a token, without consuming it (a linearizable read on the
+    /// shard's leader).
     ///
     /// # Errors
     /// `404` unknown token, `410` ended.
     pub async fn preview(&self, token: &ClaimToken) -> Result<Preview, ApiError> {
-        let (handle, record) = self.resolve(token, true).await?;
+        let g = self.shard_of(token.shard())?;
+        let op = ShardOp::ByToken {
+            token_hash: token.hash(),
+            with_manifest: true,
+        };
+        let (record, manifest) = match self.call(g, op).await? {
+            ShardReply::Record(Some(r)) => r,
+            ShardReply::Record(None) => return Err(ApiError::not_found("kubbi")),
+            other => return Err(unexpected("by token", &other)),
+        };
         let status = record.status_at(self.now());
         if status.is_terminal() {
             return Err(ApiError::ended(status));
         }
-        let files = if record.has_manifest {
-            let view = self.inner.storage.read_view(handle.group);
-            let sealed = crate::state::StateRead::get(
-                &view,
-                Table::Blob,
-                &state_keys::blob(&record.id, MANIFEST_PART),
-            )
-            .map_err(store_error)?;
-            let Some(sealed) = sealed else {
-                // Ended between the two reads.
-                return Err(ApiError::ended(Status::Burned));
-            };
-            Some(open_manifest(token, &record.id, &sealed)?)
-        } else {
-            None
+        let files = match (record.has_manifest, manifest) {
+            (false, _) => None,
+            (true, Some(sealed)) => Some(open_manifest(token, &record.id, &sealed.0)?),
+            // Ended between the two reads of the leader.
+            (true, None) => return Err(ApiError::ended(Status::Burned)),
         };
         Ok(Preview { record, files })
     }
@@ -491,7 +428,7 @@ impl Service {
         token: &ClaimToken,
         idempotency_key: Option<&str>,
     ) -> Result<ClaimOutput, ApiError> {
-        let (handle, record) = self.resolve(token, false).await?;
+        let g = self.shard_of(token.shard())?;
         let idempotency = idempotency_key.map(|k| {
             let mut m = token.hash().0.to_vec();
             m.extend_from_slice(k.as_bytes());
@@ -500,23 +437,13 @@ impl Service {
                 window_ms: millis(self.inner.limits.claim_idempotency_window),
             }
         });
-        let outcome = self
-            .route(handle, record.id, |reply| KubbiMsg::Claim {
-                request_id: RequestId::random(),
-                idempotency,
-                reply,
-            })
-            .await?;
-        let claimed = match outcome {
+        let op = ShardOp::Claim {
+            request_id: RequestId::random(),
+            token_hash: token.hash(),
+            idempotency,
+        };
+        let claimed = match outcome(self.call(g, op).await?)? {
             Outcome::Claimed(c) => c,
-            Outcome::Duplicate(inner) => match *inner {
-                Outcome::Claimed(_) => {
-                    return Err(ApiError::unavailable(
-                        "this claim was counted but its result was lost; use an Idempotency-Key to make claims retry-safe",
-                    ));
-                }
-                other => return Err(claim_rejection(&other)),
-            },
             other => return Err(claim_rejection(&other)),
         };
         let id = claimed.record.id;
@@ -526,27 +453,15 @@ impl Service {
         maybe_blocking(bytes, move || open_claim(&token, &id, claimed)).await?
     }
 
-    async fn route(
-        &self,
-        handle: &ShardHandle,
-        id: KubbiId,
-        make: impl Fn(crate::actor::KubbiReply) -> KubbiMsg,
-    ) -> Result<Outcome, ApiError> {
-        // A reply port dropped unanswered means the actor stopped mid-way: route once more.
-        for _ in 0..2 {
-            let (tx, rx) = oneshot::channel();
-            handle
-                .actor
-                .send_message(ShardMsg::Route { id, msg: make(tx) })
-                .map_err(|_| ApiError::unavailable("this shard is not served here right now"))?;
-            if let Ok(r) = rx.await {
-                return r.map_err(raft_error);
-            }
-        }
-        Err(ApiError::unavailable("the kubbi's actor stopped; retry"))
-    }
-
     // ---- operators ------------------------------------------------------------------------
+
+    async fn propose_system(&self, cmd: Command) -> Result<Outcome, ApiError> {
+        let op = ShardOp::Propose {
+            request_id: RequestId::random(),
+            cmd,
+        };
+        outcome(self.call(SYSTEM_GROUP, op).await?)
+    }
 
     /// Creates an API key; the key is returned once and stored only as a hash.
     ///
@@ -557,61 +472,86 @@ impl Service {
         label: String,
     ) -> Result<(ApiKeyRecord, Zeroizing<String>), ApiError> {
         let (rec, key) = keys::new_key(label, self.now());
-        let outcome = client::propose(
-            &self.inner.system,
-            &*self.inner.clock,
-            RequestId::random(),
-            Command::PutApiKey(rec.clone()),
-        )
-        .await
-        .map_err(raft_error)?;
-        match outcome {
+        match self.propose_system(Command::PutApiKey(rec)).await? {
             Outcome::ApiKeyStored(r) => Ok((r, key)),
             other => Err(unexpected("create api key", &other)),
         }
     }
 
-    /// Every API key (never the keys themselves).
+    /// API keys (never the keys themselves) and cluster members, from the system group.
     ///
     /// # Errors
     /// `503` when the system group cannot confirm its leadership.
-    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, ApiError> {
-        client::linearizable(&self.inner.system)
-            .await
-            .map_err(raft_error)?;
-        keys::read_all(&self.inner.storage.read_view(SYSTEM_GROUP)).map_err(store_error)
+    pub async fn read_system(&self) -> Result<(Vec<ApiKeyRecord>, Vec<NodeRecord>), ApiError> {
+        match self.call(SYSTEM_GROUP, ShardOp::ReadSystem).await? {
+            ShardReply::System { keys, nodes } => Ok((keys, nodes)),
+            other => Err(unexpected("read system", &other)),
+        }
     }
 
-    /// Revokes an API key; it stops working as soon as each node applies the revocation.
+    /// Revokes an API key; it stops working on each node as soon as that node applies it.
     ///
     /// # Errors
     /// `404` unknown key.
     pub async fn revoke_api_key(&self, id: ApiKeyId) -> Result<ApiKeyRecord, ApiError> {
-        let outcome = client::propose(
-            &self.inner.system,
-            &*self.inner.clock,
-            RequestId::random(),
-            Command::RevokeApiKey { id },
-        )
-        .await
-        .map_err(raft_error)?;
-        match outcome {
+        match self.propose_system(Command::RevokeApiKey { id }).await? {
             Outcome::ApiKeyRevoked(r) => Ok(r),
             Outcome::Rejected(Rejection::NotFound) => Err(ApiError::not_found("api key")),
             other => Err(unexpected("revoke api key", &other)),
         }
     }
 
+    /// Proposes a change to the member table.
+    ///
+    /// # Errors
+    /// `409` when the id is a member with another data directory, `404` unknown node.
+    pub async fn put_node(&self, cmd: Command) -> Result<NodeRecord, ApiError> {
+        match self.propose_system(cmd).await? {
+            Outcome::NodeStored(r) => Ok(r),
+            Outcome::Rejected(Rejection::IdentityMismatch) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                "this node id is still a member with another data directory; remove it first",
+            )),
+            Outcome::Rejected(Rejection::NotFound) => Err(ApiError::not_found("node")),
+            other => Err(unexpected("put node", &other)),
+        }
+    }
+
+    /// Every group as its leader sees it.
+    pub async fn group_statuses(&self) -> Vec<Result<GroupStatus, ApiError>> {
+        let groups = (0..self.inner.shards).chain(std::iter::once(SYSTEM_GROUP));
+        let calls = groups.map(|g| async move {
+            match self.call(g, ShardOp::Status).await? {
+                ShardReply::Status(s) => Ok(s),
+                other => Err(unexpected("status", &other)),
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+
     /// Number of live kubbi actors on this node.
     pub async fn live_actors(&self) -> usize {
-        let mut n = 0;
-        for h in &self.inner.shards {
-            let (tx, rx) = oneshot::channel();
-            if h.actor.send_message(ShardMsg::LiveActors(tx)).is_ok() {
-                n += rx.await.unwrap_or(0);
-            }
-        }
-        n
+        self.inner.router.executor().live_actors().await
+    }
+
+    /// `(groups, groups with a known leader)`: from raft for groups this node is a member of,
+    /// from the directory for the others.
+    pub fn leaders_known(&self) -> (usize, usize) {
+        let router = &self.inner.router;
+        let groups: Vec<GroupId> = (0..self.inner.shards)
+            .chain(std::iter::once(SYSTEM_GROUP))
+            .collect();
+        let known = groups
+            .iter()
+            .filter(|g| {
+                let local = router.executor().group(**g).and_then(|lg| {
+                    use openraft::async_runtime::WatchReceiver;
+                    lg.raft.metrics().borrow_watched().current_leader
+                });
+                local.is_some() || router.directory().leader(**g).is_some()
+            })
+            .count();
+        (groups.len(), known)
     }
 }
 

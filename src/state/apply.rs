@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{self, Timer};
 use super::{
-    ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, Outcome, REQUEST_DEDUP_WINDOW_MS,
-    Rejection, Request, Status,
+    ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, NodeRecord, NodeState, Outcome,
+    REQUEST_DEDUP_WINDOW_MS, Rejection, Request, Status,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -145,6 +145,8 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
             Outcome::ApiKeyStored(rec.clone())
         }
         Command::RevokeApiKey { id } => revoke_api_key(s, id, now)?,
+        Command::PutNode(rec) => put_node(s, rec, now)?,
+        Command::SetNodeState { id, state } => set_node_state(s, *id, *state, now)?,
         Command::Sweep { .. } | Command::Expire { .. } => Outcome::None,
     };
 
@@ -464,6 +466,69 @@ fn revoke_api_key(
         s.put(Table::State, key, encode(&rec));
     }
     Ok(Outcome::ApiKeyRevoked(rec))
+}
+
+fn put_node(s: &mut impl StateStore, rec: &NodeRecord, now: Millis) -> Result<Outcome, StoreError> {
+    let key = keys::node(rec.id);
+    let prev = get_decoded::<NodeRecord>(s, "node", &key)?;
+    let mut rec = rec.clone();
+    if let Some(prev) = prev {
+        let live = prev.state != NodeState::Removed;
+        if live
+            && prev.incarnation != 0
+            && rec.incarnation != 0
+            && prev.incarnation != rec.incarnation
+        {
+            return Ok(Outcome::Rejected(Rejection::IdentityMismatch));
+        }
+        if live {
+            // A registration fills in what bootstrap did not know; it never revives a
+            // leaving member.
+            if rec.incarnation == 0 {
+                rec.incarnation = prev.incarnation;
+            }
+            if rec.http.is_empty() {
+                rec.http = prev.http;
+            }
+            rec.state = prev.state;
+        }
+    }
+    rec.updated_at = now;
+    s.put(Table::State, key, encode(&rec));
+    Ok(Outcome::NodeStored(rec))
+}
+
+fn set_node_state(
+    s: &mut impl StateStore,
+    id: u64,
+    state: NodeState,
+    now: Millis,
+) -> Result<Outcome, StoreError> {
+    let key = keys::node(id);
+    let Some(mut rec) = get_decoded::<NodeRecord>(s, "node", &key)? else {
+        return Ok(Outcome::Rejected(Rejection::NotFound));
+    };
+    rec.state = state;
+    rec.updated_at = now;
+    s.put(Table::State, key, encode(&rec));
+    Ok(Outcome::NodeStored(rec))
+}
+
+/// Every cluster member recorded in the system group, by id.
+///
+/// # Errors
+/// On I/O failure or a record that does not decode.
+pub fn read_nodes(s: &impl StateRead) -> Result<Vec<NodeRecord>, StoreError> {
+    let prefix = [keys::NODE];
+    let rows = s.scan(
+        Table::State,
+        &prefix,
+        &keys::prefix_end(&prefix),
+        usize::MAX,
+    )?;
+    rows.iter()
+        .map(|(k, v)| decode("node", v).map_err(|e| corrupt(k, e)))
+        .collect()
 }
 
 /// The earliest due timer of a shard, if any (for the sweeper's sleep).
@@ -886,6 +951,71 @@ mod tests {
         )
         .expect("applies");
         assert_eq!(out, Outcome::Rejected(Rejection::NotFound));
+    }
+
+    #[test]
+    fn nodes_register_and_wiped_ones_are_refused_until_removed() {
+        let mut s = MemStore::default();
+        let node = |inc: u64, http: &str| NodeRecord {
+            id: 3,
+            http: http.into(),
+            internal: "10.0.0.3:7070".into(),
+            zone: "eu/a".into(),
+            incarnation: inc,
+            state: NodeState::Active,
+            updated_at: 0,
+        };
+        // Bootstrap knows the address only; the node fills in the rest.
+        apply(&mut s, &req(T0, Command::PutNode(node(0, "")))).expect("applies");
+        let Outcome::NodeStored(r) = apply(
+            &mut s,
+            &req(T0 + 1, Command::PutNode(node(77, "10.0.0.3:8080"))),
+        )
+        .expect("applies") else {
+            panic!()
+        };
+        assert_eq!((r.incarnation, r.http.as_str()), (77, "10.0.0.3:8080"));
+        // Same id, another data directory: refused.
+        let out = apply(&mut s, &req(T0 + 2, Command::PutNode(node(99, "x")))).expect("applies");
+        assert_eq!(out, Outcome::Rejected(Rejection::IdentityMismatch));
+        apply(
+            &mut s,
+            &req(
+                T0 + 3,
+                Command::SetNodeState {
+                    id: 3,
+                    state: NodeState::Leaving,
+                },
+            ),
+        )
+        .expect("applies");
+        // Re-registering does not revive a leaving node.
+        let Outcome::NodeStored(r) = apply(
+            &mut s,
+            &req(T0 + 4, Command::PutNode(node(77, "10.0.0.3:8080"))),
+        )
+        .expect("applies") else {
+            panic!()
+        };
+        assert_eq!(r.state, NodeState::Leaving);
+        apply(
+            &mut s,
+            &req(
+                T0 + 5,
+                Command::SetNodeState {
+                    id: 3,
+                    state: NodeState::Removed,
+                },
+            ),
+        )
+        .expect("applies");
+        let Outcome::NodeStored(r) =
+            apply(&mut s, &req(T0 + 6, Command::PutNode(node(99, "x")))).expect("applies")
+        else {
+            panic!("a removed id may join again")
+        };
+        assert_eq!((r.incarnation, r.state), (99, NodeState::Active));
+        assert_eq!(read_nodes(&s).expect("reads").len(), 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | `c` claim idempotency | `c ‖ key(32)` | dedup with the sealed result |
 //! | `i` create idempotency | `i ‖ key(32)` | the first response, token sealed |
 //! | `a` API keys (system group) | `a ‖ key_id(16)` | [`ApiKeyRecord`](super::ApiKeyRecord) |
+//! | `n` nodes (system group) | `n ‖ node_id(8 BE)` | [`NodeRecord`](super::NodeRecord) |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 
 use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
@@ -23,6 +24,7 @@ pub const REQUEST: u8 = b'r';
 pub const CLAIM_IDEM: u8 = b'c';
 pub const CREATE_IDEM: u8 = b'i';
 pub const API_KEY: u8 = b'a';
+pub const NODE: u8 = b'n';
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +85,10 @@ pub fn create_idem(key: &[u8; 32]) -> Vec<u8> {
 
 pub fn api_key(id: &ApiKeyId) -> Vec<u8> {
     cat(&[&[API_KEY], &id.0])
+}
+
+pub fn node(id: u64) -> Vec<u8> {
+    cat(&[&[NODE], &id.to_be_bytes()])
 }
 
 /// Blob-table key of one sealed part.

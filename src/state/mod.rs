@@ -18,7 +18,7 @@ pub mod keys;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
-    read_kubbi_by_token,
+    read_kubbi_by_token, read_nodes,
 };
 
 use std::fmt;
@@ -164,6 +164,44 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<Millis>,
 }
 
+/// Where a node stands in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Holds replicas and serves.
+    Active,
+    /// Being drained: its replicas move away, then it becomes `Removed`.
+    Leaving,
+    /// Out of the cluster; its id may join again with a new data directory.
+    Removed,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Leaving => "leaving",
+            Self::Removed => "removed",
+        }
+    }
+}
+
+/// A cluster member, as the system group records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    /// Public HTTP address (`host:port`); empty until the node registers itself.
+    pub http: String,
+    /// Internal node-to-node address (`host:port`).
+    pub internal: String,
+    /// Locality label, `region/zone`.
+    pub zone: String,
+    /// Random id of the node's data directory; 0 until the node registers itself. A node whose
+    /// data directory was wiped comes back with another one and is refused.
+    pub incarnation: u64,
+    pub state: NodeState,
+    pub updated_at: Millis,
+}
+
 /// A create made with an `Idempotency-Key`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateIdempotency {
@@ -237,6 +275,14 @@ pub enum Command {
     RevokeApiKey {
         id: ApiKeyId,
     },
+    /// Add or update a cluster member (system group). Refused when the id is a live member
+    /// with another incarnation.
+    PutNode(NodeRecord),
+    /// Move a member to another state (system group).
+    SetNodeState {
+        id: u64,
+        state: NodeState,
+    },
 }
 
 impl Command {
@@ -249,6 +295,8 @@ impl Command {
             Self::Sweep { .. } => "sweep",
             Self::PutApiKey(_) => "put_api_key",
             Self::RevokeApiKey { .. } => "revoke_api_key",
+            Self::PutNode(_) => "put_node",
+            Self::SetNodeState { .. } => "set_node_state",
         }
     }
 }
@@ -277,6 +325,8 @@ pub enum Rejection {
     IdempotencyConflict,
     /// The id or token is already taken (a random collision).
     Collision,
+    /// A node id that is still a member with another data directory.
+    IdentityMismatch,
 }
 
 /// The result of a successful claim.
@@ -311,6 +361,7 @@ pub enum Outcome {
     },
     ApiKeyStored(ApiKeyRecord),
     ApiKeyRevoked(ApiKeyRecord),
+    NodeStored(NodeRecord),
     Rejected(Rejection),
     /// This request id was applied before; what it did is given without payload bytes
     /// (`Claimed` arrives with its parts removed).
@@ -320,7 +371,7 @@ pub enum Outcome {
 }
 
 /// An entry of a shard's owner index (for listing), decoded from [`keys::owner`] keys.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerEntry {
     pub created_at: Millis,
     pub id: KubbiId,

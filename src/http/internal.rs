@@ -1,0 +1,235 @@
+//! The internal port: raft messages, forwarded operations, joins and status, for peers only.
+//!
+//! Every request must carry the cluster secret and name this node (id and incarnation) as its
+//! target; see `transport` for the client side.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{decode, encode};
+use crate::crypto;
+use crate::ids::GroupId;
+use crate::raft::snapshot::Chunk;
+use crate::raft::{Snapshot, SnapshotData};
+use crate::service::{Executor, Service};
+use crate::state::{Command, NodeRecord};
+use crate::transport::messages::{NodeStatus, ShardOp, SnapshotPart};
+use crate::transport::{AddressBook, H_FROM, H_FROM_INCARNATION, H_TO, H_TO_INCARNATION, Identity};
+
+/// Snapshot uploads in progress: `(group, transfer id)` → when it started and chunks so far.
+type Uploads = Mutex<HashMap<(GroupId, u64), (Instant, Vec<Chunk>)>>;
+
+/// What the internal handlers share.
+pub struct InternalState {
+    pub exec: Arc<Executor>,
+    pub service: Service,
+    pub me: Identity,
+    pub http: String,
+    pub zone: String,
+    pub book: Arc<AddressBook>,
+    /// SHA-256 of the cluster secret.
+    pub secret_hash: [u8; 32],
+    pub uploads: Uploads,
+}
+
+/// The internal router.
+pub fn internal_router(state: Arc<InternalState>) -> Router {
+    Router::new()
+        .route("/internal/v1/raft/{group}/{kind}", post(raft_rpc))
+        .route("/internal/v1/shard/{group}", post(shard))
+        .route("/internal/v1/join", post(join))
+        .route("/internal/v1/status", post(status))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(state)
+}
+
+fn header_u64(h: &HeaderMap, name: &str) -> Option<u64> {
+    h.get(name)?.to_str().ok()?.parse().ok()
+}
+
+fn refuse(status: StatusCode, why: &'static str) -> Response {
+    (status, why).into_response()
+}
+
+/// Authenticates the peer and checks that the request is meant for this node as it is now.
+async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let presented = h
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !crypto::ct_eq(&crypto::sha256(presented.as_bytes()), &st.secret_hash) {
+        return refuse(StatusCode::UNAUTHORIZED, "bad cluster secret");
+    }
+    let is_join = req.uri().path() == "/internal/v1/join";
+    let to = header_u64(h, H_TO).unwrap_or(0);
+    if to != st.me.node_id && !(is_join && to == 0) {
+        return refuse(StatusCode::MISDIRECTED_REQUEST, "this is another node");
+    }
+    let to_inc = header_u64(h, H_TO_INCARNATION).unwrap_or(0);
+    if to_inc != 0 && to_inc != st.me.incarnation {
+        tracing::warn!(
+            expected = to_inc,
+            "refused a request for this node id with another data directory"
+        );
+        return refuse(
+            StatusCode::CONFLICT,
+            "identity mismatch: this node's data directory is not the one the cluster knows",
+        );
+    }
+    let from = header_u64(h, H_FROM).unwrap_or(0);
+    let from_inc = header_u64(h, H_FROM_INCARNATION).unwrap_or(0);
+    if let Some((_, known)) = st.book.get(from)
+        && known != 0
+        && from_inc != known
+        && !is_join
+    {
+        return refuse(
+            StatusCode::CONFLICT,
+            "identity mismatch: the sender's data directory is not the one the cluster knows",
+        );
+    }
+    next.run(req).await
+}
+
+fn reply<T: Serialize>(v: &T) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        encode(v),
+    )
+        .into_response()
+}
+
+fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Response> {
+    decode("internal request", b).map_err(|e| {
+        tracing::warn!(error = %e, "undecodable internal request");
+        refuse(StatusCode::BAD_REQUEST, "undecodable request")
+    })
+}
+
+async fn raft_rpc(
+    State(st): State<Arc<InternalState>>,
+    Path((group, kind)): Path<(GroupId, String)>,
+    b: Bytes,
+) -> Response {
+    let Some(lg) = st.exec.group(group) else {
+        return refuse(StatusCode::NOT_FOUND, "no such group");
+    };
+    let raft = &lg.raft;
+    let r: Result<Response, Response> = async {
+        Ok(match kind.as_str() {
+            "append" => reply(
+                &raft
+                    .append_entries(body(&b)?)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            "vote" => reply(&raft.vote(body(&b)?).await.map_err(|e| e.to_string())),
+            "prevote" => reply(&raft.pre_vote(body(&b)?).await.map_err(|e| e.to_string())),
+            "transfer" => reply(
+                &raft
+                    .handle_transfer_leader(body(&b)?)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            "snapshot" => {
+                let part: SnapshotPart = body(&b)?;
+                reply(&receive_snapshot(&st, group, raft, part).await)
+            }
+            _ => refuse(StatusCode::NOT_FOUND, "no such raft call"),
+        })
+    }
+    .await;
+    r.unwrap_or_else(|e| e)
+}
+
+/// How long an unfinished snapshot upload is kept.
+const UPLOAD_TTL: Duration = Duration::from_secs(120);
+
+async fn receive_snapshot(
+    st: &InternalState,
+    group: GroupId,
+    raft: &crate::raft::Raft,
+    part: SnapshotPart,
+) -> Result<Option<openraft::raft::SnapshotResponse<crate::raft::TypeConfig>>, String> {
+    let chunks = {
+        let mut uploads = st.uploads.lock().unwrap_or_else(|p| p.into_inner());
+        uploads.retain(|_, (started, _)| started.elapsed() < UPLOAD_TTL);
+        let entry = uploads
+            .entry((group, part.transfer))
+            .or_insert_with(|| (Instant::now(), Vec::new()));
+        entry.1.push(part.chunk);
+        if !part.last {
+            return Ok(None);
+        }
+        uploads
+            .remove(&(group, part.transfer))
+            .map(|(_, c)| c)
+            .unwrap_or_default()
+    };
+    let snapshot = Snapshot {
+        meta: part.meta,
+        snapshot: SnapshotData::from_chunks(chunks),
+    };
+    raft.install_full_snapshot(part.vote, snapshot)
+        .await
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+async fn shard(
+    State(st): State<Arc<InternalState>>,
+    Path(group): Path<GroupId>,
+    b: Bytes,
+) -> Response {
+    let op: ShardOp = match body(&b) {
+        Ok(op) => op,
+        Err(r) => return r,
+    };
+    // Executed here or refused with a leader hint: a forward is never forwarded again.
+    reply(&st.exec.execute(group, op).await)
+}
+
+async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {
+    let rec: NodeRecord = match body(&b) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let r = st
+        .service
+        .put_node(Command::PutNode(rec))
+        .await
+        .map_err(|e| format!("{}: {}", e.code.as_str(), e.message));
+    reply(&r)
+}
+
+async fn status(State(st): State<Arc<InternalState>>) -> Response {
+    let mut groups = Vec::new();
+    for lg in st.exec.groups() {
+        if let Some(s) = st.exec.status(lg.group)
+            && (s.voters.contains(&st.me.node_id) || s.learners.contains(&st.me.node_id))
+        {
+            groups.push((lg.group, s.leader, s.term));
+        }
+    }
+    reply(&NodeStatus {
+        node_id: st.me.node_id,
+        incarnation: st.me.incarnation,
+        http: st.http.clone(),
+        zone: st.zone.clone(),
+        groups,
+    })
+}

@@ -1,0 +1,345 @@
+//! Executes [`ShardOp`]s on the groups this node runs. Only a group's leader executes; anyone
+//! else answers `NotLeader` with its best leader hint and the caller goes there (one hop).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::ChangeMembers;
+use openraft::async_runtime::WatchReceiver;
+use ractor::ActorRef;
+use tokio::sync::oneshot;
+
+use crate::actor::{KubbiMsg, ShardCtx, ShardMsg};
+use crate::clock::Clock;
+use crate::config::millis;
+use crate::crypto::MANIFEST_PART;
+use crate::ids::{GroupId, KubbiId, SYSTEM_GROUP};
+use crate::raft::client::{self, RaftClientError};
+use crate::raft::{NodeInfo, Raft};
+use crate::service::keys as api_keys;
+use crate::state::{
+    Blob, Command, Outcome, OwnerEntry, Rejection, StateRead, StoreError, Table, keys, read_kubbi,
+    read_kubbi_by_token, read_nodes,
+};
+use crate::storage::Storage;
+use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
+
+/// One group as run on this node.
+pub struct LocalGroup {
+    pub group: GroupId,
+    pub raft: Raft,
+    /// The shard's actor registry (kubbi shards only).
+    pub actor: Option<ActorRef<ShardMsg>>,
+    pub ctx: Option<Arc<ShardCtx>>,
+}
+
+/// Every group of this node.
+pub struct Executor {
+    node_id: u64,
+    storage: Arc<Storage>,
+    clock: Arc<dyn Clock>,
+    groups: BTreeMap<GroupId, LocalGroup>,
+}
+
+fn from_raft(e: RaftClientError) -> ExecError {
+    match e {
+        RaftClientError::NotLeader { leader } => ExecError::NotLeader { leader },
+        other => ExecError::Unavailable(other.to_string()),
+    }
+}
+
+fn from_store(e: StoreError) -> ExecError {
+    tracing::error!(error = %e, "state read failed");
+    ExecError::Internal(e.to_string())
+}
+
+/// How long a membership change may take before it is reported unavailable.
+const RECONFIGURE_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Executor {
+    pub fn new(
+        node_id: u64,
+        storage: Arc<Storage>,
+        clock: Arc<dyn Clock>,
+        groups: Vec<LocalGroup>,
+    ) -> Self {
+        Self {
+            node_id,
+            storage,
+            clock,
+            groups: groups.into_iter().map(|g| (g.group, g)).collect(),
+        }
+    }
+
+    pub fn group(&self, g: GroupId) -> Option<&LocalGroup> {
+        self.groups.get(&g)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = &LocalGroup> {
+        self.groups.values()
+    }
+
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// `Ok` when this node leads `raft`; otherwise `NotLeader` with the known leader.
+    fn must_lead(&self, raft: &Raft) -> Result<(), ExecError> {
+        let m = raft.metrics().borrow_watched().clone();
+        if m.current_leader == Some(self.node_id) && m.state.is_leader() {
+            Ok(())
+        } else {
+            Err(ExecError::NotLeader {
+                leader: m.current_leader.filter(|l| *l != self.node_id),
+            })
+        }
+    }
+
+    /// Runs `op` on group `g` if this node leads it.
+    ///
+    /// # Errors
+    /// See [`ExecError`].
+    pub async fn execute(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ExecError> {
+        let lg = self.groups.get(&g).ok_or(ExecError::NoSuchGroup)?;
+        let raft = &lg.raft;
+        match op {
+            ShardOp::Create { request_id, create } => {
+                let outcome =
+                    client::propose(raft, &*self.clock, request_id, Command::Create(create))
+                        .await
+                        .map_err(from_raft)?;
+                if let (Outcome::Created(record), Some(actor), Some(ctx)) =
+                    (&outcome, &lg.actor, &lg.ctx)
+                    && record.expires_at <= self.clock.now().saturating_add(millis(ctx.idle))
+                {
+                    // Its own timer would fire before it passivates: activate it now. Later
+                    // deadlines wait in the shard's timer index.
+                    let _ = actor.send_message(ShardMsg::Activate {
+                        record: record.clone(),
+                    });
+                }
+                Ok(ShardReply::Outcome(outcome))
+            }
+            ShardOp::Claim {
+                request_id,
+                token_hash,
+                idempotency,
+            } => {
+                self.must_lead(raft)?;
+                let read = || read_kubbi_by_token(&self.storage.read_view(g), &token_hash);
+                let record = match read().map_err(from_store)? {
+                    Some(r) => Some(r),
+                    None => {
+                        // Maybe created a moment ago and not applied here yet.
+                        client::linearizable(raft).await.map_err(from_raft)?;
+                        read().map_err(from_store)?
+                    }
+                };
+                let Some(record) = record else {
+                    return Ok(ShardReply::Outcome(Outcome::Rejected(Rejection::NotFound)));
+                };
+                self.route(lg, record.id, |reply| KubbiMsg::Claim {
+                    request_id,
+                    idempotency,
+                    reply,
+                })
+                .await
+            }
+            ShardOp::Delete {
+                request_id,
+                id,
+                owner,
+            } => {
+                self.must_lead(raft)?;
+                self.route(lg, id, |reply| KubbiMsg::Delete {
+                    request_id,
+                    owner,
+                    reply,
+                })
+                .await
+            }
+            ShardOp::ByToken {
+                token_hash,
+                with_manifest,
+            } => {
+                client::linearizable(raft).await.map_err(from_raft)?;
+                let view = self.storage.read_view(g);
+                let Some(record) = read_kubbi_by_token(&view, &token_hash).map_err(from_store)?
+                else {
+                    return Ok(ShardReply::Record(None));
+                };
+                let manifest = if with_manifest && record.has_manifest {
+                    view.get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
+                        .map_err(from_store)?
+                        .map(Blob)
+                } else {
+                    None
+                };
+                Ok(ShardReply::Record(Some((record, manifest))))
+            }
+            ShardOp::Get { ids } => {
+                client::linearizable(raft).await.map_err(from_raft)?;
+                let view = self.storage.read_view(g);
+                let mut out = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
+                        out.push(r);
+                    }
+                }
+                Ok(ShardReply::Records(out))
+            }
+            ShardOp::OwnerEntries { owner } => {
+                client::linearizable(raft).await.map_err(from_raft)?;
+                let view = self.storage.read_view(g);
+                let prefix = keys::owner_prefix(&owner);
+                let rows = view
+                    .scan(
+                        Table::State,
+                        &prefix,
+                        &keys::prefix_end(&prefix),
+                        usize::MAX,
+                    )
+                    .map_err(from_store)?;
+                let entries = rows
+                    .iter()
+                    .map(|(k, v)| {
+                        OwnerEntry::decode(k, v).ok_or_else(|| {
+                            ExecError::Internal("undecodable owner index entry".into())
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ShardReply::OwnerEntries(entries))
+            }
+            ShardOp::Propose { request_id, cmd } => {
+                let outcome = client::propose(raft, &*self.clock, request_id, cmd)
+                    .await
+                    .map_err(from_raft)?;
+                Ok(ShardReply::Outcome(outcome))
+            }
+            ShardOp::ReadSystem => {
+                if g != SYSTEM_GROUP {
+                    return Err(ExecError::NoSuchGroup);
+                }
+                client::linearizable(raft).await.map_err(from_raft)?;
+                let view = self.storage.read_view(g);
+                Ok(ShardReply::System {
+                    keys: api_keys::read_all(&view).map_err(from_store)?,
+                    nodes: read_nodes(&view).map_err(from_store)?,
+                })
+            }
+            ShardOp::Status => Ok(ShardReply::Status(self.status(g).unwrap_or_default())),
+            ShardOp::Reconfigure { voters, learners } => {
+                self.must_lead(raft)?;
+                tokio::time::timeout(RECONFIGURE_TIMEOUT, reconfigure(raft, voters, learners))
+                    .await
+                    .map_err(|_| ExecError::Unavailable("membership change timed out".into()))??;
+                Ok(ShardReply::Done)
+            }
+            ShardOp::TransferLeader { to } => {
+                self.must_lead(raft)?;
+                raft.trigger()
+                    .transfer_leader(to)
+                    .await
+                    .map_err(|e| ExecError::Unavailable(e.to_string()))?;
+                Ok(ShardReply::Done)
+            }
+        }
+    }
+
+    /// This node's view of group `g`.
+    pub fn status(&self, g: GroupId) -> Option<GroupStatus> {
+        let lg = self.groups.get(&g)?;
+        let m = lg.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        Some(GroupStatus {
+            group: g,
+            leader: m.current_leader,
+            term: m.current_term,
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            nodes: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+            last_applied: m.last_applied.map(|l| l.index),
+            last_log: m.last_log_index,
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn route(
+        &self,
+        lg: &LocalGroup,
+        id: KubbiId,
+        make: impl Fn(crate::actor::KubbiReply) -> KubbiMsg,
+    ) -> Result<ShardReply, ExecError> {
+        let actor = lg.actor.as_ref().ok_or(ExecError::NoSuchGroup)?;
+        // A reply port dropped unanswered means the actor stopped mid-way: route once more.
+        for _ in 0..2 {
+            let (tx, rx) = oneshot::channel();
+            actor
+                .send_message(ShardMsg::Route { id, msg: make(tx) })
+                .map_err(|_| ExecError::Unavailable("the shard actor is not running".into()))?;
+            if let Ok(r) = rx.await {
+                return r.map(ShardReply::Outcome).map_err(from_raft);
+            }
+        }
+        Err(ExecError::Unavailable("the kubbi's actor stopped".into()))
+    }
+
+    /// Number of live kubbi actors on this node.
+    pub async fn live_actors(&self) -> usize {
+        let mut n = 0;
+        for lg in self.groups.values() {
+            if let Some(a) = &lg.actor {
+                let (tx, rx) = oneshot::channel();
+                if a.send_message(ShardMsg::LiveActors(tx)).is_ok() {
+                    n += rx.await.unwrap_or(0);
+                }
+            }
+        }
+        n
+    }
+}
+
+/// Moves a group to `voters` (and `learners`): new members join as learners and catch up
+/// first, then one joint-consensus change swaps the voter set; stale learners are dropped.
+async fn reconfigure(
+    raft: &Raft,
+    voters: BTreeMap<u64, NodeInfo>,
+    learners: BTreeMap<u64, NodeInfo>,
+) -> Result<(), ExecError> {
+    let m = raft.metrics().borrow_watched().clone();
+    let membership = m.membership_config.membership();
+    let known: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+    for (id, info) in voters.iter().chain(learners.iter()) {
+        if !known.contains(id) {
+            // Blocking: returns once the learner has caught up with the leader's log.
+            raft.add_learner(*id, info.clone(), true)
+                .await
+                .map_err(|e| ExecError::Unavailable(format!("add learner {id}: {e}")))?;
+        }
+    }
+    let current: BTreeSet<u64> = membership.voter_ids().collect();
+    let target: BTreeSet<u64> = voters.keys().copied().collect();
+    if current != target {
+        raft.change_membership(ChangeMembers::ReplaceAllVoters(target.clone()), false)
+            .await
+            .map_err(|e| ExecError::Unavailable(format!("change voters: {e}")))?;
+    }
+    let m = raft.metrics().borrow_watched().clone();
+    let stale: BTreeSet<u64> = m
+        .membership_config
+        .membership()
+        .learner_ids()
+        .filter(|id| !learners.contains_key(id) && !target.contains(id))
+        .collect();
+    if !stale.is_empty() {
+        raft.change_membership(ChangeMembers::RemoveNodes(stale), false)
+            .await
+            .map_err(|e| ExecError::Unavailable(format!("remove learners: {e}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! Sends each operation to its group's leader: here, or one hop away over the internal port.
+//!
+//! ```text
+//!   call(group, op) ─▶ best guess ─▶ execute here, or POST /internal/v1/shard/{group} there
+//!                          ▲              │ NotLeader{hint} ─▶ follow the hint
+//!                          └──────────────┘ unreachable / no leader yet ─▶ next candidate, backoff
+//! ```
+//!
+//! Retries reuse the operation as it was (same request id), so a retried write applies at most
+//! once whatever happened to the earlier attempt.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+
+use super::exec::Executor;
+use crate::codec::encode;
+use crate::error::ApiError;
+use crate::ids::{GroupId, SYSTEM_GROUP};
+use crate::shard::{Candidate, replicas};
+use crate::state::{NodeRecord, NodeState};
+use crate::transport::Peers;
+use crate::transport::messages::{ExecError, ShardOp, ShardReply};
+
+/// How long one operation keeps looking for its leader (elections take about a second).
+const ROUTE_PATIENCE: Duration = Duration::from_secs(8);
+/// How long one forwarded attempt may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What this node believes about leaders and members.
+#[derive(Default)]
+pub struct Directory {
+    leaders: RwLock<HashMap<GroupId, u64>>,
+    nodes: RwLock<BTreeMap<u64, NodeRecord>>,
+}
+
+impl Directory {
+    pub fn set_leader(&self, g: GroupId, node: u64) {
+        self.leaders
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(g, node);
+    }
+
+    pub fn leader(&self, g: GroupId) -> Option<u64> {
+        self.leaders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&g)
+            .copied()
+    }
+
+    pub fn set_nodes(&self, nodes: Vec<NodeRecord>) {
+        *self.nodes.write().unwrap_or_else(|p| p.into_inner()) =
+            nodes.into_iter().map(|n| (n.id, n)).collect();
+    }
+
+    pub fn nodes(&self) -> Vec<NodeRecord> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Routes operations to group leaders.
+pub struct Router {
+    me: u64,
+    exec: Arc<Executor>,
+    peers: Option<Peers>,
+    directory: Arc<Directory>,
+    replication_factor: usize,
+}
+
+impl Router {
+    pub fn new(
+        exec: Arc<Executor>,
+        peers: Option<Peers>,
+        directory: Arc<Directory>,
+        replication_factor: usize,
+    ) -> Self {
+        Self {
+            me: exec.node_id(),
+            exec,
+            peers,
+            directory,
+            replication_factor,
+        }
+    }
+
+    pub fn executor(&self) -> &Arc<Executor> {
+        &self.exec
+    }
+
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    pub fn peers(&self) -> Option<&Peers> {
+        self.peers.as_ref()
+    }
+
+    /// Where to look for the leader of `g`, best guess first.
+    fn candidates(&self, g: GroupId) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut push = |id: u64| {
+            if !out.contains(&id) {
+                out.push(id);
+            }
+        };
+        if let Some(l) = self.directory.leader(g) {
+            push(l);
+        }
+        if let Some(lg) = self.exec.group(g) {
+            let m = lg.raft.metrics().borrow_watched().clone();
+            if let Some(l) = m.current_leader {
+                push(l);
+            }
+            for v in m.membership_config.membership().voter_ids() {
+                push(v);
+            }
+        }
+        let active: Vec<Candidate> = self
+            .directory
+            .nodes()
+            .into_iter()
+            .filter(|n| n.state != NodeState::Removed)
+            .map(|n| Candidate {
+                id: n.id,
+                zone: n.zone,
+            })
+            .collect();
+        let rf = if g == SYSTEM_GROUP {
+            5
+        } else {
+            self.replication_factor
+        };
+        for id in replicas(g, &active, rf) {
+            push(id);
+        }
+        for n in &active {
+            push(n.id);
+        }
+        push(self.me);
+        out
+    }
+
+    /// Executes `op` on the leader of group `g`.
+    ///
+    /// # Errors
+    /// `503` when no leader answered within the routing patience, `500` for an internal error.
+    pub async fn call(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
+        let deadline = tokio::time::Instant::now() + ROUTE_PATIENCE;
+        let mut encoded: Option<Vec<u8>> = None;
+        let mut candidates = self.candidates(g);
+        let mut next = 0usize;
+        let mut target = candidates.first().copied().unwrap_or(self.me);
+        let mut backoff = Duration::from_millis(20);
+        let mut hops = 0;
+        loop {
+            let result = match &self.peers {
+                Some(peers) if target != self.me => {
+                    let body = encoded.get_or_insert_with(|| encode(&op)).clone();
+                    match peers
+                        .post_bytes::<Result<ShardReply, ExecError>>(
+                            target,
+                            &format!("/internal/v1/shard/{g}"),
+                            body,
+                            FORWARD_TIMEOUT,
+                        )
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::debug!(group = g, target, op = op.name(), error = %e, "forward failed");
+                            Err(ExecError::Unavailable(e.to_string()))
+                        }
+                    }
+                }
+                _ => self.exec.execute(g, op.clone()).await,
+            };
+            match result {
+                Ok(reply) => {
+                    self.directory.set_leader(g, target);
+                    return Ok(reply);
+                }
+                Err(ExecError::NotLeader { leader: Some(l) }) if l != target && hops < 4 => {
+                    hops += 1;
+                    self.directory.set_leader(g, l);
+                    target = l;
+                    continue;
+                }
+                Err(ExecError::Internal(m)) => {
+                    tracing::error!(group = g, op = op.name(), error = %m, "operation failed");
+                    return Err(ApiError::internal());
+                }
+                Err(ExecError::NoSuchGroup) if self.peers.is_none() => {
+                    return Err(ApiError::not_found("kubbi"));
+                }
+                Err(e) => {
+                    tracing::debug!(group = g, target, op = op.name(), error = %e, "retrying elsewhere");
+                }
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(ApiError::unavailable(
+                    "the shard has no reachable leader right now",
+                ));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(250));
+            hops = 0;
+            if next + 1 >= candidates.len() {
+                candidates = self.candidates(g);
+                next = 0;
+            } else {
+                next += 1;
+            }
+            target = candidates.get(next).copied().unwrap_or(self.me);
+        }
+    }
+}
