@@ -488,11 +488,12 @@ async fn rebalance_once(
             ShardReply::Status(s) => s,
             _ => continue,
         };
-        if !changed {
-            let current: BTreeSet<u64> = st.voters.iter().copied().collect();
-            let voters = pick(target, &current);
-            let same = current == voters.keys().copied().collect() && st.learners.is_empty();
-            if !same && !voters.is_empty() {
+        let current: BTreeSet<u64> = st.voters.iter().copied().collect();
+        let voters = pick(target, &current);
+        let same = current == voters.keys().copied().collect() && st.learners.is_empty();
+        if !same && !voters.is_empty() {
+            // One replica move per round: each copies a shard's state.
+            if !changed {
                 tracing::info!(shard = g, ?voters, "moving shard replicas");
                 service
                     .router()
@@ -505,23 +506,22 @@ async fn rebalance_once(
                     )
                     .await?;
                 changed = true;
-            } else if let (Some(leader), Some(preferred)) = (st.leader, target.first())
-                && leader != *preferred
-                && st.voters.contains(preferred)
-                && caught_up(&st, *preferred)
-            {
-                tracing::info!(
-                    shard = g,
-                    from = leader,
-                    to = preferred,
-                    "moving shard leadership"
-                );
-                service
-                    .router()
-                    .call(*g, ShardOp::TransferLeader { to: *preferred })
-                    .await?;
-                changed = true;
             }
+        } else if let (Some(leader), Some(preferred)) = (st.leader, target.first())
+            && leader != *preferred
+            && st.voters.contains(preferred)
+            && caught_up(&st, *preferred)
+        {
+            tracing::info!(
+                shard = g,
+                from = leader,
+                to = preferred,
+                "moving shard leadership"
+            );
+            service
+                .router()
+                .call(*g, ShardOp::TransferLeader { to: *preferred })
+                .await?;
         }
         statuses.push(st);
     }
@@ -726,7 +726,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         rafts.push(raft);
     }
 
-    // Form the groups of a new cluster: each by the lowest-numbered of its replicas.
+    // Form the groups of a new cluster, each by its preferred leader.
     let bootstrap: Vec<Candidate> = if cc.internal_addr.is_none() {
         vec![Candidate {
             id: config.node_id,
@@ -764,7 +764,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             } else {
                 plan.get(&g).cloned().unwrap_or_default()
             };
-            if voters.iter().min() != Some(&config.node_id)
+            // The preferred leader forms the group: it campaigns first and usually wins, so
+            // leaders start out spread.
+            if voters.first() != Some(&config.node_id)
                 || raft
                     .is_initialized()
                     .await
@@ -787,10 +789,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             }
         }
     }
-    for (raft, g) in rafts.iter().zip(&groups) {
-        raft.wait_for_recovery(Some(Duration::from_secs(30)))
-            .await
-            .map_err(|e| NodeError::Raft(format!("group {g} did not recover: {e}")))?;
+    if cc.internal_addr.is_none() {
+        // A single node is its own cluster: its state machines catch up with its log here. In a
+        // cluster this needs the peers; there every read is served by a leader after a read
+        // index, which never sees a reverted state.
+        for (raft, g) in rafts.iter().zip(&groups) {
+            raft.wait_for_recovery(Some(Duration::from_secs(30)))
+                .await
+                .map_err(|e| NodeError::Raft(format!("group {g} did not recover: {e}")))?;
+        }
     }
 
     let mut tasks = Vec::new();

@@ -2,6 +2,8 @@
 //! ephemeral loopback port) or in a child process (for kill -9), plus HTTP helpers.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -1,0 +1,286 @@
+//! A cluster of real `kubbi` processes on loopback, each with its own data directory and ports.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use super::{Api, eventually};
+
+/// Reserves a free loopback port (released before the node binds it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn write_private(path: &Path, contents: &str) {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).expect("secret file");
+    f.write_all(contents.as_bytes()).expect("write");
+}
+
+pub struct Member {
+    pub id: u64,
+    pub internal_port: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+    pub api: Option<Api>,
+    pub zone: String,
+    pub extra: Vec<String>,
+}
+
+/// A running cluster.
+pub struct Cluster {
+    pub base: tempfile::TempDir,
+    pub members: Vec<Member>,
+    pub admin: String,
+    secret_file: PathBuf,
+    keys_file: PathBuf,
+    admin_file: PathBuf,
+    bootstrap: String,
+}
+
+impl Cluster {
+    /// Starts `n` nodes that bootstrap a new cluster together and waits until every group has
+    /// a leader.
+    pub async fn start(n: u64) -> Self {
+        let base = tempfile::tempdir().expect("tempdir");
+        let secret_file = base.path().join("cluster-secret");
+        write_private(&secret_file, &format!("{:032x}", rand::random::<u128>()));
+        let keys_file = base.path().join("node-keys.json");
+        let key = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            rand::random::<[u8; 32]>(),
+        );
+        write_private(
+            &keys_file,
+            &format!(r#"{{"current":1,"keys":[{{"id":1,"key":"{key}"}}]}}"#),
+        );
+        let admin = format!("{:032x}", rand::random::<u128>());
+        let admin_file = base.path().join("admin-token");
+        write_private(&admin_file, &admin);
+        let mut members = Vec::new();
+        for id in 1..=n {
+            members.push(Member {
+                id,
+                internal_port: free_port(),
+                dir: base.path().join(format!("node{id}")),
+                log: base.path().join(format!("node{id}.log")),
+                child: None,
+                api: None,
+                zone: format!("local/z{id}"),
+                extra: Vec::new(),
+            });
+        }
+        let bootstrap = members
+            .iter()
+            .map(|m| format!("{}=127.0.0.1:{}@{}", m.id, m.internal_port, m.zone))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Self {
+            base,
+            members,
+            admin,
+            secret_file,
+            keys_file,
+            admin_file,
+            bootstrap,
+        };
+        for i in 0..c.members.len() {
+            c.spawn(i, true);
+        }
+        for i in 0..c.members.len() {
+            c.wait_up(i).await;
+        }
+        c.wait_all_led().await;
+        c
+    }
+
+    fn command(&self, m: &Member, bootstrap: bool) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        cmd.arg("serve")
+            .args(["--node-id", &m.id.to_string()])
+            .arg("--data-dir")
+            .arg(&m.dir)
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(["--internal-addr", &format!("127.0.0.1:{}", m.internal_port)])
+            .args(["--zone", &m.zone])
+            .arg("--cluster-secret-file")
+            .arg(&self.secret_file)
+            .arg("--node-key-file")
+            .arg(&self.keys_file)
+            .arg("--admin-token-file")
+            .arg(&self.admin_file)
+            .args(["--raft-heartbeat-ms", "50"])
+            .args(&m.extra);
+        if bootstrap {
+            cmd.args(["--bootstrap", &self.bootstrap]);
+        }
+        cmd
+    }
+
+    /// Starts member `i` (again) on its data directory.
+    pub fn spawn(&mut self, i: usize, bootstrap: bool) {
+        let m = &self.members[i];
+        let _ = std::fs::create_dir_all(&m.dir);
+        let _ = std::fs::remove_file(m.dir.join("http.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .expect("log");
+        let child = self
+            .command(m, bootstrap)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kubbi");
+        self.members[i].child = Some(child);
+    }
+
+    /// Adds a member that joins through member `seed`.
+    pub async fn add_member(&mut self, seed: usize) -> usize {
+        let id = self.members.iter().map(|m| m.id).max().unwrap_or(0) + 1;
+        let mut m = Member {
+            id,
+            internal_port: free_port(),
+            dir: self.base.path().join(format!("node{id}")),
+            log: self.base.path().join(format!("node{id}.log")),
+            child: None,
+            api: None,
+            zone: format!("local/z{id}"),
+            extra: Vec::new(),
+        };
+        m.extra = vec![
+            "--join".into(),
+            format!("127.0.0.1:{}", self.members[seed].internal_port),
+        ];
+        self.members.push(m);
+        let i = self.members.len() - 1;
+        self.spawn(i, false);
+        self.wait_up(i).await;
+        i
+    }
+
+    /// Waits until member `i` serves HTTP (it has registered in the member table).
+    pub async fn wait_up(&mut self, i: usize) {
+        let f = self.members[i].dir.join("http.addr");
+        let addr = eventually(Duration::from_secs(90), "node writes http.addr", || {
+            let f = f.clone();
+            async move { std::fs::read_to_string(&f).ok().filter(|s| !s.is_empty()) }
+        })
+        .await;
+        self.members[i].api = Some(Api::new(format!("http://{addr}")));
+    }
+
+    pub fn api(&self, i: usize) -> &Api {
+        self.members[i].api.as_ref().expect("member is up")
+    }
+
+    /// `GET /admin/v1/cluster` on member `i`.
+    pub async fn status(&self, i: usize) -> Value {
+        let api = self.api(i);
+        let r = api
+            .send(
+                api.http
+                    .get(api.url("/admin/v1/cluster"))
+                    .bearer_auth(&self.admin),
+            )
+            .await;
+        r.body
+    }
+
+    /// Waits until, seen from a live member, every group has a leader.
+    pub async fn wait_all_led(&self) {
+        let i = self
+            .members
+            .iter()
+            .position(|m| m.child.is_some())
+            .expect("a live member");
+        let api = self.api(i).clone();
+        let admin = self.admin.clone();
+        eventually(Duration::from_secs(90), "every group has a leader", || {
+            let api = api.clone();
+            let admin = admin.clone();
+            async move {
+                let r = api
+                    .send(
+                        api.http
+                            .get(api.url("/admin/v1/cluster"))
+                            .bearer_auth(&admin),
+                    )
+                    .await;
+                let shards = r.body["shards"].as_array()?.clone();
+                (r.status == StatusCode::OK
+                    && !shards.is_empty()
+                    && shards.iter().all(|s| s["leader"].is_u64()))
+                .then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// The leader of shard `g`, as member `i` reports it.
+    pub async fn leader_of(&self, i: usize, g: u64) -> Option<u64> {
+        let st = self.status(i).await;
+        st["shards"].as_array()?.iter().find(|s| s["id"] == g)?["leader"].as_u64()
+    }
+
+    pub fn index_of(&self, id: u64) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.id == id)
+            .expect("member")
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn terminate(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Output of every member's log, for failure messages.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- node {} ---\n", m.id));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill9(i);
+        }
+    }
+}
