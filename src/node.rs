@@ -402,25 +402,31 @@ async fn directory_loop(service: Service, storage: Arc<Storage>, peers: Peers, m
 /// current members, one change per round, and retires drained members.
 async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: usize) {
     let exec = service.router().executor().clone();
+    let mut pause = Duration::from_secs(2);
     loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(pause).await;
+        pause = Duration::from_secs(2);
         let leads_system = exec
             .group(SYSTEM_GROUP)
             .is_some_and(|g| known_leader(&g.raft) == Some(me));
         if !leads_system {
             continue;
         }
-        if let Err(e) = rebalance_once(&service, &storage, rf).await {
-            tracing::debug!(error = %e.message, "rebalance round incomplete");
+        match rebalance_once(&service, &storage, rf).await {
+            // More may be pending: go on soon.
+            Ok(true) => pause = Duration::from_millis(200),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e.message, "rebalance round incomplete"),
         }
     }
 }
 
+/// One round; `Ok(true)` when it changed a membership.
 async fn rebalance_once(
     service: &Service,
     storage: &Storage,
     rf: usize,
-) -> Result<(), crate::error::ApiError> {
+) -> Result<bool, crate::error::ApiError> {
     let exec = service.router().executor().clone();
     let nodes = read_nodes(&storage.read_view(SYSTEM_GROUP)).map_err(|e| {
         tracing::error!(error = %e, "cannot read the member table");
@@ -431,7 +437,7 @@ async fn rebalance_once(
         .filter(|n| n.state == NodeState::Active)
         .collect();
     if active.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let infos: BTreeMap<u64, NodeInfo> = nodes.iter().map(|n| (n.id, node_info(n))).collect();
     let registered: BTreeSet<u64> = nodes
@@ -476,7 +482,7 @@ async fn rebalance_once(
             exec.execute(SYSTEM_GROUP, ShardOp::Reconfigure { voters, learners })
                 .await
                 .map_err(|e| crate::error::ApiError::unavailable(e.to_string()))?;
-            return Ok(());
+            return Ok(true);
         }
         statuses.push(st);
     }
@@ -541,7 +547,7 @@ async fn rebalance_once(
                 .await?;
         }
     }
-    Ok(())
+    Ok(changed)
 }
 
 fn caught_up(st: &crate::transport::messages::GroupStatus, node: u64) -> bool {
@@ -914,7 +920,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             secret_hash,
             uploads: Mutex::new(Default::default()),
         });
-        servers.push(serve(l, internal_router(st), stop_rx.clone(), "internal"));
+        servers.push(serve_internal(l, internal_router(st), stop_rx.clone()));
     }
 
     // Single node: wait for the groups to lead before answering (fast, local).
@@ -1008,6 +1014,10 @@ fn serve(
     mut stop: watch::Receiver<bool>,
     name: &'static str,
 ) -> JoinHandle<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.changed().await;
@@ -1017,6 +1027,52 @@ fn serve(
             .await
         {
             tracing::error!(server = name, error = %e, "server failed");
+        }
+    })
+}
+
+/// The internal port: HTTP/2 without TLS, tuned for many multiplexed raft streams per peer
+/// (a peer's timed-out requests reset their streams; hyper's default tolerance of 20 pending
+/// resets would drop the whole connection under load).
+fn serve_internal(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "internal accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let svc = TowerToHyperService::new(app.clone());
+            let mut conn_stop = stop.clone();
+            tokio::spawn(async move {
+                let mut b = Builder::new(TokioExecutor::new());
+                b.http2()
+                    .max_pending_accept_reset_streams(Some(4096))
+                    .max_concurrent_streams(Some(4096));
+                let conn = b.serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    r = conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(error = %e, "internal connection ended");
+                        }
+                    }
+                    _ = conn_stop.changed() => {}
+                }
+            });
         }
     })
 }

@@ -32,7 +32,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let app = AppState::from_ref(state);
         let token = bearer(parts).ok_or_else(ApiError::unauthorized)?;
-        app.service.authenticate(token)
+        app.service.authenticate(token).await
     }
 }
 

@@ -37,6 +37,24 @@ impl KeyCache {
         Ok(())
     }
 
+    /// Merges records read from the system group's leader (newer than this node's apply).
+    pub fn merge(&self, records: Vec<ApiKeyRecord>) {
+        let mut map = self.by_hash.write().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            map.insert(r.key_hash, r);
+        }
+    }
+
+    /// Whether the presented string is shaped like a key known to this node (revoked or not).
+    pub fn knows(&self, presented: &str) -> bool {
+        crypto::looks_like_api_key(presented)
+            && self
+                .by_hash
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&crypto::sha256(presented.as_bytes()))
+    }
+
     /// The record of a presented key, if it exists and is not revoked.
     pub fn authenticate(&self, presented: &str) -> Option<ApiKeyRecord> {
         if !crypto::looks_like_api_key(presented) {

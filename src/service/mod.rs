@@ -52,6 +52,8 @@ struct Inner {
     shards: u16,
     router: Arc<Router>,
     keys: Arc<KeyCache>,
+    /// When the key cache was last refreshed from the system group's leader.
+    key_refresh: tokio::sync::Mutex<Millis>,
 }
 
 /// The authenticated producer of a request.
@@ -122,6 +124,7 @@ impl Service {
                 shards,
                 router,
                 keys,
+                key_refresh: tokio::sync::Mutex::new(0),
             }),
         }
     }
@@ -164,10 +167,21 @@ impl Service {
     ///
     /// # Errors
     /// `401 unauthorized` otherwise.
-    pub fn authenticate(&self, bearer: &str) -> Result<Producer, ApiError> {
-        let key = self
-            .inner
-            .keys
+    pub async fn authenticate(&self, bearer: &str) -> Result<Producer, ApiError> {
+        let keys = &self.inner.keys;
+        if !keys.knows(bearer) && crypto::looks_like_api_key(bearer) {
+            // A key created a moment ago through another node may not be applied here yet: ask
+            // the system group's leader before refusing. Concurrent lookups share one refresh.
+            let asked_at = self.now();
+            let mut last = self.inner.key_refresh.lock().await;
+            if !keys.knows(bearer) && *last < asked_at {
+                if let Ok((records, _)) = self.read_system().await {
+                    keys.merge(records);
+                }
+                *last = self.now();
+            }
+        }
+        let key = keys
             .authenticate(bearer)
             .ok_or_else(ApiError::unauthorized)?;
         Ok(Producer {

@@ -17,12 +17,12 @@ use openraft::async_runtime::WatchReceiver;
 
 use super::exec::Executor;
 use crate::codec::encode;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::ids::{GroupId, SYSTEM_GROUP};
 use crate::shard::{Candidate, replicas};
 use crate::state::{NodeRecord, NodeState};
-use crate::transport::Peers;
 use crate::transport::messages::{ExecError, ShardOp, ShardReply};
+use crate::transport::{Peers, TransportError};
 
 /// How long one operation keeps looking for its leader (elections take about a second).
 const ROUTE_PATIENCE: Duration = Duration::from_secs(8);
@@ -175,6 +175,18 @@ impl Router {
                         .await
                     {
                         Ok(r) => r,
+                        Err(TransportError::Refused {
+                            status: 409,
+                            reason,
+                            ..
+                        }) => {
+                            // The peer does not recognise this node's data directory: nothing
+                            // this node sends is accepted until it is removed and joins again.
+                            return Err(ApiError::new(
+                                ErrorCode::Conflict,
+                                format!("refused by node {target}: {reason}"),
+                            ));
+                        }
                         Err(e) => {
                             tracing::debug!(group = g, target, op = op.name(), error = %e, "forward failed");
                             Err(ExecError::Unavailable(e.to_string()))

@@ -51,3 +51,510 @@ async fn create_on_one_node_preview_and_claim_on_another_at_once() {
         assert_eq!(s["replicas"].as_array().map(Vec::len), Some(3), "{s}");
     }
 }
+
+/// What load clients saw: acknowledged creates and claims, and claims left unanswered.
+#[derive(Default)]
+struct History {
+    created: std::collections::HashMap<String, (String, String, Option<u64>)>,
+    claims_ok: std::collections::HashMap<String, u64>,
+    claims_unknown: std::collections::HashMap<String, u64>,
+    burned: Vec<String>,
+    errors: Vec<String>,
+    acked: u64,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<History>>;
+
+/// `clients` closed-loop clients that create and claim through random live nodes until `stop`.
+fn load(
+    apis: Vec<common::Api>,
+    key: String,
+    clients: usize,
+    history: Shared,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    (0..clients)
+        .map(|c| {
+            let apis = apis.clone();
+            let key = key.clone();
+            let h = history.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut mine: Vec<String> = Vec::new();
+                let mut i = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let api = &apis[(c + i) % apis.len()];
+                    let content = format!("c{c}-{i}-{:016x}", rand::random::<u64>());
+                    let max = if i % 3 == 0 {
+                        None
+                    } else {
+                        Some((i % 4 + 1) as u64)
+                    };
+                    let r = api
+                        .http
+                        .post(api.url("/api/v1/kubbis"))
+                        .bearer_auth(&key)
+                        .json(&json!({"content": content, "max_retrievals": max}))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == StatusCode::CREATED => {
+                            let b: serde_json::Value = r.json().await.unwrap_or_default();
+                            let token = b["claim_token"].as_str().unwrap_or_default().to_string();
+                            let mut h = h.lock().expect("lock");
+                            h.created.insert(
+                                b["id"].as_str().unwrap_or_default().to_string(),
+                                (token.clone(), content, max),
+                            );
+                            h.acked += 1;
+                            drop(h);
+                            mine.push(token);
+                        }
+                        Ok(r) => {
+                            let s = r.status();
+                            let retry = r.headers().get("retry-after").is_some();
+                            if s != StatusCode::SERVICE_UNAVAILABLE || !retry {
+                                h.lock().expect("lock").errors.push(format!("create: {s}"));
+                            }
+                        }
+                        Err(_) => {} // a killed node: may or may not have created; not acknowledged
+                    }
+                    if mine.is_empty() {
+                        continue;
+                    }
+                    let target = mine[(i * 7) % mine.len()].clone();
+                    *h.lock()
+                        .expect("lock")
+                        .claims_unknown
+                        .entry(target.clone())
+                        .or_insert(0) += 1;
+                    let api = &apis[(c + i + 1) % apis.len()];
+                    let r = api
+                        .http
+                        .post(api.url(&format!("/r/{target}/claim")))
+                        .send()
+                        .await;
+                    let Ok(r) = r else { continue };
+                    let status = r.status();
+                    let retry = r.headers().get("retry-after").is_some();
+                    let body: serde_json::Value = r.json().await.unwrap_or_default();
+                    let mut h = h.lock().expect("lock");
+                    if status == StatusCode::SERVICE_UNAVAILABLE && retry {
+                        continue; // indeterminate: stays counted as unknown
+                    }
+                    if let Some(n) = h.claims_unknown.get_mut(&target) {
+                        *n -= 1;
+                    }
+                    h.acked += 1;
+                    if status == StatusCode::OK {
+                        *h.claims_ok.entry(target.clone()).or_insert(0) += 1;
+                        if body["burned"] == true {
+                            h.burned.push(target);
+                        }
+                    } else if status != StatusCode::GONE {
+                        h.errors.push(format!("claim: {status} {body}"));
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every acknowledged create is there with an exact count, burned stays burned, and active
+/// kubbis return the created bytes.
+async fn verify(api: &common::Api, key: &str, h: &History) {
+    assert!(
+        h.created.len() > 50,
+        "only {} creates acknowledged",
+        h.created.len()
+    );
+    for (id, (token, content, max)) in &h.created {
+        let d = api.get(key, &format!("/api/v1/kubbis/{id}")).await;
+        assert_eq!(
+            d.status,
+            StatusCode::OK,
+            "acknowledged create {id} lost: {:?}",
+            d.body
+        );
+        let count = d.body["retrieval_count"].as_u64().expect("count");
+        let ok = h.claims_ok.get(token).copied().unwrap_or(0);
+        let unknown = h.claims_unknown.get(token).copied().unwrap_or(0);
+        assert!(
+            count >= ok && count <= ok + unknown,
+            "{id}: count {count}, acknowledged {ok}, unanswered {unknown}"
+        );
+        if let Some(m) = max {
+            assert!(count <= *m, "{id}: {count} claims over max {m}");
+        }
+        if h.burned.contains(token) {
+            assert_eq!(d.body["status"], "burned", "{id} un-burned");
+        } else if d.body["status"] == "active" {
+            let r = api.claim(token).await;
+            assert_eq!(r.status, StatusCode::OK, "{id}: {:?}", r.body);
+            assert_eq!(r.body["content"], content.as_str(), "{id}: bytes changed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kill_9_under_load_loses_nothing_and_fails_over() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "load").await;
+    // A kubbi in shard 5 to probe that shard's availability.
+    let probe = loop {
+        let r = c.api(0).create(&key, json!({"content": "probe"})).await;
+        assert_eq!(
+            r.status,
+            StatusCode::CREATED,
+            "{:?}\n{}",
+            r.body,
+            c.logs_tail()
+        );
+        let t = r.body["claim_token"].as_str().expect("t").to_string();
+        if kubbi::ids::ClaimToken::parse(&t).map(|t| t.shard()) == Some(5) {
+            break t;
+        }
+    };
+    let victim_id = c.leader_of(0, 5).await.expect("shard 5 has a leader");
+    let victim = c.index_of(victim_id);
+    let survivors: Vec<common::Api> = (0..3)
+        .filter(|i| *i != victim)
+        .map(|i| c.api(i).clone())
+        .collect();
+    let all: Vec<common::Api> = (0..3).map(|i| c.api(i).clone()).collect();
+
+    let history: Shared = Default::default();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let clients = load(all, key.clone(), 16, history.clone(), stop.clone());
+    let h2 = history.clone();
+    common::eventually(std::time::Duration::from_secs(60), "load running", || {
+        let h = h2.clone();
+        async move { (h.lock().expect("lock").acked > 300).then_some(()) }
+    })
+    .await;
+
+    c.kill9(victim);
+    let killed = std::time::Instant::now();
+    let probe_api = survivors[0].clone();
+    common::eventually(
+        std::time::Duration::from_secs(30),
+        "shard 5 serves a claim again",
+        || {
+            let api = probe_api.clone();
+            let t = probe.clone();
+            async move { (api.claim(&t).await.status == StatusCode::OK).then_some(()) }
+        },
+    )
+    .await;
+    let failover = killed.elapsed();
+    eprintln!("failover of shard 5 (leader kill to first successful claim): {failover:?}");
+
+    // More load on the survivors, then bring the victim back.
+    let h2 = history.clone();
+    let before = h2.lock().expect("lock").acked;
+    common::eventually(std::time::Duration::from_secs(60), "load continues", || {
+        let h = h2.clone();
+        async move { (h.lock().expect("lock").acked > before + 200).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        let _ = t.await;
+    }
+    c.spawn(victim, true);
+    c.wait_up(victim).await;
+    c.wait_all_led().await;
+    let h = std::mem::take(&mut *history.lock().expect("lock"));
+    assert!(
+        h.errors.is_empty(),
+        "non-retriable errors: {:?}",
+        &h.errors[..h.errors.len().min(5)]
+    );
+    verify(c.api(victim), &key, &h).await;
+    assert!(
+        failover < std::time::Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_every_node_and_starting_again_keeps_everything() {
+    let mut c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    let mut made = Vec::new();
+    for i in 0..30 {
+        let r = c
+            .api(i % 3)
+            .create(
+                &key,
+                json!({"content": format!("v{i}"), "max_retrievals": 2, "metadata": {"i": i}}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        made.push(r.body);
+    }
+    let first = made[0]["claim_token"].as_str().expect("t").to_string();
+    assert_eq!(c.api(1).claim(&first).await.status, StatusCode::OK);
+    for i in 0..3 {
+        c.terminate(i);
+    }
+    for i in 0..3 {
+        c.spawn(i, true);
+    }
+    for i in 0..3 {
+        c.wait_up(i).await;
+    }
+    c.wait_all_led().await;
+    // The key works everywhere; every kubbi is intact with its count and metadata.
+    for (i, b) in made.iter().enumerate() {
+        let api = c.api(i % 3);
+        let d = api
+            .get(
+                &key,
+                &format!("/api/v1/kubbis/{}", b["id"].as_str().expect("id")),
+            )
+            .await;
+        assert_eq!(d.status, StatusCode::OK, "{:?}", d.body);
+        assert_eq!(d.body["retrieval_count"], if i == 0 { 1 } else { 0 });
+        assert_eq!(d.body["metadata"]["i"], i);
+        let claim = api.claim(b["claim_token"].as_str().expect("t")).await;
+        assert_eq!(claim.body["content"], format!("v{i}"));
+        assert_eq!(
+            claim.body["burned"],
+            i == 0,
+            "the first was claimed before the restart"
+        );
+    }
+    assert_eq!(c.api(2).claim(&first).await.status, StatusCode::GONE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_wiped_data_dir_is_refused_until_removed_and_added_again() {
+    let mut c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    let kept = c
+        .api(0)
+        .create(&key, json!({"content": "kept", "max_retrievals": 3}))
+        .await;
+    c.kill9(2);
+    std::fs::remove_dir_all(&c.members[2].dir).expect("wipe");
+    // Same id, same flags, empty data directory: refused, the process exits.
+    c.spawn(2, true);
+    let mut child = c.members[2].child.take().expect("child");
+    let status = common::eventually(
+        std::time::Duration::from_secs(60),
+        "the wiped node exits",
+        || {
+            let done = child.try_wait().ok().flatten();
+            async move { done }
+        },
+    )
+    .await;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&c.members[2].log).expect("log");
+    assert!(
+        log.contains("remove it first"),
+        "the refusal says what to do"
+    );
+    // The cluster still serves (two of three replicas).
+    let t = kept.body["claim_token"].as_str().expect("t");
+    assert_eq!(c.api(0).claim(t).await.status, StatusCode::OK);
+
+    // Remove node 3, wait until it is drained out of every group, then join it again.
+    let api = c.api(0).clone();
+    let r = api
+        .send(
+            api.http
+                .delete(api.url("/admin/v1/nodes/3"))
+                .bearer_auth(&c.admin),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let admin = c.admin.clone();
+    common::eventually(std::time::Duration::from_secs(90), "node 3 removed", || {
+        let api = api.clone();
+        let admin = admin.clone();
+        async move {
+            let st = api
+                .send(
+                    api.http
+                        .get(api.url("/admin/v1/cluster"))
+                        .bearer_auth(&admin),
+                )
+                .await
+                .body;
+            let removed = st["nodes"]
+                .as_array()?
+                .iter()
+                .any(|n| n["id"] == 3 && n["state"] == "removed");
+            let out = st["shards"].as_array()?.iter().all(|s| {
+                !s["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.contains(&json!(3)))
+                    && !s["learners"]
+                        .as_array()
+                        .is_some_and(|r| r.contains(&json!(3)))
+            });
+            (removed && out).then_some(())
+        }
+    })
+    .await;
+    c.members[2].extra = vec![
+        "--join".into(),
+        format!("127.0.0.1:{}", c.members[0].internal_port),
+    ];
+    c.spawn(2, false);
+    c.wait_up(2).await;
+    let api = c.api(0).clone();
+    let admin = c.admin.clone();
+    common::eventually(
+        std::time::Duration::from_secs(120),
+        "node 3 back in every shard",
+        || {
+            let api = api.clone();
+            let admin = admin.clone();
+            async move {
+                let st = api
+                    .send(
+                        api.http
+                            .get(api.url("/admin/v1/cluster"))
+                            .bearer_auth(&admin),
+                    )
+                    .await
+                    .body;
+                let shards = st["shards"].as_array()?;
+                shards
+                    .iter()
+                    .all(|s| {
+                        s["replicas"]
+                            .as_array()
+                            .is_some_and(|r| r.contains(&json!(3)))
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(c.api(2).claim(t).await.body["retrieval_count"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adding_a_fourth_node_and_removing_an_old_one_under_load() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "load").await;
+    let history: Shared = Default::default();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // Clients use nodes 1 and 3; node 2 is the one that leaves.
+    let apis = vec![c.api(0).clone(), c.api(2).clone()];
+    let clients = load(apis, key.clone(), 16, history.clone(), stop.clone());
+
+    let status = |c: &Cluster| {
+        let api = c.api(0).clone();
+        let admin = c.admin.clone();
+        async move {
+            api.send(
+                api.http
+                    .get(api.url("/admin/v1/cluster"))
+                    .bearer_auth(&admin),
+            )
+            .await
+            .body
+        }
+    };
+    let fourth = c.add_member(0).await;
+    assert_eq!(c.members[fourth].id, 4);
+    let s = status(&c);
+    drop(s);
+    common::eventually(
+        std::time::Duration::from_secs(120),
+        "node 4 holds replicas",
+        || {
+            let st = status(&c);
+            async move {
+                let st = st.await;
+                let shards = st["shards"].as_array()?;
+                let with4 = shards
+                    .iter()
+                    .filter(|s| {
+                        s["replicas"]
+                            .as_array()
+                            .is_some_and(|r| r.contains(&json!(4)))
+                    })
+                    .count();
+                let full = shards
+                    .iter()
+                    .filter(|s| s["id"].is_u64())
+                    .all(|s| s["replicas"].as_array().is_some_and(|r| r.len() == 3));
+                if !(with4 >= 8 && full) {
+                    let brief: Vec<String> = shards
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "{}:{}:{}",
+                                s["id"],
+                                s["replicas"],
+                                s.get("error").unwrap_or(&json!(""))
+                            )
+                        })
+                        .collect();
+                    eprintln!("waiting: with4={with4} full={full} {brief:?}");
+                }
+                (with4 >= 8 && full).then_some(())
+            }
+        },
+    )
+    .await;
+
+    let api = c.api(0).clone();
+    let r = api
+        .send(
+            api.http
+                .delete(api.url("/admin/v1/nodes/2"))
+                .bearer_auth(&c.admin),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    common::eventually(
+        std::time::Duration::from_secs(120),
+        "node 2 drained and removed",
+        || {
+            let st = status(&c);
+            async move {
+                let st = st.await;
+                let removed = st["nodes"]
+                    .as_array()?
+                    .iter()
+                    .any(|n| n["id"] == 2 && n["state"] == "removed");
+                let shards = st["shards"].as_array()?;
+                let out = shards.iter().all(|s| {
+                    s["replicas"].as_array().is_some_and(|r| {
+                        !r.contains(&json!(2)) && (r.len() == 3 || !s["id"].is_u64())
+                    })
+                });
+                (removed && out).then_some(())
+            }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        let _ = t.await;
+    }
+    c.terminate(1);
+    let h = std::mem::take(&mut *history.lock().expect("lock"));
+    assert!(
+        h.errors.is_empty(),
+        "only retriable 503s are allowed: {:?}",
+        &h.errors[..h.errors.len().min(5)]
+    );
+    assert!(
+        h.acked > 500,
+        "load ran throughout ({} acknowledged)",
+        h.acked
+    );
+    verify(c.api(fourth), &key, &h).await;
+}

@@ -122,7 +122,7 @@ impl Cluster {
             .arg(&self.keys_file)
             .arg("--admin-token-file")
             .arg(&self.admin_file)
-            .args(["--raft-heartbeat-ms", "50"])
+            .args(["--raft-heartbeat-ms", "100"])
             .args(&m.extra);
         if bootstrap {
             cmd.args(["--bootstrap", &self.bootstrap]);
@@ -281,6 +281,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             self.kill9(i);
+        }
+        if std::thread::panicking() {
+            // Keep what a failure needs for diagnosis.
+            let keep = std::env::temp_dir().join(format!("kubbi-failed-{}", std::process::id()));
+            let _ = std::fs::create_dir_all(&keep);
+            for m in &self.members {
+                let _ = std::fs::copy(&m.log, keep.join(format!("node{}.log", m.id)));
+            }
+            eprintln!("cluster logs kept in {}", keep.display());
         }
     }
 }
