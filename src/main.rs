@@ -25,6 +25,29 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Inspect and change cluster membership through a node's admin API.
+    Cluster {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Nodes, shards, leaders, replicas and replication lag.
+    Status,
+    /// Drain a node (its replicas move away) and retire it.
+    Remove { id: u64 },
+    /// Pre-register a node by id and internal address (it can also just start with --join).
+    Add {
+        id: u64,
+        #[arg(long)]
+        internal: String,
+        #[arg(long, default_value = "default/default")]
+        zone: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -80,6 +103,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Serve(args) => serve(*args).await,
             Cmd::Key { admin, cmd } => key(admin, cmd).await,
+            Cmd::Cluster { admin, cmd } => cluster(admin, cmd).await,
         }
     });
     match result {
@@ -123,42 +147,35 @@ async fn shutdown_signal() {
     }
 }
 
-async fn key(admin: AdminArgs, cmd: KeyCmd) -> anyhow::Result<()> {
-    let token = match admin.admin_token {
-        Some(t) => t,
+fn admin_token(admin: &AdminArgs) -> anyhow::Result<String> {
+    match &admin.admin_token {
+        Some(t) => Ok(t.clone()),
         None => {
             let path = admin.data_dir.join("admin-token");
             kubbi::config::read_secret_file(&path)
-                .with_context(|| format!("reading the admin token from {}", path.display()))?
-        }
-    };
-    let base = admin.url.trim_end_matches('/');
-    let client = reqwest::Client::new();
-    let resp = match cmd {
-        KeyCmd::Create { label } => {
-            client
-                .post(format!("{base}/admin/v1/api-keys"))
-                .bearer_auth(&token)
-                .json(&serde_json::json!({ "label": label }))
-                .send()
-                .await
-        }
-        KeyCmd::List => {
-            client
-                .get(format!("{base}/admin/v1/api-keys"))
-                .bearer_auth(&token)
-                .send()
-                .await
-        }
-        KeyCmd::Revoke { id } => {
-            client
-                .delete(format!("{base}/admin/v1/api-keys/{id}"))
-                .bearer_auth(&token)
-                .send()
-                .await
+                .with_context(|| format!("reading the admin token from {}", path.display()))
         }
     }
-    .with_context(|| format!("contacting {base}"))?;
+}
+
+async fn admin_call(
+    admin: &AdminArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let token = admin_token(admin)?;
+    let base = admin.url.trim_end_matches('/');
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(&token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("contacting {base}"))?;
     let status = resp.status();
     let body: serde_json::Value = resp.json().await.context("reading the response")?;
     if !status.is_success() {
@@ -169,6 +186,88 @@ async fn key(admin: AdminArgs, cmd: KeyCmd) -> anyhow::Result<()> {
             body["message"].as_str().unwrap_or("")
         );
     }
+    Ok(body)
+}
+
+async fn key(admin: AdminArgs, cmd: KeyCmd) -> anyhow::Result<()> {
+    let body = match cmd {
+        KeyCmd::Create { label } => {
+            admin_call(
+                &admin,
+                reqwest::Method::POST,
+                "/admin/v1/api-keys",
+                Some(serde_json::json!({ "label": label })),
+            )
+            .await?
+        }
+        KeyCmd::List => {
+            admin_call(&admin, reqwest::Method::GET, "/admin/v1/api-keys", None).await?
+        }
+        KeyCmd::Revoke { id } => {
+            admin_call(
+                &admin,
+                reqwest::Method::DELETE,
+                &format!("/admin/v1/api-keys/{id}"),
+                None,
+            )
+            .await?
+        }
+    };
     println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Status => {
+            let st = admin_call(&admin, reqwest::Method::GET, "/admin/v1/cluster", None).await?;
+            println!("nodes:");
+            for n in st["nodes"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:>3}  {:<8} http {:<22} internal {:<22} zone {}",
+                    n["id"],
+                    n["state"].as_str().unwrap_or(""),
+                    n["http"].as_str().unwrap_or(""),
+                    n["internal"].as_str().unwrap_or(""),
+                    n["zone"].as_str().unwrap_or("")
+                );
+            }
+            println!("groups:");
+            for s in st["shards"].as_array().into_iter().flatten() {
+                println!(
+                    "  {:>6}  leader {:<4} replicas {:<12} learners {:<8} applied {:<8} lag {}",
+                    s["id"].to_string(),
+                    s["leader"].to_string(),
+                    s["replicas"].to_string(),
+                    s["learners"].to_string(),
+                    s["applied_index"].to_string(),
+                    s["replication_lag"]
+                );
+            }
+        }
+        ClusterCmd::Remove { id } => {
+            let r = admin_call(
+                &admin,
+                reqwest::Method::DELETE,
+                &format!("/admin/v1/nodes/{id}"),
+                None,
+            )
+            .await?;
+            println!(
+                "node {id} is {}: its replicas move away, then it is removed",
+                r["state"].as_str().unwrap_or("?")
+            );
+        }
+        ClusterCmd::Add { id, internal, zone } => {
+            let r = admin_call(
+                &admin,
+                reqwest::Method::POST,
+                "/admin/v1/nodes",
+                Some(serde_json::json!({ "id": id, "internal": internal, "zone": zone })),
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
+    }
     Ok(())
 }

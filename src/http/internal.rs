@@ -113,10 +113,19 @@ fn reply<T: Serialize>(v: &T) -> Response {
         .into_response()
 }
 
-fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Response> {
+/// An internal request body that does not decode.
+struct Undecodable;
+
+impl IntoResponse for Undecodable {
+    fn into_response(self) -> Response {
+        refuse(StatusCode::BAD_REQUEST, "undecodable request")
+    }
+}
+
+fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Undecodable> {
     decode("internal request", b).map_err(|e| {
         tracing::warn!(error = %e, "undecodable internal request");
-        refuse(StatusCode::BAD_REQUEST, "undecodable request")
+        Undecodable
     })
 }
 
@@ -129,7 +138,7 @@ async fn raft_rpc(
         return refuse(StatusCode::NOT_FOUND, "no such group");
     };
     let raft = &lg.raft;
-    let r: Result<Response, Response> = async {
+    let r: Result<Response, Undecodable> = async {
         Ok(match kind.as_str() {
             "append" => reply(
                 &raft
@@ -153,7 +162,7 @@ async fn raft_rpc(
         })
     }
     .await;
-    r.unwrap_or_else(|e| e)
+    r.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// How long an unfinished snapshot upload is kept.
@@ -197,7 +206,7 @@ async fn shard(
 ) -> Response {
     let op: ShardOp = match body(&b) {
         Ok(op) => op,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     // Executed here or refused with a leader hint: a forward is never forwarded again.
     reply(&st.exec.execute(group, op).await)
@@ -206,7 +215,7 @@ async fn shard(
 async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {
     let rec: NodeRecord = match body(&b) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let r = st
         .service

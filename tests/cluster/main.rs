@@ -87,7 +87,7 @@ fn load(
                     i += 1;
                     let api = &apis[(c + i) % apis.len()];
                     let content = format!("c{c}-{i}-{:016x}", rand::random::<u64>());
-                    let max = if i % 3 == 0 {
+                    let max = if i.is_multiple_of(3) {
                         None
                     } else {
                         Some((i % 4 + 1) as u64)
@@ -557,4 +557,124 @@ async fn adding_a_fourth_node_and_removing_an_old_one_under_load() {
         h.acked
     );
     verify(c.api(fourth), &key, &h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_and_down_scripts_and_the_status_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let root = env!("CARGO_MANIFEST_DIR");
+    let bin = env!("CARGO_BIN_EXE_kubbi");
+    let up = std::process::Command::new(format!("{root}/cluster/up"))
+        .arg("3")
+        .arg("--dir")
+        .arg(&run)
+        .env("KUBBI_BIN", bin)
+        .output()
+        .expect("cluster/up runs");
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("cluster.json")).expect("cluster.json"))
+            .expect("json");
+    let nodes = state["nodes"].as_array().expect("nodes").clone();
+    assert_eq!(nodes.len(), 3);
+    for k in ["id", "http", "internal", "pid", "data_dir", "cmd"] {
+        assert!(nodes[0].get(k).is_some(), "cluster.json lacks {k}");
+    }
+    let admin = state["admin_token"].as_str().expect("admin").to_string();
+    let api = |i: usize| {
+        common::Api::new(format!(
+            "http://{}",
+            nodes[i]["http"].as_str().expect("http")
+        ))
+    };
+    let (key, _) = api(0).new_api_key(&admin, "scripts").await;
+    let c = api(1).create(&key, json!({"content": "via scripts"})).await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+
+    // Restart node 3 from its recorded command line after kill -9.
+    let pid = nodes[2]["pid"].as_u64().expect("pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    let argv: Vec<String> = nodes[2]["cmd"]
+        .as_array()
+        .expect("cmd")
+        .iter()
+        .map(|a| a.as_str().expect("arg").to_string())
+        .collect();
+    let mut again = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("restart");
+    let api3 = api(2);
+    let token = c.body["claim_token"].as_str().expect("t").to_string();
+    let claimed = common::eventually(
+        std::time::Duration::from_secs(60),
+        "restarted node serves",
+        || {
+            let api3 = api3.clone();
+            let token = token.clone();
+            async move {
+                let r = api3
+                    .http
+                    .post(api3.url(&format!("/r/{token}/claim")))
+                    .send()
+                    .await
+                    .ok()?;
+                (r.status() == StatusCode::OK).then_some(())
+            }
+        },
+    )
+    .await;
+    let () = claimed;
+
+    let status = std::process::Command::new(bin)
+        .args([
+            "cluster",
+            "status",
+            "--url",
+            &format!("http://{}", nodes[0]["http"].as_str().expect("h")),
+        ])
+        .env("KUBBI_ADMIN_TOKEN", &admin)
+        .output()
+        .expect("kubbi cluster status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        text.contains("nodes:") && text.contains("groups:") && text.contains("system"),
+        "{text}"
+    );
+
+    let _ = again.kill();
+    let _ = again.wait();
+    let down = std::process::Command::new(format!("{root}/cluster/down"))
+        .arg("--dir")
+        .arg(&run)
+        .output()
+        .expect("cluster/down runs");
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    for n in &nodes[..2] {
+        let pid = n["pid"].as_u64().expect("pid");
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        assert!(!alive, "node {pid} still running");
+    }
+    assert!(!run.exists());
 }
