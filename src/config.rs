@@ -297,6 +297,13 @@ pub struct ServeArgs {
     /// This node's id (stable for its data directory).
     #[arg(long, env = "KUBBI_NODE_ID", default_value_t = 1)]
     pub node_id: u64,
+    /// Take the node id from the host name's trailing number plus one (StatefulSet pod
+    /// `kubbi-2` is node 3).
+    #[arg(long, env = "KUBBI_NODE_ID_FROM_HOSTNAME")]
+    pub node_id_from_hostname: bool,
+    /// Check the configuration (flags, environment, secret files) and exit.
+    #[arg(long)]
+    pub check_config: bool,
     /// Number of shards (only used when the data directory is first initialised).
     #[arg(long, env = "KUBBI_SHARDS", default_value_t = 16)]
     pub shards: u16,
@@ -400,6 +407,20 @@ impl ServeArgs {
     }
 }
 
+/// The node id of a StatefulSet-style host name: its trailing number plus one.
+pub fn node_id_from_hostname(host: &str) -> Option<u64> {
+    let host = host.trim().split('.').next().unwrap_or("");
+    let digits: String = host
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse::<u64>().ok().map(|n| n + 1)
+}
+
 /// Milliseconds of a duration, saturating.
 pub fn millis(d: Duration) -> Millis {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -476,6 +497,16 @@ mod tests {
         let mut c = Config::for_dir("/tmp/x");
         c.public_url = Some("ftp://x".into());
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn node_ids_from_host_names() {
+        assert_eq!(node_id_from_hostname("kubbi-0"), Some(1));
+        assert_eq!(
+            node_id_from_hostname("kubbi-12.kubbi-internal.default.svc"),
+            Some(13)
+        );
+        assert_eq!(node_id_from_hostname("kubbi"), None);
     }
 
     #[test]

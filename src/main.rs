@@ -25,6 +25,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: KeyCmd,
     },
+    /// Exit 0 when URL answers 200 (container health checks; the image has no curl).
+    Probe { url: String },
     /// Inspect and change cluster membership through a node's admin API.
     Cluster {
         #[command(flatten)]
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
             Cmd::Serve(args) => serve(*args).await,
             Cmd::Key { admin, cmd } => key(admin, cmd).await,
             Cmd::Cluster { admin, cmd } => cluster(admin, cmd).await,
+            Cmd::Probe { url } => probe(&url).await,
         }
     });
     match result {
@@ -115,8 +118,49 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+async fn probe(url: &str) -> anyhow::Result<()> {
+    let r = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(url)
+        .send()
+        .await?;
+    if r.status().as_u16() != 200 {
+        bail!("{url} answered {}", r.status());
+    }
+    Ok(())
+}
+
+async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
+    if args.node_id_from_hostname {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .unwrap_or_default();
+        args.node_id = kubbi::config::node_id_from_hostname(&host)
+            .with_context(|| format!("host name {host:?} has no trailing number"))?;
+    }
+    let check = args.check_config;
     let config = args.into_config().map_err(anyhow::Error::msg)?;
+    if check {
+        config.validate().map_err(anyhow::Error::msg)?;
+        for f in [&config.admin_token_file, &config.cluster.secret_file]
+            .into_iter()
+            .flatten()
+        {
+            kubbi::config::read_secret_file(f)
+                .with_context(|| format!("reading {}", f.display()))?;
+        }
+        if let Some(f) = &config.node_key_file {
+            kubbi::crypto::KeyRing::load(f)?;
+        }
+        println!(
+            "configuration ok: node {}, data in {}",
+            config.node_id,
+            config.data_dir.display()
+        );
+        return Ok(());
+    }
     let node = kubbi::node::start(config).await?;
     eprintln!(
         "kubbi serving on {} (admin token: see the data directory's admin-token file)",
