@@ -24,6 +24,8 @@ use serde_json::{Value, json};
 
 struct Opts {
     url: Option<String>,
+    /// A cluster started by `cluster/up`: clients spread over its nodes.
+    cluster: Option<PathBuf>,
     clients: Vec<usize>,
     seconds: u64,
     payload: usize,
@@ -35,6 +37,7 @@ struct Opts {
 fn parse_opts() -> Opts {
     let mut o = Opts {
         url: None,
+        cluster: None,
         clients: vec![1, 16, 64],
         seconds: 10,
         payload: 1024,
@@ -48,6 +51,7 @@ fn parse_opts() -> Opts {
         let val = |i: usize| args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--url" => o.url = Some(val(i)),
+            "--cluster" => o.cluster = Some(PathBuf::from(val(i))),
             "--clients" => o.clients = val(i).split(',').filter_map(|c| c.parse().ok()).collect(),
             "--seconds" => o.seconds = val(i).parse().unwrap_or(10),
             "--payload" => o.payload = val(i).parse().unwrap_or(1024),
@@ -140,6 +144,14 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The same context aimed at another node.
+    fn on(&self, url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            ..self.clone()
+        }
+    }
+
     async fn create(&self, max: Option<u32>, ttl: u64) -> Option<String> {
         let r = self
             .http
@@ -190,7 +202,13 @@ struct Result1 {
     hist: Histogram<u64>,
 }
 
-async fn run_level(ctx: &Ctx, workload: &str, clients: usize, seconds: u64) -> Result1 {
+async fn run_level(
+    ctx: &Ctx,
+    urls: &[String],
+    workload: &str,
+    clients: usize,
+    seconds: u64,
+) -> Result1 {
     // Claims and previews need kubbis made beforehand (not timed).
     let pool: Arc<Vec<String>> = Arc::new(match workload {
         "claim" | "preview" => {
@@ -229,7 +247,8 @@ async fn run_level(ctx: &Ctx, workload: &str, clients: usize, seconds: u64) -> R
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let ctx = ctx.clone();
+        // Client c talks to node c mod n, as behind a load balancer.
+        let ctx = ctx.on(&urls[c % urls.len()]);
         let stop = stop.clone();
         let pool = pool.clone();
         let cursor = cursor.clone();
@@ -295,15 +314,34 @@ fn ms(us: u64) -> f64 {
 #[tokio::main]
 async fn main() {
     let opts = parse_opts();
-    let node = match &opts.url {
-        Some(u) => Node {
+    let mut urls = Vec::new();
+    let node = match (&opts.url, &opts.cluster) {
+        (_, Some(dir)) => {
+            let state: Value = serde_json::from_slice(
+                &std::fs::read(dir.join("cluster.json")).expect("cluster.json (run cluster/up)"),
+            )
+            .expect("cluster.json");
+            for n in state["nodes"].as_array().expect("nodes") {
+                urls.push(format!("http://{}", n["http"].as_str().expect("http")));
+            }
+            Node {
+                child: None,
+                _dir: None,
+                url: urls[0].clone(),
+                admin: state["admin_token"].as_str().expect("admin").to_string(),
+            }
+        }
+        (Some(u), None) => Node {
             child: None,
             _dir: None,
             url: u.trim_end_matches('/').to_string(),
             admin: std::env::var("KUBBI_ADMIN_TOKEN").expect("KUBBI_ADMIN_TOKEN with --url"),
         },
-        None => start_node().await,
+        (None, None) => start_node().await,
     };
+    if urls.is_empty() {
+        urls.push(node.url.clone());
+    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(30))
@@ -341,15 +379,18 @@ async fn main() {
     };
 
     println!(
-        "kubbi loadgen: node {} | payload {} B | {} s per level",
-        node.url, opts.payload, opts.seconds
+        "kubbi loadgen: {} node(s) {} | payload {} B | {} s per level",
+        urls.len(),
+        urls.join(" "),
+        opts.payload,
+        opts.seconds
     );
     println!("| workload | clients | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for w in &opts.workloads {
         for &c in &opts.clients {
-            let r = run_level(&ctx, w, c, opts.seconds).await;
+            let r = run_level(&ctx, &urls, w, c, opts.seconds).await;
             let rate = r.ops as f64 / r.secs;
             println!(
                 "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",

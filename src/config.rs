@@ -361,6 +361,9 @@ pub struct ServeArgs {
     /// Raft heartbeat interval in milliseconds (election timeouts are 5 to 10 heartbeats).
     #[arg(long, env = "KUBBI_RAFT_HEARTBEAT_MS", default_value_t = 100)]
     pub raft_heartbeat_ms: u64,
+    /// Build a snapshot of a group (and purge its log behind it) every this many entries.
+    #[arg(long, env = "KUBBI_RAFT_SNAPSHOT_EVERY", default_value_t = 20_000)]
+    pub raft_snapshot_every: u64,
 }
 
 impl ServeArgs {
@@ -389,6 +392,7 @@ impl ServeArgs {
         c.raft.heartbeat_ms = self.raft_heartbeat_ms;
         c.raft.election_timeout_min_ms = self.raft_heartbeat_ms * 5;
         c.raft.election_timeout_max_ms = self.raft_heartbeat_ms * 10;
+        c.raft.snapshot_every_entries = self.raft_snapshot_every.max(1);
         c.cluster = ClusterConfig {
             internal_addr: self.internal_addr,
             advertise_internal: self.advertise_internal,

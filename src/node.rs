@@ -236,7 +236,9 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
             config.raft.snapshot_every_entries,
         ),
-        max_in_snapshot_log_to_keep: 500,
+        // Keep a quarter of a snapshot interval of log behind each snapshot, so a briefly
+        // lagging follower catches up from the log instead of a full snapshot.
+        max_in_snapshot_log_to_keep: (config.raft.snapshot_every_entries / 4).max(1),
         ..Default::default()
     };
     c.validate()

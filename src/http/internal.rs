@@ -189,6 +189,8 @@ async fn receive_snapshot(
             .map(|(_, c)| c)
             .unwrap_or_default()
     };
+    let items: usize = chunks.iter().map(|c| c.items.len()).sum();
+    tracing::info!(group, items, last = ?part.meta.last_log_id, "installing a snapshot from the leader");
     let snapshot = Snapshot {
         meta: part.meta,
         snapshot: SnapshotData::from_chunks(chunks),

@@ -55,6 +55,11 @@ impl Cluster {
     /// Starts `n` nodes that bootstrap a new cluster together and waits until every group has
     /// a leader.
     pub async fn start(n: u64) -> Self {
+        Self::start_with(n, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra `kubbi serve` flags for every node.
+    pub async fn start_with(n: u64, extra: &[&str]) -> Self {
         let base = tempfile::tempdir().expect("tempdir");
         let secret_file = base.path().join("cluster-secret");
         write_private(&secret_file, &format!("{:032x}", rand::random::<u128>()));
@@ -80,7 +85,7 @@ impl Cluster {
                 child: None,
                 api: None,
                 zone: format!("local/z{id}"),
-                extra: Vec::new(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             });
         }
         let bootstrap = members
@@ -162,10 +167,17 @@ impl Cluster {
             zone: format!("local/z{id}"),
             extra: Vec::new(),
         };
-        m.extra = vec![
+        m.extra = self.members[seed]
+            .extra
+            .iter()
+            .filter(|a| !a.starts_with("127.0.0.1:"))
+            .cloned()
+            .collect();
+        m.extra.retain(|a| a != "--join");
+        m.extra.extend([
             "--join".into(),
             format!("127.0.0.1:{}", self.members[seed].internal_port),
-        ];
+        ]);
         self.members.push(m);
         let i = self.members.len() - 1;
         self.spawn(i, false);
