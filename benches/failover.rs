@@ -77,6 +77,7 @@ async fn main() {
     let key = key["api_key"].as_str().expect("api key").to_string();
 
     let mut times = Vec::new();
+    let mut restarted = Vec::new();
     for round in 0..rounds {
         // A probe kubbi (unlimited reads), its shard and that shard's leader.
         let c: Value = http
@@ -150,6 +151,7 @@ async fn main() {
             .spawn()
             .expect("restart");
         state["nodes"][victim]["pid"] = json!(child.id());
+        restarted.push(child);
         std::fs::write(
             run.join("cluster.json"),
             serde_json::to_vec_pretty(&state).expect("json"),
