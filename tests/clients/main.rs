@@ -1,0 +1,37 @@
+//! Real clients, unchanged, against a real node: the published Python package `kubbi` 0.1.0
+//! installed from PyPI into a temporary virtualenv.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::TestNode;
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_python_client_works_unchanged() {
+    let venv = tempfile::tempdir().expect("tempdir");
+    run(Command::new("python3").args(["-m", "venv"]).arg(venv.path()));
+    let py = venv.path().join("bin/python");
+    run(Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "kubbi==0.1.0"]));
+    let n = TestNode::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/kubbi_client_check.py");
+    let base = n.api.base.clone();
+    let key = n.key.clone();
+    let out = tokio::task::spawn_blocking(move || run(Command::new(&py).arg(script).arg(&base).arg(&key)))
+        .await
+        .expect("script");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("python client ok"));
+    n.stop().await;
+}
