@@ -8,6 +8,7 @@ mod dto;
 mod error;
 mod extract;
 pub mod internal;
+mod page;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -249,9 +250,23 @@ async fn preview_or_inspect(
 
 async fn preview(
     State(app): State<AppState>,
+    headers: HeaderMap,
     token: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<PreviewResponse>, ApiError> {
-    preview_or_inspect(&app, claim_token(token)?, true).await
+) -> Response {
+    let html = page::wants_html(&headers);
+    let token = match claim_token(token) {
+        Ok(t) => t,
+        Err(e) if html => return page::error(&e),
+        Err(e) => return e.into_response(),
+    };
+    if html {
+        // A browser (or a link-preview bot): a page that shows what is waiting, consumes nothing.
+        return match app.service.preview(&token).await {
+            Ok(p) => page::preview(&p, &format!("/r/{}/claim", token.expose().as_str())),
+            Err(e) => page::error(&e),
+        };
+    }
+    preview_or_inspect(&app, token, true).await.into_response()
 }
 
 async fn inspect(
@@ -265,11 +280,23 @@ async fn claim(
     State(app): State<AppState>,
     headers: HeaderMap,
     token: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<ClaimResponse>, ApiError> {
-    let token = claim_token(token)?;
-    let idem = idempotency_key(&headers)?;
-    let out = app.service.claim(&token, idem.as_deref()).await?;
-    Ok(Json(ClaimResponse::new(out, &app.service)?))
+) -> Response {
+    let html = page::wants_html(&headers);
+    let result = async {
+        let token = claim_token(token)?;
+        let idem = idempotency_key(&headers)?;
+        app.service.claim(&token, idem.as_deref()).await
+    }
+    .await;
+    match (result, html) {
+        (Ok(out), true) => page::claimed(&out),
+        (Err(e), true) => page::error(&e),
+        (Ok(out), false) => match ClaimResponse::new(out, &app.service) {
+            Ok(r) => Json(r).into_response(),
+            Err(e) => e.into_response(),
+        },
+        (Err(e), false) => e.into_response(),
+    }
 }
 
 // ---- operator ------------------------------------------------------------------------------

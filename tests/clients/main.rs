@@ -22,16 +22,30 @@ fn run(cmd: &mut Command) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_python_client_works_unchanged() {
     let venv = tempfile::tempdir().expect("tempdir");
-    run(Command::new("python3").args(["-m", "venv"]).arg(venv.path()));
+    run(Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(venv.path()));
     let py = venv.path().join("bin/python");
-    run(Command::new(&py).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "kubbi==0.1.0"]));
+    run(Command::new(&py).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "kubbi==0.1.0",
+    ]));
     let n = TestNode::start().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/kubbi_client_check.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/kubbi_client_check.py"
+    );
     let base = n.api.base.clone();
     let key = n.key.clone();
-    let out = tokio::task::spawn_blocking(move || run(Command::new(&py).arg(script).arg(&base).arg(&key)))
-        .await
-        .expect("script");
+    let out = tokio::task::spawn_blocking(move || {
+        run(Command::new(&py).arg(script).arg(&base).arg(&key))
+    })
+    .await
+    .expect("script");
     assert!(String::from_utf8_lossy(&out.stdout).contains("python client ok"));
     n.stop().await;
 }
