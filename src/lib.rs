@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod metrics;
 pub mod node;
 pub mod raft;
 pub mod service;

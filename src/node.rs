@@ -250,9 +250,9 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
 struct Observers(Vec<Arc<dyn ApplyObserver>>);
 
 impl ApplyObserver for Observers {
-    fn applied(&self, group: GroupId, outcome: &Outcome) {
+    fn applied(&self, group: GroupId, outcome: &Outcome, here: bool) {
         for o in &self.0 {
-            o.applied(group, outcome);
+            o.applied(group, outcome, here);
         }
     }
     fn state_replaced(&self, group: GroupId) {
@@ -269,7 +269,7 @@ struct MemberObserver {
 }
 
 impl ApplyObserver for MemberObserver {
-    fn applied(&self, group: GroupId, outcome: &Outcome) {
+    fn applied(&self, group: GroupId, outcome: &Outcome, here: bool) {
         if group != SYSTEM_GROUP {
             return;
         }
@@ -277,7 +277,7 @@ impl ApplyObserver for MemberObserver {
             Outcome::NodeStored(n) if n.id != self.me => {
                 self.book.set(n.id, &n.internal, n.incarnation);
             }
-            Outcome::Duplicate(inner) => self.applied(group, inner),
+            Outcome::Duplicate(inner) => self.applied(group, inner, here),
             _ => {}
         }
     }
@@ -710,8 +710,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     };
 
     let keys = KeyCache::load(storage.clone())?;
+    let metrics = Arc::new(crate::metrics::Metrics::default());
     let observer: Arc<dyn ApplyObserver> = Arc::new(Observers(vec![
         keys.clone(),
+        metrics.lifecycle.clone(),
         Arc::new(MemberObserver {
             book: book.clone(),
             me: config.node_id,
@@ -902,6 +904,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let mut servers = Vec::new();
     let app = router(AppState {
         service: service.clone(),
+        metrics: metrics.clone(),
+        storage: storage.clone(),
         admin_token_hash: crypto::sha256(admin_token.as_bytes()),
         public_url: public_url.clone().into(),
     });

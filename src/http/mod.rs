@@ -37,6 +37,8 @@ use crate::state::Status;
 #[derive(Clone)]
 pub struct AppState {
     pub service: Service,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub storage: Arc<crate::storage::Storage>,
     /// SHA-256 of the admin token.
     pub admin_token_hash: [u8; 32],
     /// Base of claim URLs, without a trailing slash.
@@ -66,9 +68,131 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
         .with_state(state)
+}
+
+/// Counts and times every request by its route template (never the raw path: it holds tokens).
+async fn record_request(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::PUT => "PUT",
+        _ => "OTHER",
+    };
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    app.metrics.http.record(
+        &route,
+        method,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    use crate::metrics::gauge;
+    use std::fmt::Write;
+    let mut out = String::with_capacity(16 * 1024);
+    app.metrics.http.render(&mut out);
+    app.metrics.lifecycle.render(&mut out);
+    app.storage.syncer().render(&mut out);
+    out.push_str("# HELP kubbi_raft_append_duration_seconds Raft log append to durable.\n# TYPE kubbi_raft_append_duration_seconds histogram\n");
+    app.storage
+        .append_latency
+        .render("kubbi_raft_append_duration_seconds", "", &mut out);
+    let exec = app.service.router().executor().clone();
+    let me = exec.node_id();
+    let (mut active, mut bytes) = (0u64, 0u64);
+    let mut raft = String::new();
+    for lg in exec.groups() {
+        let Some(st) = exec.status(lg.group) else {
+            continue;
+        };
+        let g = if lg.group == crate::ids::SYSTEM_GROUP {
+            "system".to_string()
+        } else {
+            lg.group.to_string()
+        };
+        let leader = st.leader == Some(me);
+        let _ = writeln!(
+            raft,
+            "kubbi_raft_is_leader{{group=\"{g}\"}} {}",
+            u8::from(leader)
+        );
+        let _ = writeln!(raft, "kubbi_raft_term{{group=\"{g}\"}} {}", st.term);
+        let _ = writeln!(
+            raft,
+            "kubbi_raft_last_log_index{{group=\"{g}\"}} {}",
+            st.last_log.unwrap_or(0)
+        );
+        let _ = writeln!(
+            raft,
+            "kubbi_raft_applied_index{{group=\"{g}\"}} {}",
+            st.last_applied.unwrap_or(0)
+        );
+        if leader
+            && lg.group != crate::ids::SYSTEM_GROUP
+            && let Ok(s) = crate::state::read_stats(&app.storage.read_view(lg.group))
+        {
+            active += s.active;
+            bytes += s.active_bytes;
+        }
+    }
+    out.push_str("# HELP kubbi_raft_is_leader Whether this node leads the group.\n# TYPE kubbi_raft_is_leader gauge\n");
+    out.push_str("# HELP kubbi_raft_term Current raft term of the group on this node.\n# TYPE kubbi_raft_term gauge\n");
+    out.push_str("# HELP kubbi_raft_last_log_index Last log index of the group on this node.\n# TYPE kubbi_raft_last_log_index gauge\n");
+    out.push_str("# HELP kubbi_raft_applied_index Last applied index of the group on this node.\n# TYPE kubbi_raft_applied_index gauge\n");
+    out.push_str(&raft);
+    gauge(
+        &mut out,
+        "kubbi_kubbis_active",
+        "gauge",
+        "Active kubbis in shards this node leads.",
+        active,
+    );
+    gauge(
+        &mut out,
+        "kubbi_kubbis_active_bytes",
+        "gauge",
+        "Sealed bytes of active kubbis in shards this node leads.",
+        bytes,
+    );
+    gauge(
+        &mut out,
+        "kubbi_actors_live",
+        "gauge",
+        "Live kubbi actors on this node.",
+        app.service.live_actors().await,
+    );
+    gauge(
+        &mut out,
+        "kubbi_storage_fsyncs_total",
+        "counter",
+        "WAL fsyncs.",
+        app.storage.syncer().fsync_count(),
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }
 
 async fn api_version_header(req: Request, next: Next) -> Response {

@@ -200,6 +200,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let cf = self.storage.cf(CF_RAFT_LOG);
         let mut batch = WriteBatch::default();
         for entry in entries {
@@ -207,7 +208,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Written (readable) now; durable once the group-commit fsync that covers it completes.
         self.storage.db().write(batch).map_err(io_err)?;
+        let latency = self.storage.append_latency.clone();
         self.storage.syncer().after_sync(move |r| {
+            latency.observe(started.elapsed().as_secs_f64());
             callback.io_completed(r.map_err(io::Error::other));
         });
         Ok(())

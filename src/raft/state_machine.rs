@@ -27,9 +27,10 @@ const META_MEMBERSHIP: &[u8] = b"mmembership";
 const META_SNAPSHOT: &[u8] = b"msnapshot";
 
 /// Told about every applied outcome, on every replica (followers included), after the batch is
-/// written; and about a state replaced by a snapshot.
+/// written; and about a state replaced by a snapshot. `proposed_here` is true on the node
+/// whose proposal this was (the leader that answers the client).
 pub trait ApplyObserver: Send + Sync + 'static {
-    fn applied(&self, group: GroupId, outcome: &Outcome);
+    fn applied(&self, group: GroupId, outcome: &Outcome, proposed_here: bool);
     fn state_replaced(&self, group: GroupId);
 }
 
@@ -37,7 +38,7 @@ pub trait ApplyObserver: Send + Sync + 'static {
 pub struct NoObserver;
 
 impl ApplyObserver for NoObserver {
-    fn applied(&self, _: GroupId, _: &Outcome) {}
+    fn applied(&self, _: GroupId, _: &Outcome, _: bool) {}
     fn state_replaced(&self, _: GroupId) {}
 }
 
@@ -190,7 +191,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         storage.db().write(batch).map_err(io_err)?;
 
         for (responder, outcome) in results {
-            self.observer.applied(self.group, &outcome);
+            self.observer
+                .applied(self.group, &outcome, responder.is_some());
             if let Some(r) = responder {
                 r.send(outcome);
             }

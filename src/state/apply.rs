@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::keys::{self, Timer};
 use super::{
     ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, NodeRecord, NodeState, Outcome,
-    REQUEST_DEDUP_WINDOW_MS, Rejection, Request, Status,
+    REQUEST_DEDUP_WINDOW_MS, Rejection, Request, ShardStats, Status,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -175,6 +175,22 @@ fn strip_payload(o: &Outcome) -> Outcome {
     }
 }
 
+/// The shard's live totals.
+///
+/// # Errors
+/// On I/O failure or a record that does not decode.
+pub fn read_stats(s: &impl StateRead) -> Result<ShardStats, StoreError> {
+    Ok(get_decoded(s, "stats", &keys::stats())?.unwrap_or_default())
+}
+
+fn adjust_stats(s: &mut impl StateStore, active: i64, bytes: i64) -> Result<(), StoreError> {
+    let mut st = read_stats(s)?;
+    st.active = st.active.saturating_add_signed(active);
+    st.active_bytes = st.active_bytes.saturating_add_signed(bytes);
+    s.put(Table::State, keys::stats(), encode(&st));
+    Ok(())
+}
+
 fn put_record(s: &mut impl StateStore, rec: &KubbiRecord) {
     s.put(Table::State, keys::kubbi(&rec.id), encode(rec));
 }
@@ -236,8 +252,11 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         parts: c.parts.len() as u32,
         has_manifest: c.manifest.is_some(),
         retention_ms: c.retention_ms,
+        stored_bytes: c.parts.iter().map(|p| p.0.len() as u64).sum::<u64>()
+            + c.manifest.as_ref().map_or(0, |m| m.0.len() as u64),
     };
     put_record(s, &rec);
+    adjust_stats(s, 1, rec.stored_bytes as i64)?;
     s.put(Table::State, keys::token(&c.token_hash), c.id.0.to_vec());
     set_owner_status(s, &rec);
     for (i, part) in c.parts.iter().enumerate() {
@@ -272,8 +291,14 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
 
 /// Moves an active record to a terminal status: ciphertext removed in this same batch, the
 /// expiry timer replaced by a purge timer.
-fn end(s: &mut impl StateStore, rec: &mut KubbiRecord, status: Status, now: Millis) {
+fn end(
+    s: &mut impl StateStore,
+    rec: &mut KubbiRecord,
+    status: Status,
+    now: Millis,
+) -> Result<(), StoreError> {
     debug_assert!(status.is_terminal());
+    adjust_stats(s, -1, -(rec.stored_bytes as i64))?;
     for k in part_keys(rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
     }
@@ -291,6 +316,7 @@ fn end(s: &mut impl StateStore, rec: &mut KubbiRecord, status: Status, now: Mill
     );
     put_record(s, rec);
     set_owner_status(s, rec);
+    Ok(())
 }
 
 fn claim(
@@ -315,7 +341,7 @@ fn claim(
         return Ok(Outcome::Rejected(Rejection::Ended(rec.status)));
     }
     if now >= rec.expires_at {
-        end(s, &mut rec, Status::Expired, now);
+        end(s, &mut rec, Status::Expired, now)?;
         return Ok(Outcome::Rejected(Rejection::Ended(Status::Expired)));
     }
 
@@ -341,7 +367,7 @@ fn claim(
     rec.last_retrieved_at = Some(now);
     let burned = rec.max_retrievals.is_some_and(|m| rec.retrieval_count >= m);
     if burned {
-        end(s, &mut rec, Status::Burned, now);
+        end(s, &mut rec, Status::Burned, now)?;
     } else {
         put_record(s, &rec);
     }
@@ -388,17 +414,17 @@ fn delete(
         return Ok(Outcome::Rejected(Rejection::Ended(rec.status)));
     }
     if now >= rec.expires_at {
-        end(s, &mut rec, Status::Expired, now);
+        end(s, &mut rec, Status::Expired, now)?;
         return Ok(Outcome::Rejected(Rejection::Ended(Status::Expired)));
     }
-    end(s, &mut rec, Status::Deleted, now);
+    end(s, &mut rec, Status::Deleted, now)?;
     Ok(Outcome::Deleted(rec))
 }
 
 fn expire(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<Outcome, StoreError> {
     match read_kubbi(s, id)? {
         Some(mut rec) if rec.status == Status::Active && now >= rec.expires_at => {
-            end(s, &mut rec, Status::Expired, now);
+            end(s, &mut rec, Status::Expired, now)?;
             Ok(Outcome::Expired)
         }
         _ => Ok(Outcome::None),
@@ -433,12 +459,15 @@ fn sweep(s: &mut impl StateStore, now: Millis, max: u32) -> Result<Outcome, Stor
         max as usize,
     )?;
     let processed = due.len() as u32;
+    let mut expired = 0;
     for (key, _) in due {
         let (_, timer) = keys::parse_timer(&key).ok_or_else(|| corrupt(&key, "bad timer key"))?;
         s.delete(Table::State, key);
         match timer {
             Timer::Expire(id) => {
-                expire(s, &id, now)?;
+                if expire(s, &id, now)? == Outcome::Expired {
+                    expired += 1;
+                }
             }
             Timer::Purge(id) => purge(s, &id)?,
             Timer::DropRequest(r) => s.delete(Table::State, keys::request(&r)),
@@ -448,6 +477,7 @@ fn sweep(s: &mut impl StateStore, now: Millis, max: u32) -> Result<Outcome, Stor
     }
     Ok(Outcome::Swept {
         processed,
+        expired,
         more: processed == max && max > 0,
     })
 }
@@ -668,6 +698,13 @@ mod tests {
         let rec = create_one(&mut s, &c);
         assert_eq!(rec.expires_at, T0 + 300_000);
         assert_eq!(s.count(Table::Blob), 1);
+        assert_eq!(
+            read_stats(&s).expect("stats"),
+            ShardStats {
+                active: 1,
+                active_bytes: 100
+            }
+        );
 
         let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + 5) else {
             panic!("claim failed")
@@ -767,11 +804,15 @@ mod tests {
             sweep_at(&mut s, T0 + 1_999),
             Outcome::Swept {
                 processed: 0,
+                expired: 0,
                 more: false
             }
         );
+        assert_eq!(read_stats(&s).expect("stats").active, 1);
         assert_eq!(s.count(Table::Blob), 4);
-        sweep_at(&mut s, T0 + 2_000);
+        let out = sweep_at(&mut s, T0 + 2_000);
+        assert!(matches!(out, Outcome::Swept { expired: 1, .. }), "{out:?}");
+        assert_eq!(read_stats(&s).expect("stats"), ShardStats::default());
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(rec.status, Status::Expired);
         assert_eq!(rec.ended_at, Some(T0 + 2_000));
@@ -783,9 +824,10 @@ mod tests {
             claim_at(&mut s, &c.token_hash, T0 + 2_001 + RETENTION),
             Outcome::Rejected(Rejection::NotFound)
         );
-        // Everything is gone after the last dedup window too: no leftovers in the state.
+        // Everything is gone after the last dedup window too: only the (zeroed) totals remain.
         sweep_at(&mut s, T0 + 3 * RETENTION);
-        assert_eq!(s.count(Table::State), 0, "{:?}", s.data.keys());
+        assert_eq!(s.count(Table::State), 1, "{:?}", s.data.keys());
+        assert_eq!(read_stats(&s).expect("stats"), ShardStats::default());
     }
 
     #[test]
@@ -799,6 +841,7 @@ mod tests {
             out,
             Outcome::Swept {
                 processed: 3,
+                expired: 3,
                 more: true
             }
         );

@@ -12,6 +12,7 @@
 //! | `i` create idempotency | `i ‖ key(32)` | the first response, token sealed |
 //! | `a` API keys (system group) | `a ‖ key_id(16)` | [`ApiKeyRecord`](super::ApiKeyRecord) |
 //! | `n` nodes (system group) | `n ‖ node_id(8 BE)` | [`NodeRecord`](super::NodeRecord) |
+//! | `s` stats | `s` | [`ShardStats`](super::ShardStats) |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 
 use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
@@ -25,6 +26,7 @@ pub const CLAIM_IDEM: u8 = b'c';
 pub const CREATE_IDEM: u8 = b'i';
 pub const API_KEY: u8 = b'a';
 pub const NODE: u8 = b'n';
+pub const STATS: u8 = b's';
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +87,10 @@ pub fn create_idem(key: &[u8; 32]) -> Vec<u8> {
 
 pub fn api_key(id: &ApiKeyId) -> Vec<u8> {
     cat(&[&[API_KEY], &id.0])
+}
+
+pub fn stats() -> Vec<u8> {
+    vec![STATS]
 }
 
 pub fn node(id: u64) -> Vec<u8> {

@@ -18,7 +18,7 @@ pub mod keys;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
-    read_kubbi_by_token, read_nodes,
+    read_kubbi_by_token, read_nodes, read_stats,
 };
 
 use std::fmt;
@@ -133,6 +133,8 @@ pub struct KubbiRecord {
     pub has_manifest: bool,
     /// How long the record stays visible after it ends.
     pub retention_ms: Millis,
+    /// Bytes of sealed payload parts (and manifest) held while active.
+    pub stored_bytes: u64,
 }
 
 impl KubbiRecord {
@@ -357,6 +359,8 @@ pub enum Outcome {
     Expired,
     Swept {
         processed: u32,
+        /// Kubbis this sweep expired.
+        expired: u32,
         more: bool,
     },
     ApiKeyStored(ApiKeyRecord),
@@ -368,6 +372,15 @@ pub enum Outcome {
     Duplicate(Box<Outcome>),
     /// A blank or membership entry.
     None,
+}
+
+/// Live totals of a shard, kept exact by `apply`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStats {
+    /// Kubbis not yet ended.
+    pub active: u64,
+    /// Sealed bytes they hold.
+    pub active_bytes: u64,
 }
 
 /// An entry of a shard's owner index (for listing), decoded from [`keys::owner`] keys.

@@ -49,6 +49,8 @@ pub enum StorageError {
 pub struct Storage {
     db: Arc<DB>,
     syncer: Syncer,
+    /// Time from a raft append's write to its durability callback.
+    pub append_latency: Arc<crate::metrics::Histogram>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -96,7 +98,11 @@ impl Storage {
             db.cf_handle(name).ok_or(StorageError::MissingCf(name))?;
         }
         let syncer = Syncer::start(db.clone())?;
-        Ok(Arc::new(Self { db, syncer }))
+        Ok(Arc::new(Self {
+            db,
+            syncer,
+            append_latency: Arc::new(crate::metrics::Histogram::default()),
+        }))
     }
 
     pub fn db(&self) -> &DB {

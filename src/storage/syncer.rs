@@ -16,6 +16,8 @@ use rocksdb::DB;
 
 type Callback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 struct Queue {
     pending: Mutex<Vec<Callback>>,
     wake: Condvar,
@@ -24,6 +26,10 @@ struct Queue {
     fsyncs: AtomicU64,
     /// Fails every fsync from now on (fault injection in tests: a disk that stopped syncing).
     fail: AtomicBool,
+    /// Duration of each fsync.
+    latency: crate::metrics::Histogram,
+    /// Waiters served per fsync (group commit width).
+    batch: crate::metrics::Histogram,
 }
 
 /// Handle to the syncer thread. Dropping it stops the thread after the queue drains and waits
@@ -41,6 +47,8 @@ impl Syncer {
             stop: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            latency: crate::metrics::Histogram::default(),
+            batch: crate::metrics::Histogram::new(BATCH_BUCKETS),
         });
         let q2 = q.clone();
         let thread = std::thread::Builder::new()
@@ -85,6 +93,16 @@ impl Syncer {
         self.q.fsyncs.load(Ordering::Relaxed)
     }
 
+    /// Appends the fsync metrics.
+    pub fn render(&self, out: &mut String) {
+        out.push_str("# HELP kubbi_storage_fsync_duration_seconds Duration of each WAL fsync.\n# TYPE kubbi_storage_fsync_duration_seconds histogram\n");
+        self.q
+            .latency
+            .render("kubbi_storage_fsync_duration_seconds", "", out);
+        out.push_str("# HELP kubbi_storage_fsync_waiters Writes made durable by one fsync (group commit).\n# TYPE kubbi_storage_fsync_waiters histogram\n");
+        self.q.batch.render("kubbi_storage_fsync_waiters", "", out);
+    }
+
     /// Makes every later fsync fail (tests of the failure path).
     pub fn inject_failure(&self, fail: bool) {
         self.q.fail.store(fail, Ordering::SeqCst);
@@ -113,6 +131,7 @@ fn run(db: &DB, q: &Queue) {
             }
             std::mem::take(&mut *pending)
         };
+        let started = std::time::Instant::now();
         let result = if q.fail.load(Ordering::SeqCst) {
             Err("injected fsync failure".to_string())
         } else {
@@ -120,6 +139,8 @@ fn run(db: &DB, q: &Queue) {
             db.flush_wal(true).map_err(|e| e.to_string())
         };
         q.fsyncs.fetch_add(1, Ordering::Relaxed);
+        q.latency.observe(started.elapsed().as_secs_f64());
+        q.batch.observe(batch.len() as f64);
         if let Err(e) = &result {
             tracing::error!(error = %e, waiters = batch.len(), "WAL fsync failed");
         }

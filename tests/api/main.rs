@@ -577,3 +577,48 @@ async fn actors_activate_on_demand_and_passivate_when_idle() {
     );
     n.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_lifecycle_routes_and_raft_without_secrets() {
+    let n = TestNode::start().await;
+    let c = n
+        .api
+        .create(&n.key, json!({"content": "m", "max_retrievals": 2}))
+        .await;
+    let token = token_of(&c.body);
+    n.api.preview(&token).await;
+    n.api.claim(&token).await;
+    n.api.claim(&token).await;
+    let other = n.api.create(&n.key, json!({"content": "n"})).await;
+    n.api
+        .delete(&n.key, other.body["id"].as_str().expect("id"))
+        .await;
+    let active = n.api.create(&n.key, json!({"content": "still here"})).await;
+    assert_eq!(active.status, StatusCode::CREATED);
+    let r = n
+        .api
+        .http
+        .get(n.api.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("text");
+    for line in [
+        "kubbi_kubbis_total{event=\"created\"} 3",
+        "kubbi_kubbis_total{event=\"claimed\"} 2",
+        "kubbi_kubbis_total{event=\"burned\"} 1",
+        "kubbi_kubbis_total{event=\"deleted\"} 1",
+        "kubbi_kubbis_active 1",
+        "route=\"/r/{token}/claim\",method=\"POST\",status=\"200\"} 2",
+        "route=\"/api/v1/kubbis\",method=\"POST\",status=\"201\"} 3",
+        "kubbi_raft_is_leader{group=\"system\"} 1",
+        "kubbi_storage_fsync_duration_seconds_count",
+        "kubbi_raft_append_duration_seconds_bucket",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(!text.contains(&token[..20]), "no token in metrics");
+    assert!(!text.contains(&n.key[..20]), "no key in metrics");
+    n.stop().await;
+}
