@@ -618,6 +618,14 @@ async fn metrics_count_lifecycle_routes_and_raft_without_secrets() {
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+    // Every series the Grafana dashboard queries exists.
+    let dash = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana-dashboard.json"))
+        .expect("dashboard");
+    for word in dash.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("kubbi_") && word.len() > 6 {
+            assert!(text.contains(word), "the dashboard queries {word}, which /metrics lacks");
+        }
+    }
     assert!(!text.contains(&token[..20]), "no token in metrics");
     assert!(!text.contains(&n.key[..20]), "no key in metrics");
     n.stop().await;
