@@ -8,6 +8,7 @@ mod dto;
 mod error;
 mod extract;
 pub mod internal;
+pub mod openapi;
 mod page;
 pub mod validate;
 
@@ -21,7 +22,6 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use self::dto::{
@@ -45,37 +45,109 @@ pub struct AppState {
     pub public_url: Arc<str>,
 }
 
-/// The whole public app.
+/// Every public route's handler; [`ROUTES`] maps them to methods and paths, and both the
+/// router and the OpenAPI document are built from that one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handler {
+    Create,
+    List,
+    Detail,
+    Delete,
+    Preview,
+    Inspect,
+    Claim,
+    Health,
+    Live,
+    Ready,
+    Metrics,
+    OpenApi,
+    KeyCreate,
+    KeyList,
+    KeyRevoke,
+    Cluster,
+    NodeAdd,
+    NodeRemove,
+}
+
+/// The public API: `(method, path template, handler)`.
+pub const ROUTES: &[(&str, &str, Handler)] = &[
+    ("POST", "/api/v1/kubbis", Handler::Create),
+    ("GET", "/api/v1/kubbis", Handler::List),
+    ("GET", "/api/v1/kubbis/{id}", Handler::Detail),
+    ("DELETE", "/api/v1/kubbis/{id}", Handler::Delete),
+    ("GET", "/r/{token}", Handler::Preview),
+    ("GET", "/r/{token}/inspect", Handler::Inspect),
+    ("POST", "/r/{token}/claim", Handler::Claim),
+    ("GET", "/health", Handler::Health),
+    ("GET", "/health/live", Handler::Live),
+    ("GET", "/health/ready", Handler::Ready),
+    ("GET", "/metrics", Handler::Metrics),
+    ("GET", "/openapi.json", Handler::OpenApi),
+    ("POST", "/admin/v1/api-keys", Handler::KeyCreate),
+    ("GET", "/admin/v1/api-keys", Handler::KeyList),
+    ("DELETE", "/admin/v1/api-keys/{id}", Handler::KeyRevoke),
+    ("GET", "/admin/v1/cluster", Handler::Cluster),
+    ("POST", "/admin/v1/nodes", Handler::NodeAdd),
+    ("DELETE", "/admin/v1/nodes/{id}", Handler::NodeRemove),
+];
+
+fn method_router(method: &str, h: Handler) -> axum::routing::MethodRouter<AppState> {
+    use axum::routing::{MethodFilter, on};
+    let filter = match method {
+        "POST" => MethodFilter::POST,
+        "DELETE" => MethodFilter::DELETE,
+        _ => MethodFilter::GET,
+    };
+    match h {
+        Handler::Create => on(filter, create),
+        Handler::List => on(filter, list),
+        Handler::Detail => on(filter, detail),
+        Handler::Delete => on(filter, delete_kubbi),
+        Handler::Preview => on(filter, preview),
+        Handler::Inspect => on(filter, inspect),
+        Handler::Claim => on(filter, claim),
+        Handler::Health => on(filter, health),
+        Handler::Live => on(filter, live),
+        Handler::Ready => on(filter, ready),
+        Handler::Metrics => on(filter, metrics),
+        Handler::OpenApi => on(filter, openapi_json),
+        Handler::KeyCreate => on(filter, create_api_key),
+        Handler::KeyList => on(filter, list_api_keys),
+        Handler::KeyRevoke => on(filter, revoke_api_key),
+        Handler::Cluster => on(filter, cluster),
+        Handler::NodeAdd => on(filter, add_node),
+        Handler::NodeRemove => on(filter, remove_node),
+    }
+}
+
+/// The whole public app, built from [`ROUTES`].
 pub fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/kubbis", post(create).get(list))
-        .route("/kubbis/{id}", get(detail).delete(delete))
-        .fallback(not_found)
-        .layer(middleware::from_fn(api_version_header));
-    let admin = Router::new()
-        .route("/api-keys", post(create_api_key).get(list_api_keys))
-        .route("/api-keys/{id}", axum::routing::delete(revoke_api_key))
-        .route("/cluster", get(cluster))
-        .route("/nodes", post(add_node))
-        .route("/nodes/{id}", axum::routing::delete(remove_node))
-        .fallback(not_found);
-    Router::new()
-        .nest("/api/v1", v1)
-        .nest("/admin/v1", admin)
-        .route("/r/{token}", get(preview))
-        .route("/r/{token}/inspect", get(inspect))
-        .route("/r/{token}/claim", post(claim))
-        .route("/health", get(health))
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .fallback(fallback)
+    let mut by_path: std::collections::BTreeMap<&str, axum::routing::MethodRouter<AppState>> =
+        Default::default();
+    for (method, path, h) in ROUTES {
+        let mr = method_router(method, *h);
+        let merged = match by_path.remove(path) {
+            Some(existing) => existing.merge(mr),
+            None => mr,
+        };
+        by_path.insert(path, merged);
+    }
+    let mut app = Router::new();
+    for (path, mr) in by_path {
+        app = app.route(path, mr);
+    }
+    app.fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             record_request,
         ))
+        .layer(middleware::from_fn(api_version_header))
         .with_state(state)
+}
+
+async fn openapi_json(State(app): State<AppState>) -> Json<Value> {
+    Json(openapi::document(&app.public_url))
 }
 
 /// Counts and times every request by its route template (never the raw path: it holds tokens).
@@ -195,15 +267,15 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Every `/api/v1/*` response carries `API-Version: v1`.
 async fn api_version_header(req: Request, next: Next) -> Response {
+    let v1 = req.uri().path().starts_with("/api/v1/") || req.uri().path() == "/api/v1";
     let mut resp = next.run(req).await;
-    resp.headers_mut()
-        .insert("api-version", HeaderValue::from_static("v1"));
+    if v1 {
+        resp.headers_mut()
+            .insert("api-version", HeaderValue::from_static("v1"));
+    }
     resp
-}
-
-async fn not_found() -> ApiError {
-    ApiError::not_found("route")
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -268,7 +340,7 @@ async fn detail(
     Ok(Json(Detail::new(&r, &app.service, app.service.now())?))
 }
 
-async fn delete(
+async fn delete_kubbi(
     State(app): State<AppState>,
     producer: Producer,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,

@@ -619,14 +619,89 @@ async fn metrics_count_lifecycle_routes_and_raft_without_secrets() {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
     // Every series the Grafana dashboard queries exists.
-    let dash = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana-dashboard.json"))
-        .expect("dashboard");
+    let dash = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana-dashboard.json"
+    ))
+    .expect("dashboard");
     for word in dash.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if word.starts_with("kubbi_") && word.len() > 6 {
-            assert!(text.contains(word), "the dashboard queries {word}, which /metrics lacks");
+            assert!(
+                text.contains(word),
+                "the dashboard queries {word}, which /metrics lacks"
+            );
         }
     }
     assert!(!text.contains(&token[..20]), "no token in metrics");
     assert!(!text.contains(&n.key[..20]), "no key in metrics");
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_covers_every_route_and_every_ref_resolves() {
+    let n = TestNode::start().await;
+    let doc = n.api.get("", "/openapi.json").await.body;
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().expect("paths");
+    // Every route API.md names, with its method.
+    let api_md = [
+        ("post", "/api/v1/kubbis"),
+        ("get", "/api/v1/kubbis"),
+        ("get", "/api/v1/kubbis/{id}"),
+        ("delete", "/api/v1/kubbis/{id}"),
+        ("get", "/r/{token}"),
+        ("get", "/r/{token}/inspect"),
+        ("post", "/r/{token}/claim"),
+        ("get", "/health"),
+        ("get", "/health/live"),
+        ("get", "/health/ready"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("post", "/admin/v1/api-keys"),
+        ("get", "/admin/v1/api-keys"),
+        ("delete", "/admin/v1/api-keys/{id}"),
+        ("get", "/admin/v1/cluster"),
+    ];
+    for (m, p) in api_md {
+        assert!(
+            paths.get(p).and_then(|i| i.get(m)).is_some(),
+            "{m} {p} missing from the document"
+        );
+    }
+    // Every documented operation exists on the server (not the fallback, not 405), and every
+    // one documents its errors with the envelope.
+    let mut ids = std::collections::BTreeSet::new();
+    for (p, item) in paths {
+        for (m, op) in item.as_object().expect("item") {
+            assert!(ids.insert(op["operationId"].as_str().expect("operationId").to_string()));
+            assert!(
+                op["responses"]["500"]["content"]["application/json"].is_object(),
+                "{m} {p}"
+            );
+            let url = n.api.url(
+                &p.replace("{token}", &"A".repeat(46))
+                    .replace("{id}", "00000000-0000-4000-8000-000000000000"),
+            );
+            let method = reqwest::Method::from_bytes(m.to_uppercase().as_bytes()).expect("method");
+            let r = n
+                .api
+                .send(n.api.http.request(method, url).bearer_auth(&n.admin))
+                .await;
+            assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{m} {p}");
+            assert_ne!(
+                r.body["message"], "route not found",
+                "{m} {p} is documented but not served"
+            );
+        }
+    }
+    // Every $ref resolves.
+    let text = doc.to_string();
+    for part in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = part.split('"').next().expect("name");
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "dangling $ref {name}"
+        );
+    }
     n.stop().await;
 }

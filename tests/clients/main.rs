@@ -49,3 +49,33 @@ async fn published_python_client_works_unchanged() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("python client ok"));
     n.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_passes_an_independent_validator() {
+    let venv = tempfile::tempdir().expect("tempdir");
+    run(Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(venv.path()));
+    run(Command::new(venv.path().join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "openapi-spec-validator==0.7.1",
+    ]));
+    let n = TestNode::start().await;
+    let doc = n
+        .api
+        .http
+        .get(n.api.url("/openapi.json"))
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("body");
+    let file = venv.path().join("openapi.json");
+    std::fs::write(&file, &doc).expect("write");
+    let out = run(Command::new(venv.path().join("bin/openapi-spec-validator")).arg(&file));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    n.stop().await;
+}
