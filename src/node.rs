@@ -250,7 +250,7 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
 struct Observers(Vec<Arc<dyn ApplyObserver>>);
 
 impl ApplyObserver for Observers {
-    fn applied(&self, group: GroupId, outcome: &Outcome, here: bool) {
+    fn applied(&self, group: GroupId, outcome: &Outcome, _here: bool) {
         for o in &self.0 {
             o.applied(group, outcome, here);
         }
@@ -269,7 +269,7 @@ struct MemberObserver {
 }
 
 impl ApplyObserver for MemberObserver {
-    fn applied(&self, group: GroupId, outcome: &Outcome, here: bool) {
+    fn applied(&self, group: GroupId, outcome: &Outcome, _here: bool) {
         if group != SYSTEM_GROUP {
             return;
         }
@@ -277,7 +277,7 @@ impl ApplyObserver for MemberObserver {
             Outcome::NodeStored(n) if n.id != self.me => {
                 self.book.set(n.id, &n.internal, n.incarnation);
             }
-            Outcome::Duplicate(inner) => self.applied(group, inner, here),
+            Outcome::Duplicate(inner) => self.applied(group, inner, false),
             _ => {}
         }
     }

@@ -69,13 +69,13 @@ impl KeyCache {
 }
 
 impl ApplyObserver for KeyCache {
-    fn applied(&self, group: GroupId, outcome: &Outcome, here: bool) {
+    fn applied(&self, group: GroupId, outcome: &Outcome, _here: bool) {
         if group != SYSTEM_GROUP {
             return;
         }
         let rec = match outcome {
             Outcome::ApiKeyStored(r) | Outcome::ApiKeyRevoked(r) => r,
-            Outcome::Duplicate(inner) => return self.applied(group, inner, here),
+            Outcome::Duplicate(inner) => return self.applied(group, inner, false),
             _ => return,
         };
         self.by_hash
