@@ -250,7 +250,7 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
 struct Observers(Vec<Arc<dyn ApplyObserver>>);
 
 impl ApplyObserver for Observers {
-    fn applied(&self, group: GroupId, outcome: &Outcome, _here: bool) {
+    fn applied(&self, group: GroupId, outcome: &Outcome, here: bool) {
         for o in &self.0 {
             o.applied(group, outcome, here);
         }
