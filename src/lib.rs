@@ -9,6 +9,7 @@
 //! → [`storage`] → [`raft`] → [`shard`] → [`actor`] → [`service`] → [`http`] → [`node`].
 
 pub mod actor;
+pub mod client;
 pub mod clock;
 pub mod codec;
 pub mod config;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use kubbi::client::{Client, ClientError};
 use kubbi::config::ServeArgs;
 
 #[derive(Parser)]
@@ -27,6 +28,55 @@ enum Cmd {
     },
     /// Exit 0 when URL answers 200 (container health checks; the image has no curl).
     Probe { url: String },
+    /// Store a payload: text, stdin, or files (a package); prints the claim URL.
+    Send(Box<SendArgs>),
+    /// Show what a claim URL holds, without consuming it.
+    Inspect {
+        #[command(flatten)]
+        c: ClientArgs,
+        /// Claim URL or token.
+        claim: String,
+    },
+    /// Claim a payload: text to stdout, package files into --out (never overwriting without --force).
+    Claim {
+        #[command(flatten)]
+        c: ClientArgs,
+        /// Claim URL or token.
+        claim: String,
+        /// Directory for package files (default: the current directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+        /// Makes a retried claim return the same result and count once.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show one of your kubbis.
+    Get {
+        #[command(flatten)]
+        c: ClientArgs,
+        id: String,
+    },
+    /// List your kubbis, newest first.
+    List {
+        #[command(flatten)]
+        c: ClientArgs,
+        #[arg(long, default_value_t = 1)]
+        page: u64,
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// active, expired, burned or deleted
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Delete one of your kubbis now; its payload is wiped.
+    Delete {
+        #[command(flatten)]
+        c: ClientArgs,
+        id: String,
+    },
     /// Inspect and change cluster membership through a node's admin API.
     Cluster {
         #[command(flatten)]
@@ -50,6 +100,47 @@ enum ClusterCmd {
         #[arg(long, default_value = "default/default")]
         zone: String,
     },
+}
+
+/// Where the API is and who calls it.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Base URL of a node.
+    #[arg(long, env = "KUBBI_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// API key for producer commands (kb_...).
+    #[arg(long, env = "KUBBI_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print the server's JSON answer instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    #[command(flatten)]
+    c: ClientArgs,
+    /// The text to send (otherwise stdin, or --file).
+    text: Option<String>,
+    /// A file of a package, `PATH` or `PATH:ROLE` (role: instructions, data, context, config,
+    /// attachment). Repeat for several files.
+    #[arg(long = "file")]
+    files: Vec<String>,
+    /// Content type of the text (text/plain, application/json, text/markdown, text/csv, text/*).
+    #[arg(long)]
+    content_type: Option<String>,
+    /// Time to live: 90s, 10m, 4h, 2d or seconds.
+    #[arg(long, default_value = "15m")]
+    ttl: String,
+    /// How many claims are allowed (default: unlimited until expiry).
+    #[arg(long)]
+    max_retrievals: Option<u32>,
+    /// A JSON object of metadata the producer and consumer can read.
+    #[arg(long)]
+    metadata: Option<String>,
+    /// Makes a retried send return the first result and create nothing new.
+    #[arg(long)]
+    idempotency_key: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -107,15 +198,226 @@ fn main() -> ExitCode {
             Cmd::Key { admin, cmd } => key(admin, cmd).await,
             Cmd::Cluster { admin, cmd } => cluster(admin, cmd).await,
             Cmd::Probe { url } => probe(&url).await,
+            Cmd::Send(a) => send(*a).await,
+            Cmd::Inspect { c, claim } => inspect(c, &claim).await,
+            Cmd::Claim {
+                c,
+                claim,
+                out,
+                force,
+                idempotency_key,
+            } => claim_cmd(c, &claim, out, force, idempotency_key.as_deref()).await,
+            Cmd::Get { c, id } => print_json(client(&c)?.get(&id).await?),
+            Cmd::List {
+                c,
+                page,
+                limit,
+                status,
+            } => print_json(client(&c)?.list(page, limit, status.as_deref()).await?),
+            Cmd::Delete { c, id } => print_json(client(&c)?.delete(&id).await?),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kubbi: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Api { messages, .. }) if !messages.is_empty() => {
+                    for m in messages {
+                        eprintln!("  - {m}");
+                    }
+                    ExitCode::from(6)
+                }
+                Some(ce) => ExitCode::from(ce.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
+}
+
+fn client(c: &ClientArgs) -> anyhow::Result<Client> {
+    let mut cl = Client::new(&c.url, c.api_key.clone())?;
+    cl.progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    Ok(cl)
+}
+
+fn print_json(v: serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+const ROLES: &[&str] = &["instructions", "data", "context", "config", "attachment"];
+
+/// One `--file PATH[:ROLE]` as an API file entry (text as UTF-8, anything else base64).
+fn file_entry(spec: &str) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    let (path, role) = match spec.rsplit_once(':') {
+        Some((p, r)) if ROLES.contains(&r) => (p, Some(r)),
+        _ => (spec, None),
+    };
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    let name = std::path::Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{path} has no file name"))?
+        .to_string();
+    let ct = kubbi::client::guess_content_type(&name);
+    let textual = ct.starts_with("text/")
+        || matches!(ct, "application/json" | "application/yaml" | "application/toml" | "application/xml" | "application/javascript");
+    let mut v = serde_json::json!({"name": name, "content_type": ct});
+    match String::from_utf8(bytes) {
+        Ok(text) if textual => v["content"] = text.into(),
+        Ok(text) => {
+            v["content"] = base64::engine::general_purpose::STANDARD.encode(text.as_bytes()).into();
+            v["encoding"] = "base64".into();
+        }
+        Err(e) => {
+            v["content"] = base64::engine::general_purpose::STANDARD.encode(e.as_bytes()).into();
+            v["encoding"] = "base64".into();
+        }
+    }
+    if let Some(r) = role {
+        v["role"] = r.into();
+    }
+    Ok(v)
+}
+
+async fn send(a: SendArgs) -> anyhow::Result<()> {
+    let ttl = kubbi::client::parse_ttl(&a.ttl).map_err(ClientError::Usage)?;
+    let mut body = serde_json::json!({"ttl_seconds": ttl, "max_retrievals": a.max_retrievals});
+    if let Some(m) = &a.metadata {
+        body["metadata"] = serde_json::from_str(m)
+            .map_err(|e| ClientError::Usage(format!("--metadata is not JSON: {e}")))?;
+    }
+    if !a.files.is_empty() {
+        if a.text.is_some() {
+            return Err(ClientError::Usage("give either text or --file, not both".into()).into());
+        }
+        body["files"] = a
+            .files
+            .iter()
+            .map(|f| file_entry(f))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into();
+    } else {
+        let text = match a.text {
+            Some(t) if t != "-" => t,
+            _ => {
+                let mut buf = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
+                    .map_err(|e| ClientError::Usage(format!("reading stdin (text only; use --file for binary): {e}")))?;
+                buf
+            }
+        };
+        let ct = a.content_type.clone().unwrap_or_else(|| "text/plain".into());
+        body["content"] = if ct.split(';').next().is_some_and(|e| e.trim() == "application/json") {
+            serde_json::from_str(&text)
+                .map_err(|e| ClientError::Usage(format!("the content is not JSON: {e}")))?
+        } else {
+            text.into()
+        };
+        body["content_type"] = ct.into();
+    }
+    let r = client(&a.c)?.create(&body, a.idempotency_key.as_deref()).await?;
+    if a.c.json {
+        return print_json(r);
+    }
+    println!("{}", r["claim_url"].as_str().unwrap_or(""));
+    Ok(())
+}
+
+async fn inspect(c: ClientArgs, claim: &str) -> anyhow::Result<()> {
+    let r = client(&c)?.inspect(claim).await?;
+    if c.json {
+        return print_json(r);
+    }
+    let reads = match r["remaining_reads"].as_u64() {
+        Some(n) => n.to_string(),
+        None => "unlimited".into(),
+    };
+    if r["type"] == "kubbi_package" {
+        println!(
+            "package of {} files, {} bytes; reads left: {reads}; expires {}",
+            r["file_count"], r["total_size_bytes"], r["expires_at"].as_str().unwrap_or("")
+        );
+        for f in r["files"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<40} {:<28} {:>10} {}",
+                f["name"].as_str().unwrap_or(""),
+                f["content_type"].as_str().unwrap_or(""),
+                f["size_bytes"],
+                f["role"].as_str().unwrap_or("")
+            );
+        }
+    } else {
+        println!(
+            "{}; reads left: {reads}; expires {}",
+            r["content_type"].as_str().unwrap_or(""),
+            r["expires_at"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// Where a package file goes: inside `dir`, never elsewhere.
+fn target(dir: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {
+    let ok = !name.is_empty()
+        && !name.starts_with('.')
+        && !name.contains("..")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        bail!("refusing to write a file named {name:?}");
+    }
+    Ok(dir.join(name))
+}
+
+async fn claim_cmd(
+    c: ClientArgs,
+    claim: &str,
+    out: Option<PathBuf>,
+    force: bool,
+    idempotency_key: Option<&str>,
+) -> anyhow::Result<()> {
+    use base64::Engine;
+    let cl = client(&c)?;
+    let dir = out.unwrap_or_else(|| PathBuf::from("."));
+    // Check where package files would go before the claim consumes anything.
+    let preview = cl.inspect(claim).await?;
+    if preview["type"] == "kubbi_package" && !c.json {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for f in preview["files"].as_array().into_iter().flatten() {
+            let t = target(&dir, f["name"].as_str().unwrap_or(""))?;
+            if t.exists() && !force {
+                bail!("{} exists; nothing was claimed (use --force to overwrite)", t.display());
+            }
+        }
+    }
+    let r = cl.claim(claim, idempotency_key).await?;
+    if c.json {
+        return print_json(r);
+    }
+    if r["type"] == "kubbi_package" {
+        for f in r["files"].as_array().into_iter().flatten() {
+            let t = target(&dir, f["name"].as_str().unwrap_or(""))?;
+            let content = f["content"].as_str().unwrap_or("");
+            let bytes = if f["encoding"] == "base64" {
+                base64::engine::general_purpose::STANDARD.decode(content)?
+            } else {
+                content.as_bytes().to_vec()
+            };
+            std::fs::write(&t, &bytes).with_context(|| format!("writing {}", t.display()))?;
+            println!("{}", t.display());
+        }
+    } else {
+        match &r["content"] {
+            serde_json::Value::String(s) => print!("{s}"),
+            other => println!("{}", serde_json::to_string_pretty(other)?),
+        }
+    }
+    if r["burned"] == true {
+        eprintln!("kubbi: that was the last allowed read; the payload is destroyed");
+    }
+    Ok(())
 }
 
 async fn probe(url: &str) -> anyhow::Result<()> {
