@@ -56,11 +56,7 @@ pub fn parse_claim(input: &str, base: &str) -> Result<(String, String), ClientEr
     {
         let origin = input[..i].to_string();
         let rest = &input[i + 3..];
-        let token = rest
-            .split(['/', '?', '#'])
-            .next()
-            .unwrap_or("")
-            .to_string();
+        let token = rest.split(['/', '?', '#']).next().unwrap_or("").to_string();
         if token.is_empty() {
             return Err(ClientError::Usage(format!("no token in {input}")));
         }
@@ -104,7 +100,8 @@ impl Bar {
         use std::io::Write;
         self.done += n;
         // Redraw at most every 1% of the way.
-        if self.total == 0 || (self.done - self.shown) * 100 < self.total && self.done < self.total {
+        if self.total == 0 || (self.done - self.shown) * 100 < self.total && self.done < self.total
+        {
             return;
         }
         self.shown = self.done;
@@ -189,7 +186,11 @@ impl Client {
             message: v["message"].as_str().unwrap_or("").to_string(),
             messages: v["messages"]
                 .as_array()
-                .map(|a| a.iter().filter_map(|m| m.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|m| m.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default(),
         })
     }
@@ -198,7 +199,11 @@ impl Client {
     ///
     /// # Errors
     /// See [`ClientError`].
-    pub async fn create(&self, body: &Value, idempotency_key: Option<&str>) -> Result<Value, ClientError> {
+    pub async fn create(
+        &self,
+        body: &Value,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, ClientError> {
         let url = format!("{}/api/v1/kubbis", self.base);
         let bytes = serde_json::to_vec(body).map_err(|e| ClientError::Usage(e.to_string()))?;
         let mut req = self
@@ -238,19 +243,26 @@ impl Client {
     /// See [`ClientError`].
     pub async fn get(&self, id: &str) -> Result<Value, ClientError> {
         let url = format!("{}/api/v1/kubbis/{id}", self.base);
-        self.send(self.http.get(&url).bearer_auth(self.key()?), &url).await
+        self.send(self.http.get(&url).bearer_auth(self.key()?), &url)
+            .await
     }
 
     /// `GET /api/v1/kubbis`.
     ///
     /// # Errors
     /// See [`ClientError`].
-    pub async fn list(&self, page: u64, limit: u64, status: Option<&str>) -> Result<Value, ClientError> {
+    pub async fn list(
+        &self,
+        page: u64,
+        limit: u64,
+        status: Option<&str>,
+    ) -> Result<Value, ClientError> {
         let mut url = format!("{}/api/v1/kubbis?page={page}&limit={limit}", self.base);
         if let Some(s) = status {
             url.push_str(&format!("&status={s}"));
         }
-        self.send(self.http.get(&url).bearer_auth(self.key()?), &url).await
+        self.send(self.http.get(&url).bearer_auth(self.key()?), &url)
+            .await
     }
 
     /// `DELETE /api/v1/kubbis/:id`.
@@ -259,7 +271,8 @@ impl Client {
     /// See [`ClientError`].
     pub async fn delete(&self, id: &str) -> Result<Value, ClientError> {
         let url = format!("{}/api/v1/kubbis/{id}", self.base);
-        self.send(self.http.delete(&url).bearer_auth(self.key()?), &url).await
+        self.send(self.http.delete(&url).bearer_auth(self.key()?), &url)
+            .await
     }
 
     /// `GET /r/:token/inspect` for a claim URL or token.
@@ -276,7 +289,11 @@ impl Client {
     ///
     /// # Errors
     /// See [`ClientError`].
-    pub async fn claim(&self, claim: &str, idempotency_key: Option<&str>) -> Result<Value, ClientError> {
+    pub async fn claim(
+        &self,
+        claim: &str,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, ClientError> {
         let (base, token) = parse_claim(claim, &self.base)?;
         let url = format!("{base}/r/{token}/claim");
         let mut req = self.http.post(&url);

@@ -17,6 +17,7 @@ pub mod crypto;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod mcp;
 pub mod metrics;
 pub mod node;
 pub mod raft;

@@ -53,6 +53,12 @@ enum Cmd {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
+    /// Serve the Model Context Protocol on stdio (tools kubbi_send, kubbi_send_files,
+    /// kubbi_claim, kubbi_inspect, kubbi_get, kubbi_delete), using KUBBI_URL and KUBBI_API_KEY.
+    Mcp {
+        #[command(flatten)]
+        c: ClientArgs,
+    },
     /// Show one of your kubbis.
     Get {
         #[command(flatten)]
@@ -199,6 +205,9 @@ fn main() -> ExitCode {
             Cmd::Cluster { admin, cmd } => cluster(admin, cmd).await,
             Cmd::Probe { url } => probe(&url).await,
             Cmd::Send(a) => send(*a).await,
+            Cmd::Mcp { c } => {
+                kubbi::mcp::serve_stdio(Client::new(&c.url, c.api_key.clone())?).await
+            }
             Cmd::Inspect { c, claim } => inspect(c, &claim).await,
             Cmd::Claim {
                 c,
@@ -263,16 +272,27 @@ fn file_entry(spec: &str) -> anyhow::Result<serde_json::Value> {
         .to_string();
     let ct = kubbi::client::guess_content_type(&name);
     let textual = ct.starts_with("text/")
-        || matches!(ct, "application/json" | "application/yaml" | "application/toml" | "application/xml" | "application/javascript");
+        || matches!(
+            ct,
+            "application/json"
+                | "application/yaml"
+                | "application/toml"
+                | "application/xml"
+                | "application/javascript"
+        );
     let mut v = serde_json::json!({"name": name, "content_type": ct});
     match String::from_utf8(bytes) {
         Ok(text) if textual => v["content"] = text.into(),
         Ok(text) => {
-            v["content"] = base64::engine::general_purpose::STANDARD.encode(text.as_bytes()).into();
+            v["content"] = base64::engine::general_purpose::STANDARD
+                .encode(text.as_bytes())
+                .into();
             v["encoding"] = "base64".into();
         }
         Err(e) => {
-            v["content"] = base64::engine::general_purpose::STANDARD.encode(e.as_bytes()).into();
+            v["content"] = base64::engine::general_purpose::STANDARD
+                .encode(e.as_bytes())
+                .into();
             v["encoding"] = "base64".into();
         }
     }
@@ -304,13 +324,23 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
             Some(t) if t != "-" => t,
             _ => {
                 let mut buf = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf)
-                    .map_err(|e| ClientError::Usage(format!("reading stdin (text only; use --file for binary): {e}")))?;
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf).map_err(|e| {
+                    ClientError::Usage(format!(
+                        "reading stdin (text only; use --file for binary): {e}"
+                    ))
+                })?;
                 buf
             }
         };
-        let ct = a.content_type.clone().unwrap_or_else(|| "text/plain".into());
-        body["content"] = if ct.split(';').next().is_some_and(|e| e.trim() == "application/json") {
+        let ct = a
+            .content_type
+            .clone()
+            .unwrap_or_else(|| "text/plain".into());
+        body["content"] = if ct
+            .split(';')
+            .next()
+            .is_some_and(|e| e.trim() == "application/json")
+        {
             serde_json::from_str(&text)
                 .map_err(|e| ClientError::Usage(format!("the content is not JSON: {e}")))?
         } else {
@@ -318,7 +348,9 @@ async fn send(a: SendArgs) -> anyhow::Result<()> {
         };
         body["content_type"] = ct.into();
     }
-    let r = client(&a.c)?.create(&body, a.idempotency_key.as_deref()).await?;
+    let r = client(&a.c)?
+        .create(&body, a.idempotency_key.as_deref())
+        .await?;
     if a.c.json {
         return print_json(r);
     }
@@ -338,7 +370,9 @@ async fn inspect(c: ClientArgs, claim: &str) -> anyhow::Result<()> {
     if r["type"] == "kubbi_package" {
         println!(
             "package of {} files, {} bytes; reads left: {reads}; expires {}",
-            r["file_count"], r["total_size_bytes"], r["expires_at"].as_str().unwrap_or("")
+            r["file_count"],
+            r["total_size_bytes"],
+            r["expires_at"].as_str().unwrap_or("")
         );
         for f in r["files"].as_array().into_iter().flatten() {
             println!(
@@ -364,7 +398,9 @@ fn target(dir: &std::path::Path, name: &str) -> anyhow::Result<PathBuf> {
     let ok = !name.is_empty()
         && !name.starts_with('.')
         && !name.contains("..")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if !ok {
         bail!("refusing to write a file named {name:?}");
     }
@@ -388,7 +424,10 @@ async fn claim_cmd(
         for f in preview["files"].as_array().into_iter().flatten() {
             let t = target(&dir, f["name"].as_str().unwrap_or(""))?;
             if t.exists() && !force {
-                bail!("{} exists; nothing was claimed (use --force to overwrite)", t.display());
+                bail!(
+                    "{} exists; nothing was claimed (use --force to overwrite)",
+                    t.display()
+                );
             }
         }
     }

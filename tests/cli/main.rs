@@ -22,14 +22,24 @@ fn kubbi(n: &TestNode, args: &[&str], stdin: Option<&[u8]>) -> Output {
         .spawn()
         .expect("kubbi runs");
     if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
     }
     drop(child.stdin.take());
     child.wait_with_output().expect("kubbi exits")
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "exit {:?}: {}", o.status.code(), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout.clone()).expect("utf-8")
 }
 
@@ -62,11 +72,26 @@ fn s(v: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_inspect_claim_text_and_stdin() {
     let n = TestNode::start().await;
-    let url = ok(&run(&n, s(&["send", "hello there", "--ttl", "10m", "--max-retrievals", "2"]), None).await);
+    let url = ok(&run(
+        &n,
+        s(&[
+            "send",
+            "hello there",
+            "--ttl",
+            "10m",
+            "--max-retrievals",
+            "2",
+        ]),
+        None,
+    )
+    .await);
     let url = url.trim().to_string();
     assert!(url.starts_with(&format!("{}/r/", n.api.base)), "{url}");
     let info = ok(&run(&n, s(&["inspect", &url]), None).await);
-    assert!(info.contains("text/plain") && info.contains("reads left: 2"), "{info}");
+    assert!(
+        info.contains("text/plain") && info.contains("reads left: 2"),
+        "{info}"
+    );
     let json = ok(&run(&n, s(&["inspect", &url, "--json"]), None).await);
     let v: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(v["retrieval_count"], 0);
@@ -78,12 +103,26 @@ async fn send_inspect_claim_text_and_stdin() {
     assert_eq!(gone.status.code(), Some(4), "410 is exit code 4");
 
     // stdin, JSON content, metadata, a bare token.
-    let url = ok(&run(&n, s(&["send", "--content-type", "application/json", "--metadata", r#"{"job":7}"#]), Some(br#"{"rows": 12345678901234567890}"#.to_vec())).await);
+    let url = ok(&run(
+        &n,
+        s(&[
+            "send",
+            "--content-type",
+            "application/json",
+            "--metadata",
+            r#"{"job":7}"#,
+        ]),
+        Some(br#"{"rows": 12345678901234567890}"#.to_vec()),
+    )
+    .await);
     let token = url.trim().rsplit('/').next().expect("token").to_string();
     let claimed = ok(&run(&n, s(&["claim", &token, "--json"]), None).await);
     let v: serde_json::Value = serde_json::from_str(&claimed).expect("json");
     assert_eq!(v["metadata"]["job"], 7);
-    assert!(claimed.contains("12345678901234567890"), "digits kept: {claimed}");
+    assert!(
+        claimed.contains("12345678901234567890"),
+        "digits kept: {claimed}"
+    );
     n.stop().await;
 }
 
@@ -96,50 +135,113 @@ async fn packages_go_into_the_out_directory_and_never_overwrite() {
     let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
     std::fs::write(src.path().join("artifact.tar.gz"), &big).expect("w");
     let p = |f: &str| src.path().join(f).display().to_string();
-    let url = ok(&run(&n, vec![
-        "send".into(), "--file".into(), format!("{}:config", p("config.json")),
-        "--file".into(), format!("{}:instructions", p("steps.md")),
-        "--file".into(), format!("{}:attachment", p("artifact.tar.gz")),
-        "--max-retrievals".into(), "2".into(),
-    ], None).await);
+    let url = ok(&run(
+        &n,
+        vec![
+            "send".into(),
+            "--file".into(),
+            format!("{}:config", p("config.json")),
+            "--file".into(),
+            format!("{}:instructions", p("steps.md")),
+            "--file".into(),
+            format!("{}:attachment", p("artifact.tar.gz")),
+            "--max-retrievals".into(),
+            "2".into(),
+        ],
+        None,
+    )
+    .await);
     let url = url.trim().to_string();
     let info = ok(&run(&n, s(&["inspect", &url]), None).await);
-    assert!(info.contains("package of 3 files") && info.contains("steps.md") && info.contains("instructions"), "{info}");
+    assert!(
+        info.contains("package of 3 files")
+            && info.contains("steps.md")
+            && info.contains("instructions"),
+        "{info}"
+    );
 
     let out = tempfile::tempdir().expect("tempdir");
     let dir = out.path().display().to_string();
     let written = ok(&run(&n, s(&["claim", &url, "--out", &dir]), None).await);
     assert_eq!(written.lines().count(), 3);
-    assert_eq!(std::fs::read(out.path().join("artifact.tar.gz")).expect("r"), big);
-    assert_eq!(std::fs::read_to_string(out.path().join("steps.md")).expect("r"), "# do it\n");
+    assert_eq!(
+        std::fs::read(out.path().join("artifact.tar.gz")).expect("r"),
+        big
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("steps.md")).expect("r"),
+        "# do it\n"
+    );
 
     // The same names again: refused before anything is consumed.
     let refused = run(&n, s(&["claim", &url, "--out", &dir]), None).await;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
-    let v: serde_json::Value = serde_json::from_str(&ok(&run(&n, s(&["inspect", &url, "--json"]), None).await)).expect("json");
-    assert_eq!(v["retrieval_count"], 1, "the refused claim consumed nothing");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&run(&n, s(&["inspect", &url, "--json"]), None).await))
+            .expect("json");
+    assert_eq!(
+        v["retrieval_count"], 1,
+        "the refused claim consumed nothing"
+    );
     std::fs::write(out.path().join("steps.md"), "old").expect("w");
     ok(&run(&n, s(&["claim", &url, "--out", &dir, "--force"]), None).await);
-    assert_eq!(std::fs::read_to_string(out.path().join("steps.md")).expect("r"), "# do it\n");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("steps.md")).expect("r"),
+        "# do it\n"
+    );
     n.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_commands_and_exit_codes() {
     let n = TestNode::start().await;
-    let sent: serde_json::Value = serde_json::from_str(&ok(&run(&n, s(&["send", "x", "--json"]), None).await)).expect("json");
+    let sent: serde_json::Value =
+        serde_json::from_str(&ok(&run(&n, s(&["send", "x", "--json"]), None).await)).expect("json");
     let id = sent["id"].as_str().expect("id").to_string();
-    let got: serde_json::Value = serde_json::from_str(&ok(&run(&n, s(&["get", &id]), None).await)).expect("json");
+    let got: serde_json::Value =
+        serde_json::from_str(&ok(&run(&n, s(&["get", &id]), None).await)).expect("json");
     assert_eq!(got["status"], "active");
-    let listed: serde_json::Value = serde_json::from_str(&ok(&run(&n, s(&["list", "--limit", "5"]), None).await)).expect("json");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&run(&n, s(&["list", "--limit", "5"]), None).await))
+            .expect("json");
     assert_eq!(listed["pagination"]["total"], 1);
-    let deleted: serde_json::Value = serde_json::from_str(&ok(&run(&n, s(&["delete", &id]), None).await)).expect("json");
+    let deleted: serde_json::Value =
+        serde_json::from_str(&ok(&run(&n, s(&["delete", &id]), None).await)).expect("json");
     assert_eq!(deleted["status"], "deleted");
-    assert_eq!(run(&n, s(&["delete", &id]), None).await.status.code(), Some(7), "409 is 7");
-    assert_eq!(run(&n, s(&["get", "00000000-0000-4000-8000-000000000000"]), None).await.status.code(), Some(3), "404 is 3");
-    assert_eq!(run(&n, s(&["send", "x", "--ttl", "0"]), None).await.status.code(), Some(2), "usage is 2");
-    assert_eq!(run(&n, s(&["send", "x", "--max-retrievals", "5000"]), None).await.status.code(), Some(6), "400 is 6");
+    assert_eq!(
+        run(&n, s(&["delete", &id]), None).await.status.code(),
+        Some(7),
+        "409 is 7"
+    );
+    assert_eq!(
+        run(
+            &n,
+            s(&["get", "00000000-0000-4000-8000-000000000000"]),
+            None
+        )
+        .await
+        .status
+        .code(),
+        Some(3),
+        "404 is 3"
+    );
+    assert_eq!(
+        run(&n, s(&["send", "x", "--ttl", "0"]), None)
+            .await
+            .status
+            .code(),
+        Some(2),
+        "usage is 2"
+    );
+    assert_eq!(
+        run(&n, s(&["send", "x", "--max-retrievals", "5000"]), None)
+            .await
+            .status
+            .code(),
+        Some(6),
+        "400 is 6"
+    );
     let unauth = kubbi(&n, &["list", "--api-key", "kb_nope"], None);
     assert_eq!(unauth.status.code(), Some(5), "401 is 5");
     let down = Command::new(env!("CARGO_BIN_EXE_kubbi"))
