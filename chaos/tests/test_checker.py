@@ -1,0 +1,168 @@
+"""The checker flags each kind of bug in hand-built histories, and passes correct ones.
+
+    python3 -m unittest discover -s chaos/tests
+"""
+import os
+import sys
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from chaoslib.checker import check  # noqa: E402
+
+H = "a" * 64
+OTHER = "b" * 64
+
+
+class B:
+    """History builder: one kubbi per builder unless k is given."""
+
+    def __init__(self):
+        self.h = []
+        self.n = 0
+
+    def add(self, op, t0, t1, outcome="ok", status=200, error=None, r=None, k="k1", lop=None, **kw):
+        self.n += 1
+        a = {"op": op, "lop": lop or f"op{self.n}", "k": k, "t0": t0, "t1": t1, "outcome": outcome,
+             "status": status, "error": error, "r": r or {}}
+        a.update(kw)
+        self.h.append(a)
+        return self
+
+    def create(self, t0=0.0, t1=0.1, ttl=3600, mx=1, h=H, k="k1", outcome="ok"):
+        return self.add("create", t0, t1, outcome=outcome, status=201 if outcome == "ok" else None,
+                        r={"id": f"id-{k}"}, k=k, ttl=ttl, max=mx, h=h)
+
+    def claim(self, t0, t1, count, burned=False, h=H, k="k1", lop=None):
+        return self.add("claim", t0, t1, r={"h": h, "count": count, "burned": burned}, k=k, lop=lop)
+
+    def claim_fail(self, t0, t1, status=410, error="gone", st="burned", k="k1"):
+        return self.add("claim", t0, t1, outcome="fail", status=status, error=error, r={"status": st}, k=k)
+
+    def claim_info(self, t0, t1, k="k1", lop=None):
+        return self.add("claim", t0, t1, outcome="info", status=None, error="timeout", k=k, lop=lop)
+
+    def preview(self, t0, t1, count, k="k1"):
+        return self.add("preview", t0, t1, r={"status": "active", "count": count}, k=k)
+
+    def preview_fail(self, t0, t1, status=410, error="gone", st="burned", k="k1"):
+        return self.add("preview", t0, t1, outcome="fail", status=status, error=error, r={"status": st}, k=k)
+
+    def delete(self, t0, t1, outcome="ok", status=200, k="k1"):
+        return self.add("delete", t0, t1, outcome=outcome, status=status, k=k)
+
+
+def kinds(h, skew=1.0):
+    v, _ = check(h, skew=skew)
+    return sorted({x.kind for x in v}), v
+
+
+class CorrectHistoriesPass(unittest.TestCase):
+    def test_concurrent_claims_within_limit(self):
+        b = B().create(mx=2)
+        b.claim(1.0, 2.0, 2, burned=True).claim(1.1, 1.5, 1)  # overlapping: count 1 then 2
+        b.claim_fail(2.5, 2.6).preview_fail(3, 3.1)
+        self.assertEqual(kinds(b.h)[0], [])
+
+    def test_indeterminate_claim_may_take_effect_later(self):
+        b = B().create(mx=2)
+        b.claim_info(1.0, 1.2)  # timed out; took effect later
+        b.preview(1.5, 1.6, 0)
+        b.preview(3.0, 3.1, 1)
+        b.claim(4.0, 4.1, 2, burned=True)
+        self.assertEqual(kinds(b.h)[0], [])
+
+    def test_idempotent_retry_counts_once(self):
+        b = B().create(mx=2)
+        b.claim_info(1.0, 2.0, lop="c1")
+        b.claim(2.1, 2.2, 1, lop="c1")
+        b.claim(3.0, 3.1, 2, burned=True)
+        self.assertEqual(kinds(b.h)[0], [])
+
+    def test_expiry_and_delete(self):
+        b = B().create(ttl=2, mx=None)
+        b.claim(0.5, 0.6, 1).claim(1.0, 1.1, 2)
+        b.claim_fail(5.0, 5.1, error="expired", st="expired").delete(5.2, 5.3, outcome="fail", status=409)
+        b.create(k="k2", mx=None).delete(1, 1.1, k="k2").claim_fail(1.2, 1.3, st="deleted", k="k2")
+        self.assertEqual(kinds(b.h)[0], [])
+
+    def test_unacknowledged_create_is_not_judged(self):
+        b = B().create(outcome="info")
+        self.assertEqual(kinds(b.h)[0], [])
+
+
+class BugsAreFlagged(unittest.TestCase):
+    def test_double_claim(self):
+        b = B().create(mx=1)
+        b.claim(1.0, 1.1, 1, burned=True).claim(2.0, 2.1, 1, burned=True)
+        k, _ = kinds(b.h)
+        self.assertIn("double_claim", k)
+        self.assertIn("non_linearizable", k)
+
+    def test_double_claim_with_overlap_only(self):
+        # Two concurrent claims of a max-1 kubbi both succeed: no order allows that.
+        b = B().create(mx=1)
+        b.claim(1.0, 2.0, 1, burned=True).claim(1.0, 2.0, 1, burned=True)
+        self.assertIn("double_claim", kinds(b.h)[0])
+
+    def test_lost_create(self):
+        b = B().create(mx=3)
+        b.claim(1.0, 1.1, 1)
+        b.add("preview", 2.0, 2.1, outcome="fail", status=404, error="not_found")
+        k, v = kinds(b.h)
+        self.assertIn("lost_create", k)
+        lost = [x for x in v if x.kind == "lost_create"][0]
+        self.assertTrue(any(a["op"] == "create" for a in lost.excerpt), "excerpt shows the create")
+
+    def test_lost_create_seen_as_early_expiry(self):
+        b = B().create(ttl=3600, mx=None)
+        b.claim_fail(10.0, 10.1, error="expired", st="expired")
+        self.assertIn("lost_create", kinds(b.h)[0])
+
+    def test_wrong_bytes(self):
+        b = B().create(mx=2)
+        b.claim(1.0, 1.1, 1, h=OTHER)
+        k, _ = kinds(b.h)
+        self.assertIn("wrong_bytes", k)
+
+    def test_claim_after_expiry(self):
+        b = B().create(ttl=2, mx=None)
+        b.claim(0.5, 0.6, 1)
+        b.claim(10.0, 10.1, 2)  # well past 0.1 + 2 + skew
+        k, _ = kinds(b.h, skew=1.0)
+        self.assertIn("claim_after_terminal", k)
+        self.assertIn("non_linearizable", k)
+
+    def test_claim_within_skew_bound_is_allowed(self):
+        b = B().create(ttl=2, mx=None)
+        b.claim(2.5, 2.6, 1)  # past ttl but inside the stated skew bound
+        self.assertEqual(kinds(b.h, skew=1.0)[0], [])
+
+    def test_claim_after_burn_and_delete(self):
+        b = B().create(mx=1).claim(1.0, 1.1, 1, burned=True).claim(2.0, 2.1, 2)
+        self.assertIn("claim_after_terminal", kinds(b.h)[0])
+        b = B().create(mx=None).delete(1.0, 1.1).claim(2.0, 2.1, 1)
+        self.assertIn("claim_after_terminal", kinds(b.h)[0])
+
+    def test_non_linearizable_preview(self):
+        # A preview invoked after a claim returned (count 1) still sees count 0: a stale read.
+        b = B().create(mx=3)
+        b.claim(1.0, 1.1, 1)
+        b.preview(2.0, 2.1, 0)
+        k, v = kinds(b.h)
+        self.assertEqual(k, ["non_linearizable"])
+        self.assertEqual(len(v[0].excerpt), 3)
+
+    def test_preview_active_after_burn(self):
+        b = B().create(mx=1).claim(1.0, 1.1, 1, burned=True).preview(2.0, 2.1, 0)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_idempotency_violation(self):
+        b = B().create(mx=2)
+        b.claim(1.0, 1.1, 1, lop="c1")
+        b.add("claim", 1.2, 1.3, outcome="fail", status=410, error="gone", r={"status": "burned"}, lop="c1")
+        self.assertIn("idempotency", kinds(b.h)[0])
+
+
+if __name__ == "__main__":
+    unittest.main()
