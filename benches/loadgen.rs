@@ -10,17 +10,33 @@
 //! ```
 //!
 //! Workloads: `create` (single content of `--payload` bytes, max_retrievals 1), `claim` (claims
-//! kubbis created beforehand, each once: every claim burns), `preview` (GET /r/:token),
+//! kubbis created beforehand, each once: every claim burns), `claim-n` (kubbis of
+//! max_retrievals 3 created beforehand, each claimed three times), `preview` (GET /r/:token),
 //! `mixed` (create, preview, claim of the same kubbi in sequence).
+//!
+//! The same closed loop drives two reference systems for `benches/compare`:
+//! `--target redis ADDR` (RESP over one TCP connection per client: SET EX, GETDEL, a Lua
+//! remaining-reads script, GET) and `--target etcd URL[,URL...]` (etcd's v3 JSON gateway: put
+//! with a lease, txn get+delete, range + compare-and-swap of a counter, range), or the same
+//! operations over etcd's native gRPC API with `--target etcd-grpc URL[,URL...]`; see
+//! `targets/`. `--server-pids` adds the CPU time the servers, the load generator and everything
+//! else used during each timed window.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+
+#[path = "targets/etcd.rs"]
+mod etcd;
+#[path = "targets/etcd_grpc.rs"]
+mod etcd_grpc;
+#[path = "targets/redis.rs"]
+mod redis;
 
 struct Opts {
     url: Option<String>,
@@ -32,6 +48,16 @@ struct Opts {
     workloads: Vec<String>,
     rss: Option<usize>,
     out: Option<PathBuf>,
+    /// `kubbi` (default), `redis` or `etcd`, with the address of the latter two.
+    target: String,
+    target_addr: String,
+    /// Untimed setup size for claim workloads (default: from the create rate measured at the
+    /// same concurrency in this run).
+    pool: Option<usize>,
+    /// Server processes whose CPU time is reported per level.
+    server_pids: Vec<u32>,
+    /// Free-form label copied into the JSON output.
+    label: String,
 }
 
 fn parse_opts() -> Opts {
@@ -44,6 +70,11 @@ fn parse_opts() -> Opts {
         workloads: vec!["create".into(), "claim".into(), "preview".into()],
         rss: None,
         out: None,
+        target: "kubbi".into(),
+        target_addr: String::new(),
+        pool: None,
+        server_pids: Vec::new(),
+        label: String::new(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -58,6 +89,18 @@ fn parse_opts() -> Opts {
             "--workloads" => o.workloads = val(i).split(',').map(String::from).collect(),
             "--rss" => o.rss = val(i).parse().ok(),
             "--out" => o.out = Some(PathBuf::from(val(i))),
+            "--target" => {
+                o.target = val(i);
+                if o.target != "kubbi" {
+                    o.target_addr = args.get(i + 2).cloned().unwrap_or_default();
+                    i += 1;
+                }
+            }
+            "--pool" => o.pool = val(i).parse().ok(),
+            "--server-pids" => {
+                o.server_pids = val(i).split(',').filter_map(|p| p.parse().ok()).collect()
+            }
+            "--label" => o.label = val(i),
             // `cargo bench` passes --bench; anything else unknown is ignored too.
             _ => {
                 i += 1;
@@ -193,6 +236,323 @@ impl Ctx {
     }
 }
 
+/// What the closed loop drives.
+#[derive(Clone)]
+enum Target {
+    Kubbi {
+        ctx: Ctx,
+        urls: Vec<String>,
+    },
+    Redis {
+        addr: String,
+        payload: Arc<Vec<u8>>,
+        sha: String,
+    },
+    Etcd {
+        http: reqwest::Client,
+        urls: Vec<String>,
+        value: Arc<String>,
+        conflicts: Arc<AtomicU64>,
+    },
+    EtcdGrpc {
+        http: reqwest::Client,
+        urls: Vec<String>,
+        value: Arc<Vec<u8>>,
+        conflicts: Arc<AtomicU64>,
+    },
+}
+
+/// One closed-loop client's connection.
+enum Client {
+    Kubbi(Ctx),
+    Redis {
+        conn: redis::Conn,
+        payload: Arc<Vec<u8>>,
+        sha: String,
+    },
+    Etcd(etcd::Client),
+    EtcdGrpc(etcd_grpc::Client),
+}
+
+fn key(run: u64, c: usize, i: u64) -> String {
+    format!("kb/{run:x}/{c}/{i}")
+}
+
+impl Client {
+    async fn create(&mut self, key: &str) -> bool {
+        match self {
+            Client::Kubbi(ctx) => ctx.create(Some(1), 3600).await.is_some(),
+            Client::Redis { conn, payload, .. } => matches!(
+                conn.cmd(&[b"SET", key.as_bytes(), payload, b"EX", b"3600"])
+                    .await,
+                Ok(redis::Reply::Simple(_))
+            ),
+            Client::Etcd(e) => e.create(key).await,
+            Client::EtcdGrpc(e) => e.create(key).await,
+        }
+    }
+
+    async fn claim(&mut self, token: &str) -> bool {
+        match self {
+            Client::Kubbi(ctx) => ctx.claim(token).await,
+            Client::Redis { conn, .. } => matches!(
+                conn.cmd(&[b"GETDEL", token.as_bytes()]).await,
+                Ok(redis::Reply::Bulk(_))
+            ),
+            Client::Etcd(e) => e.claim(token).await,
+            Client::EtcdGrpc(e) => e.claim(token).await,
+        }
+    }
+
+    async fn claim_n(&mut self, token: &str) -> bool {
+        match self {
+            Client::Kubbi(ctx) => ctx.claim(token).await,
+            Client::Redis { conn, sha, .. } => matches!(
+                conn.cmd(&[b"EVALSHA", sha.as_bytes(), b"1", token.as_bytes()])
+                    .await,
+                Ok(redis::Reply::Array(_))
+            ),
+            Client::Etcd(e) => e.claim_n(token).await,
+            Client::EtcdGrpc(e) => e.claim_n(token).await,
+        }
+    }
+
+    async fn preview(&mut self, token: &str) -> bool {
+        match self {
+            Client::Kubbi(ctx) => ctx.preview(token).await,
+            Client::Redis { conn, .. } => matches!(
+                conn.cmd(&[b"GET", token.as_bytes()]).await,
+                Ok(redis::Reply::Bulk(_))
+            ),
+            Client::Etcd(e) => e.preview(token).await,
+            Client::EtcdGrpc(e) => e.preview(token).await,
+        }
+    }
+
+    async fn mixed(&mut self) -> bool {
+        match self {
+            Client::Kubbi(ctx) => match ctx.create(Some(1), 3600).await {
+                Some(t) => ctx.preview(&t).await && ctx.claim(&t).await,
+                None => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+impl Target {
+    /// Lost compare-and-swap races so far (etcd claim-n).
+    fn conflicts(&self) -> u64 {
+        match self {
+            Target::Etcd { conflicts, .. } | Target::EtcdGrpc { conflicts, .. } => {
+                conflicts.load(Ordering::Relaxed)
+            }
+            _ => 0,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Kubbi { .. } => "kubbi",
+            Target::Redis { .. } => "redis",
+            Target::Etcd { .. } => "etcd",
+            Target::EtcdGrpc { .. } => "etcd-grpc",
+        }
+    }
+
+    /// Client `c`'s connection; client c talks to node c mod n, as behind a load balancer.
+    async fn client(&self, c: usize) -> Option<Client> {
+        match self {
+            Target::Kubbi { ctx, urls } => Some(Client::Kubbi(ctx.on(&urls[c % urls.len()]))),
+            Target::Redis { addr, payload, sha } => Some(Client::Redis {
+                conn: redis::Conn::connect(addr).await.ok()?,
+                payload: payload.clone(),
+                sha: sha.clone(),
+            }),
+            Target::Etcd {
+                http,
+                urls,
+                value,
+                conflicts,
+            } => etcd::Client::connect(
+                http.clone(),
+                &urls[c % urls.len()],
+                value.clone(),
+                3600,
+                conflicts.clone(),
+            )
+            .await
+            .map(Client::Etcd),
+            Target::EtcdGrpc {
+                http,
+                urls,
+                value,
+                conflicts,
+            } => etcd_grpc::Client::connect(
+                http.clone(),
+                &urls[c % urls.len()],
+                value.clone(),
+                3600,
+                conflicts.clone(),
+            )
+            .await
+            .map(Client::EtcdGrpc),
+        }
+    }
+
+    /// Untimed setup: `n` claimable items allowing `reads` claims each; their tokens or keys.
+    async fn setup(&self, n: usize, reads: u32, run: u64) -> Vec<String> {
+        match self {
+            Target::Kubbi { ctx, urls } => {
+                let made = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
+                let next = Arc::new(AtomicUsize::new(0));
+                let mut tasks = Vec::new();
+                for t in 0..64 {
+                    let ctx = ctx.on(&urls[t % urls.len()]);
+                    let made = made.clone();
+                    let next = next.clone();
+                    tasks.push(tokio::spawn(async move {
+                        while next.fetch_add(1, Ordering::Relaxed) < n {
+                            if let Some(t) = ctx.create(Some(reads), 3600).await {
+                                made.lock().await.push(t);
+                            }
+                        }
+                    }));
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+                Arc::try_unwrap(made)
+                    .map(|m| m.into_inner())
+                    .unwrap_or_default()
+            }
+            Target::Redis { addr, payload, .. } => {
+                let keys: Vec<String> = (0..n as u64).map(|i| key(run, 0, i)).collect();
+                let keys = Arc::new(keys);
+                let mut tasks = Vec::new();
+                let conns = 8;
+                for t in 0..conns {
+                    let (keys, addr, payload) = (keys.clone(), addr.clone(), payload.clone());
+                    tasks.push(tokio::spawn(async move {
+                        let mut conn = redis::Conn::connect(&addr).await.ok()?;
+                        let mine: Vec<&String> = keys.iter().skip(t).step_by(conns).collect();
+                        let reads = reads.to_string();
+                        for chunk in mine.chunks(256) {
+                            for k in chunk {
+                                if reads == "1" {
+                                    conn.push(&[b"SET", k.as_bytes(), &payload, b"EX", b"3600"]);
+                                } else {
+                                    conn.push(&[
+                                        b"HSET",
+                                        k.as_bytes(),
+                                        b"n",
+                                        reads.as_bytes(),
+                                        b"v",
+                                        &payload,
+                                    ]);
+                                    conn.push(&[b"EXPIRE", k.as_bytes(), b"3600"]);
+                                }
+                            }
+                            let replies = conn.flush().await.ok()?;
+                            if replies.iter().any(|r| !r.is_value()) {
+                                return None;
+                            }
+                        }
+                        Some(())
+                    }));
+                }
+                for t in tasks {
+                    if !matches!(t.await, Ok(Some(()))) {
+                        eprintln!("redis setup failed");
+                        return Vec::new();
+                    }
+                }
+                Arc::try_unwrap(keys).unwrap_or_default()
+            }
+            Target::Etcd { .. } | Target::EtcdGrpc { .. } => {
+                let keys: Vec<String> = (0..n as u64).map(|i| key(run, 0, i)).collect();
+                let keys = Arc::new(keys);
+                let mut tasks = Vec::new();
+                let conns = 16;
+                for t in 0..conns {
+                    let client = self.client(t).await;
+                    let keys = keys.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mine: Vec<String> =
+                            keys.iter().skip(t).step_by(conns).cloned().collect();
+                        match client {
+                            Some(Client::Etcd(c)) => c.setup(&mine, reads).await,
+                            Some(Client::EtcdGrpc(c)) => c.setup(&mine, reads).await,
+                            _ => false,
+                        }
+                    }));
+                }
+                for t in tasks {
+                    if !matches!(t.await, Ok(true)) {
+                        eprintln!("etcd setup failed");
+                        return Vec::new();
+                    }
+                }
+                Arc::try_unwrap(keys).unwrap_or_default()
+            }
+        }
+    }
+}
+
+/// CPU time in clock ticks (USER_HZ, 100 on Linux): the given servers, this process, and the
+/// whole machine (busy and total).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    servers: u64,
+    me: u64,
+    busy: u64,
+    total: u64,
+}
+
+fn proc_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0))
+                .collect();
+            // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after the name.
+            Some(f.get(11)? + f.get(12)?)
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_snapshot(pids: &[u32]) -> Cpu {
+    let (mut busy, mut total) = (0, 0);
+    if let Ok(s) = std::fs::read_to_string("/proc/stat")
+        && let Some(line) = s.lines().next()
+    {
+        // user nice system idle iowait irq softirq steal
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        total = f.iter().sum();
+        busy = total - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0);
+    }
+    Cpu {
+        servers: pids.iter().map(|p| proc_ticks(&p.to_string())).sum(),
+        me: proc_ticks("self"),
+        busy,
+        total,
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 struct Result1 {
     workload: String,
     clients: usize,
@@ -200,82 +560,86 @@ struct Result1 {
     errors: u64,
     secs: f64,
     hist: Histogram<u64>,
+    pool: usize,
+    pool_exhausted: bool,
+    setup_secs: f64,
+    conflicts: u64,
+    cpu: Value,
 }
 
 async fn run_level(
-    ctx: &Ctx,
-    urls: &[String],
+    target: &Target,
     workload: &str,
     clients: usize,
     seconds: u64,
+    pool_n: usize,
+    pids: &[u32],
 ) -> Result1 {
-    // Claims and previews need kubbis made beforehand (not timed).
+    let run: u64 = rand::random();
+    // Claims and previews need items made beforehand (not timed).
+    let t_setup = Instant::now();
     let pool: Arc<Vec<String>> = Arc::new(match workload {
-        "claim" | "preview" => {
-            let want = if workload == "claim" {
-                // Enough for the fastest rate we expect, capped for memory.
-                (clients * 2_000).clamp(20_000, 200_000)
-            } else {
-                1_000
-            };
-            let made = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(want)));
-            let next = Arc::new(AtomicUsize::new(0));
-            let mut tasks = Vec::new();
-            for _ in 0..64 {
-                let ctx = ctx.clone();
-                let made = made.clone();
-                let next = next.clone();
-                tasks.push(tokio::spawn(async move {
-                    while next.fetch_add(1, Ordering::Relaxed) < want {
-                        if let Some(t) = ctx.create(Some(1), 3600).await {
-                            made.lock().await.push(t);
-                        }
-                    }
-                }));
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
-            Arc::try_unwrap(made)
-                .map(|m| m.into_inner())
-                .unwrap_or_default()
-        }
+        "claim" | "claim-once" | "preview" => target.setup(pool_n, 1, run).await,
+        "claim-n" => target.setup(pool_n, 3, run).await,
         _ => Vec::new(),
     });
-    let stop = Arc::new(AtomicBool::new(false));
+    let setup_secs = t_setup.elapsed().as_secs_f64();
+    let needs_pool = matches!(workload, "claim" | "claim-once" | "claim-n" | "preview");
+    let mut conns = Vec::with_capacity(clients);
+    for c in 0..clients {
+        conns.push(target.client(c).await);
+    }
+    let conflicts0 = target.conflicts();
+    let stop = Arc::new(AtomicBool::new(needs_pool && pool.is_empty()));
+    let exhausted = Arc::new(AtomicBool::new(false));
     let cursor = Arc::new(AtomicUsize::new(0));
+    let load = loadavg();
+    let cpu0 = cpu_snapshot(pids);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..clients {
-        // Client c talks to node c mod n, as behind a load balancer.
-        let ctx = ctx.on(&urls[c % urls.len()]);
+    for (c, conn) in conns.into_iter().enumerate() {
         let stop = stop.clone();
+        let exhausted = exhausted.clone();
         let pool = pool.clone();
         let cursor = cursor.clone();
         let workload = workload.to_string();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
-            let mut i = c;
+            let Some(mut client) = conn else {
+                return (h, 1);
+            };
+            let mut i = c as u64;
+            let run_out = || {
+                exhausted.store(true, Ordering::Relaxed);
+                stop.store(true, Ordering::Relaxed);
+            };
             while !stop.load(Ordering::Relaxed) {
+                i += 1;
                 let t0 = Instant::now();
                 let ok = match workload.as_str() {
-                    "create" => ctx.create(Some(1), 3600).await.is_some(),
-                    "claim" => {
+                    "create" => client.create(&key(run, c, i)).await,
+                    "claim" | "claim-once" => {
                         let n = cursor.fetch_add(1, Ordering::Relaxed);
                         match pool.get(n) {
-                            Some(t) => ctx.claim(t).await,
-                            None => break,
+                            Some(t) => client.claim(t).await,
+                            None => {
+                                run_out();
+                                break;
+                            }
                         }
                     }
-                    "preview" => {
-                        i += 1;
-                        ctx.preview(&pool[i % pool.len()]).await
+                    "claim-n" => {
+                        // Three passes over the pool, so one item's claims never race.
+                        let n = cursor.fetch_add(1, Ordering::Relaxed);
+                        if n >= pool.len() * 3 {
+                            run_out();
+                            break;
+                        }
+                        client.claim_n(&pool[n % pool.len()]).await
                     }
-                    _ => match ctx.create(Some(1), 3600).await {
-                        Some(t) => ctx.preview(&t).await && ctx.claim(&t).await,
-                        None => false,
-                    },
+                    "preview" => client.preview(&pool[i as usize % pool.len()]).await,
+                    _ => client.mixed().await,
                 };
                 if ok {
                     let _ = h.record(t0.elapsed().as_micros() as u64);
@@ -286,7 +650,10 @@ async fn run_level(
             (h, errors)
         }));
     }
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let deadline = started + Duration::from_secs(seconds);
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut errors = 0;
@@ -297,6 +664,21 @@ async fn run_level(
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let cpu1 = cpu_snapshot(pids);
+    let tick = |t: u64| t as f64 / 100.0;
+    let servers = tick(cpu1.servers.saturating_sub(cpu0.servers));
+    let me = tick(cpu1.me.saturating_sub(cpu0.me));
+    let busy = tick(cpu1.busy.saturating_sub(cpu0.busy));
+    let total = tick(cpu1.total.saturating_sub(cpu0.total));
+    let cpu = json!({
+        "servers_cpu_s": if pids.is_empty() { Value::Null } else { json!(servers) },
+        "loadgen_cpu_s": me,
+        "machine_busy_cpu_s": busy,
+        "machine_total_cpu_s": total,
+        "other_cpu_s": if pids.is_empty() { Value::Null } else { json!((busy - servers - me).max(0.0)) },
+        "loadavg_before": load,
+    });
+    let conflicts = target.conflicts() - conflicts0;
     Result1 {
         workload: workload.into(),
         clients,
@@ -304,6 +686,11 @@ async fn run_level(
         errors,
         secs,
         hist,
+        pool: pool.len(),
+        pool_exhausted: exhausted.load(Ordering::Relaxed),
+        setup_secs,
+        conflicts,
+        cpu,
     }
 }
 
@@ -311,75 +698,172 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// How many claimable items to make before a claim level: enough for 2.5x the rate this run
+/// measured for `create` (or `claim`) at the same concurrency, within memory bounds. A level
+/// that still runs out stops there and reports the shorter window.
+fn pool_size(
+    opts: &Opts,
+    rates: &std::collections::HashMap<(String, usize), f64>,
+    workload: &str,
+    clients: usize,
+) -> usize {
+    if workload == "preview" {
+        return 1_000;
+    }
+    if let Some(p) = opts.pool {
+        return p;
+    }
+    let reads = if workload == "claim-n" { 3 } else { 1 };
+    let rate = |w: &str| rates.get(&(w.to_string(), clients)).copied();
+    let measured = match workload {
+        "claim-n" => rate("claim").or(rate("claim-once")).or(rate("create")),
+        _ => rate("create"),
+    };
+    let ops = match measured {
+        // Claims can run faster than creates: 2.5x headroom, at least 2,000.
+        Some(r) => ((r * opts.seconds as f64 * 2.5) as usize + clients * 8).max(2_000),
+        None => (clients * 2_000).clamp(20_000, 200_000),
+    };
+    let cap = ((1536usize << 20) / opts.payload.max(1)).max(clients * 4);
+    ops.div_ceil(reads).min(1_000_000).min(cap).max(clients * 4)
+}
+
 #[tokio::main]
 async fn main() {
     let opts = parse_opts();
-    let mut urls = Vec::new();
-    let node = match (&opts.url, &opts.cluster) {
-        (_, Some(dir)) => {
-            let state: Value = serde_json::from_slice(
-                &std::fs::read(dir.join("cluster.json")).expect("cluster.json (run cluster/up)"),
-            )
-            .expect("cluster.json");
-            for n in state["nodes"].as_array().expect("nodes") {
-                urls.push(format!("http://{}", n["http"].as_str().expect("http")));
-            }
-            Node {
-                child: None,
-                _dir: None,
-                url: urls[0].clone(),
-                admin: state["admin_token"].as_str().expect("admin").to_string(),
-            }
-        }
-        (Some(u), None) => Node {
-            child: None,
-            _dir: None,
-            url: u.trim_end_matches('/').to_string(),
-            admin: std::env::var("KUBBI_ADMIN_TOKEN").expect("KUBBI_ADMIN_TOKEN with --url"),
-        },
-        (None, None) => start_node().await,
-    };
-    if urls.is_empty() {
-        urls.push(node.url.clone());
-    }
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(512)
         .timeout(Duration::from_secs(30))
         .build()
         .expect("client");
-    // Wait for readiness and make an API key.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let ok = http
-            .get(format!("{}/health/ready", node.url))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            break;
+    let mut urls = Vec::new();
+    let mut node = None;
+    let target = match opts.target.as_str() {
+        "redis" => {
+            let mut conn = redis::Conn::connect(&opts.target_addr)
+                .await
+                .expect("connect to redis");
+            let sha = match conn
+                .cmd(&[b"SCRIPT", b"LOAD", redis::CLAIM_N_LUA.as_bytes()])
+                .await
+            {
+                Ok(redis::Reply::Bulk(s)) => String::from_utf8_lossy(&s).into_owned(),
+                other => panic!("SCRIPT LOAD: {other:?}"),
+            };
+            urls.push(opts.target_addr.clone());
+            Target::Redis {
+                addr: opts.target_addr.clone(),
+                payload: Arc::new(vec![b'x'; opts.payload]),
+                sha,
+            }
         }
-        assert!(Instant::now() < deadline, "node not ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let key: Value = http
-        .post(format!("{}/admin/v1/api-keys", node.url))
-        .bearer_auth(&node.admin)
-        .json(&json!({"label": "loadgen"}))
-        .send()
-        .await
-        .expect("key")
-        .json()
-        .await
-        .expect("key json");
-    let ctx = Ctx {
-        http,
-        url: node.url.clone(),
-        key: key["api_key"].as_str().expect("api key").to_string(),
-        payload: "x".repeat(opts.payload),
+        "etcd" => {
+            urls = opts
+                .target_addr
+                .split(',')
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect();
+            use base64::Engine;
+            Target::Etcd {
+                http: http.clone(),
+                urls: urls.clone(),
+                value: Arc::new(
+                    base64::engine::general_purpose::STANDARD.encode(vec![b'x'; opts.payload]),
+                ),
+                conflicts: Arc::new(AtomicU64::new(0)),
+            }
+        }
+        "etcd-grpc" => {
+            urls = opts
+                .target_addr
+                .split(',')
+                .map(|u| u.trim_end_matches('/').to_string())
+                .collect();
+            Target::EtcdGrpc {
+                http: reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+                    .expect("h2 client"),
+                urls: urls.clone(),
+                value: Arc::new(vec![b'x'; opts.payload]),
+                conflicts: Arc::new(AtomicU64::new(0)),
+            }
+        }
+        "kubbi" => {
+            let n = match (&opts.url, &opts.cluster) {
+                (_, Some(dir)) => {
+                    let state: Value = serde_json::from_slice(
+                        &std::fs::read(dir.join("cluster.json"))
+                            .expect("cluster.json (run cluster/up)"),
+                    )
+                    .expect("cluster.json");
+                    for n in state["nodes"].as_array().expect("nodes") {
+                        urls.push(format!("http://{}", n["http"].as_str().expect("http")));
+                    }
+                    Node {
+                        child: None,
+                        _dir: None,
+                        url: urls[0].clone(),
+                        admin: state["admin_token"].as_str().expect("admin").to_string(),
+                    }
+                }
+                (Some(u), None) => Node {
+                    child: None,
+                    _dir: None,
+                    url: u.trim_end_matches('/').to_string(),
+                    admin: std::env::var("KUBBI_ADMIN_TOKEN")
+                        .expect("KUBBI_ADMIN_TOKEN with --url"),
+                },
+                (None, None) => start_node().await,
+            };
+            if urls.is_empty() {
+                urls.push(n.url.clone());
+            }
+            // Wait for readiness and make an API key.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let ok = http
+                    .get(format!("{}/health/ready", n.url))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "node not ready");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let key: Value = http
+                .post(format!("{}/admin/v1/api-keys", n.url))
+                .bearer_auth(&n.admin)
+                .json(&json!({"label": "loadgen"}))
+                .send()
+                .await
+                .expect("key")
+                .json()
+                .await
+                .expect("key json");
+            let ctx = Ctx {
+                http: http.clone(),
+                url: n.url.clone(),
+                key: key["api_key"].as_str().expect("api key").to_string(),
+                payload: "x".repeat(opts.payload),
+            };
+            node = Some(n);
+            Target::Kubbi {
+                ctx,
+                urls: urls.clone(),
+            }
+        }
+        other => panic!(
+            "unknown --target {other} (kubbi, redis ADDR, etcd URL[,URL...], etcd-grpc URL[,URL...])"
+        ),
     };
 
     println!(
-        "kubbi loadgen: {} node(s) {} | payload {} B | {} s per level",
+        "{} loadgen: {} endpoint(s) {} | payload {} B | {} s per level",
+        target.name(),
         urls.len(),
         urls.join(" "),
         opts.payload,
@@ -388,12 +872,15 @@ async fn main() {
     println!("| workload | clients | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
+    let mut rates = std::collections::HashMap::new();
     for w in &opts.workloads {
         for &c in &opts.clients {
-            let r = run_level(&ctx, &urls, w, c, opts.seconds).await;
+            let pool_n = pool_size(&opts, &rates, w, c);
+            let r = run_level(&target, w, c, opts.seconds, pool_n, &opts.server_pids).await;
             let rate = r.ops as f64 / r.secs;
+            rates.insert((w.clone(), c), rate);
             println!(
-                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |{}",
                 r.workload,
                 r.clients,
                 rate,
@@ -401,19 +888,32 @@ async fn main() {
                 ms(r.hist.value_at_quantile(0.9)),
                 ms(r.hist.value_at_quantile(0.99)),
                 ms(r.hist.value_at_quantile(0.999)),
-                r.errors
+                r.errors,
+                if r.pool_exhausted {
+                    format!(" pool of {} ran out after {:.1} s", r.pool, r.secs)
+                } else {
+                    String::new()
+                }
             );
             rows.push(json!({
-                "workload": r.workload, "clients": r.clients, "ops": r.ops, "seconds": r.secs,
+                "target": target.name(), "workload": r.workload, "clients": r.clients,
+                "ops": r.ops, "seconds": r.secs,
                 "ops_per_sec": rate, "errors": r.errors,
                 "p50_ms": ms(r.hist.value_at_quantile(0.5)), "p90_ms": ms(r.hist.value_at_quantile(0.9)),
                 "p99_ms": ms(r.hist.value_at_quantile(0.99)), "p999_ms": ms(r.hist.value_at_quantile(0.999)),
+                "max_ms": ms(r.hist.max()), "mean_ms": r.hist.mean() / 1000.0,
+                "pool": r.pool, "pool_exhausted": r.pool_exhausted, "setup_seconds": r.setup_secs,
+                "cas_conflicts": r.conflicts, "cpu": r.cpu,
             }));
         }
     }
 
     let mut rss = Value::Null;
-    if let (Some(n), Some(pid)) = (opts.rss, node.child.as_ref().map(Child::id)) {
+    if let (Some(n), Some(pid), Target::Kubbi { ctx, .. }) = (
+        opts.rss,
+        node.as_ref().and_then(|n| n.child.as_ref().map(Child::id)),
+        &target,
+    ) {
         let before = rss_kib(pid);
         // Fill: n active kubbis (2 reads each, 2 h TTL). A fresh kubbi with a far deadline
         // starts passive: no actor until its first request.
@@ -482,7 +982,9 @@ async fn main() {
     }
 
     if let Some(out) = opts.out {
-        let doc = json!({"payload_bytes": opts.payload, "seconds": opts.seconds, "results": rows, "rss": rss});
+        let doc = json!({"target": target.name(), "endpoints": urls, "label": opts.label,
+                         "payload_bytes": opts.payload, "seconds": opts.seconds,
+                         "server_pids": opts.server_pids, "results": rows, "rss": rss});
         std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .expect("write results");
         println!("wrote {}", out.display());
