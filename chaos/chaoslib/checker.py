@@ -67,11 +67,29 @@ class Violation:
 MUTATING = {"create", "claim", "delete"}
 
 
-def logical_ops(attempts):
+def usable(a, unexpected=None):
+    """Drops attempts that carry no information for the model: reads without a definite answer,
+    requests refused before they were sent, and 4xx answers outside the contract's 404/409/410
+    (counted in `unexpected`)."""
+    st = a.get("status")
+    if a["outcome"] == "fail" and st is None:
+        return False
+    if a["op"] not in MUTATING and (a["outcome"] == "info" or (st is not None and st >= 500)):
+        return False
+    if a["outcome"] == "fail" and st not in (404, 409, 410):
+        if unexpected is not None:
+            unexpected.append(a)
+        return False
+    return True
+
+
+def logical_ops(attempts, unexpected=None):
     """Groups attempts by `lop`; returns (ops, idempotency violations)."""
     groups = {}
     order = []
     for a in attempts:
+        if not usable(a, unexpected):
+            continue
         key = a.get("lop") or id(a)
         if key not in groups:
             groups[key] = []
@@ -246,9 +264,11 @@ def check(attempts, skew=3.0):
             continue
         by_k.setdefault(a["k"], []).append(a)
     violations = []
-    stats = {"kubbis": 0, "kubbis_unacknowledged": 0, "searched": 0, "search_budget_exceeded": 0}
+    stats = {"kubbis": 0, "kubbis_unacknowledged": 0, "searched": 0, "search_budget_exceeded": 0,
+             "unexpected_answers": 0}
+    unexpected = []
     for k, atts in by_k.items():
-        ops, bad = logical_ops(atts)
+        ops, bad = logical_ops(atts, unexpected)
         violations.extend(bad)
         creates = [o for o in ops if o.op == "create"]
         if not creates or creates[0].outcome != "ok":
@@ -269,6 +289,8 @@ def check(attempts, skew=3.0):
             violations.append(Violation("non_linearizable", k,
                                         "no sequential order of create/preview/claim/delete explains these answers",
                                         excerpt(ops)))
+    stats["unexpected_answers"] = len(unexpected)
+    stats["unexpected_examples"] = unexpected[:5]
     return violations, stats
 
 

@@ -1,0 +1,335 @@
+"""Seeded fault injection while the workload runs.
+
+One fault at a time: quiet for a few seconds, pick a kind (seeded), inject, hold, heal. Kinds:
+
+  kill_one         kill -9 one node, restart it on its data directory
+  kill_leaders     kill -9 the node(s) leading the most shards (at most a minority), restart
+  kill_minority    kill -9 a random minority of the nodes at once, restart
+  pause            SIGSTOP a node (a leader half the time), then SIGCONT
+  partition_halves symmetric split into a random majority and minority (nft drops both ways)
+  partition_leader isolate the node leading the most shards from every other node
+  partition_oneway one node stops receiving from the others but can still send to them
+  clock_skew       move the wall clock of the faketime node by +-skew seconds, then back
+  power_loss       kill -9 a lazyfs node and drop its FUSE layer's unsynced writes, restart
+  disk_full        fill the tmpfs data directory of the small-disk node, hold, free it
+                   (the node is restarted if it is not ready 10 s after space returns)
+  membership       join a spare node under traffic; the next time, drain and remove it
+
+Every injection and heal is an event in the history file ({"nemesis": ...}).
+"""
+import os
+import random
+import threading
+import time
+
+from . import netns
+from .cluster import http_json
+
+
+class Nemesis:
+    def __init__(self, seed, cluster, history, kinds, skew_s=2, quiet=(2.0, 6.0), hold=(4.0, 12.0),
+                 spare=None, on_membership=None):
+        self.rng = random.Random(f"{seed}/nemesis")
+        self.c = cluster
+        self.h = history
+        self.kinds = kinds
+        self.skew_s = skew_s
+        self.quiet = quiet
+        self.hold = hold
+        self.spare = spare  # Node not yet in the cluster
+        self.on_membership = on_membership
+        self.stop_flag = threading.Event()
+        self.thread = None
+        self.counts = {}
+        self.failures = []  # heal/inject problems (not invariant violations)
+        self.partitioned = set()
+        self.ballast = None
+        self.membership_phase = 0
+
+    def event(self, kind, phase, **kw):
+        e = {"nemesis": kind, "phase": phase, "t": round(self.h.now(), 6), "w": round(time.time(), 3)}
+        e.update(kw)
+        self.h.record(e)
+
+    def members(self):
+        return [nd for nd in self.c.active() if nd.proc is not None]
+
+    def minority(self):
+        return max(1, (len(self.members()) - 1) // 2)
+
+    def leader_counts(self):
+        try:
+            leaders = self.c.leaders()
+        except Exception:  # noqa: BLE001
+            return {}
+        counts = {}
+        for s, lid in leaders.items():
+            if isinstance(lid, int):
+                counts[lid] = counts.get(lid, 0) + 1
+        return counts
+
+    def top_leaders(self, k):
+        counts = self.leader_counts()
+        ids = sorted(counts, key=lambda i: -counts[i])[:k]
+        ids = [i for i in ids if i in self.c.nodes and not self.c.nodes[i].removed]
+        return ids or [self.rng.choice(self.members()).id]
+
+    def sleep(self, s):
+        self.stop_flag.wait(s)
+
+    # faults
+    def do_kill(self, kind, ids):
+        self.event(kind, "start", nodes=ids)
+        for i in ids:
+            self.c.nodes[i].kill9()
+        self.sleep(self.rng.uniform(*self.hold))
+        for i in ids:
+            self.c.nodes[i].start()
+        self.event(kind, "end", nodes=ids)
+
+    def do_pause(self):
+        nd = self.c.nodes[self.top_leaders(1)[0]] if self.rng.random() < 0.5 else self.rng.choice(self.members())
+        self.event("pause", "start", nodes=[nd.id])
+        nd.sigstop()
+        self.sleep(self.rng.uniform(*self.hold))
+        nd.sigcont()
+        self.event("pause", "end", nodes=[nd.id])
+
+    def partition(self, kind, groups=None, oneway=None):
+        ids = [nd.id for nd in self.members()]
+        if groups:
+            a, b = groups
+            for i in a:
+                netns.block(i, drop_in_from=b, drop_out_to=b)
+            for i in b:
+                netns.block(i, drop_in_from=a, drop_out_to=a)
+            self.event(kind, "start", groups=[a, b])
+        else:
+            others = [j for j in ids if j != oneway]
+            netns.block(oneway, drop_in_from=others)
+            self.event(kind, "start", nodes=[oneway], drops="input from " + ",".join(map(str, others)))
+        self.partitioned.update(ids)
+        self.sleep(self.rng.uniform(*self.hold))
+        self.heal_net()
+        self.event(kind, "end")
+
+    def heal_net(self):
+        for i in list(self.partitioned):
+            netns.clear(i)
+        self.partitioned.clear()
+
+    def do_partition_halves(self):
+        ids = [nd.id for nd in self.members()]
+        self.rng.shuffle(ids)
+        k = self.rng.randint(1, (len(ids) - 1) // 2) if len(ids) > 2 else 1
+        self.partition("partition_halves", groups=(sorted(ids[:k]), sorted(ids[k:])))
+
+    def do_partition_leader(self):
+        ids = [nd.id for nd in self.members()]
+        lead = self.top_leaders(1)[0]
+        self.partition("partition_leader", groups=([lead], sorted(j for j in ids if j != lead)))
+
+    def do_partition_oneway(self):
+        target = self.rng.choice([nd.id for nd in self.members()])
+        self.partition("partition_oneway", oneway=target)
+
+    def do_clock_skew(self):
+        skewed = [nd for nd in self.members() if nd.skew]
+        if not skewed:
+            return False
+        nd = skewed[0]
+        s = self.skew_s if self.rng.random() < 0.5 else -self.skew_s
+        self.event("clock_skew", "start", nodes=[nd.id], seconds=s)
+        nd.set_skew(s)
+        self.sleep(self.rng.uniform(*self.hold) * 2)
+        nd.set_skew(0)
+        self.event("clock_skew", "end", nodes=[nd.id])
+        return True
+
+    def do_power_loss(self):
+        lazy = [nd for nd in self.members() if nd.storage == "lazyfs"]
+        if not lazy:
+            return False
+        # Half the time every lazyfs node at once (still a minority or the fsync'd quorum).
+        victims = lazy if self.rng.random() < 0.5 else [self.rng.choice(lazy)]
+        ids = [nd.id for nd in victims]
+        self.event("power_loss", "start", nodes=ids)
+        for nd in victims:
+            nd.kill9()
+            nd.drop_unsynced()
+        self.sleep(self.rng.uniform(*self.hold))
+        for nd in victims:
+            nd.start()
+        self.event("power_loss", "end", nodes=ids)
+        return True
+
+    def do_disk_full(self):
+        small = [nd for nd in self.members() if nd.storage == "small"]
+        if not small:
+            return False
+        nd = small[0]
+        path = os.path.join(nd.dir, "chaos-ballast")
+        self.event("disk_full", "start", nodes=[nd.id])
+        try:
+            with open(path, "wb") as f:
+                chunk = b"\0" * (1 << 20)
+                while True:
+                    try:
+                        f.write(chunk)
+                        f.flush()
+                    except OSError:
+                        break
+        except OSError:
+            pass
+        st = os.statvfs(nd.dir)
+        self.event("disk_full", "full", nodes=[nd.id], free_bytes=st.f_bavail * st.f_frsize)
+        self.sleep(self.rng.uniform(*self.hold))
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (nd.alive() and nd.ready()):
+            time.sleep(0.5)
+        restarted = False
+        if not (nd.alive() and nd.ready()):
+            nd.kill9()
+            nd.start()
+            restarted = True
+        self.event("disk_full", "end", nodes=[nd.id], restarted=restarted, exited=not restarted and False)
+        return True
+
+    def do_membership(self):
+        if self.spare is None:
+            return False
+        sp = self.spare
+        live = [nd for nd in self.members() if nd.alive() and nd is not sp]
+        if self.membership_phase == 0:
+            seed = self.rng.choice(live)
+            sp.join = seed.internal
+            self.event("membership", "start", action="join", nodes=[sp.id], via=seed.id)
+            netns.add_node(sp.id)
+            sp.prepare()
+            sp.removed = False
+            sp.start()
+            ok = self.wait_membership(sp.id, present=True, timeout=120)
+            if self.on_membership:
+                self.on_membership()
+            self.event("membership", "end", action="join", nodes=[sp.id], completed=ok)
+            self.membership_phase = 1
+        else:
+            self.event("membership", "start", action="remove", nodes=[sp.id])
+            ok = False
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not ok:
+                nd = self.rng.choice(live)
+                try:
+                    st, body = http_json("DELETE", nd.url(f"/admin/v1/nodes/{sp.id}"), token=self.c.admin, timeout=10)
+                    ok = st in (200, 202, 204)
+                    if not ok:
+                        self.event("membership", "info", status=st, body=body)
+                except Exception as e:  # noqa: BLE001
+                    self.event("membership", "info", error=str(e))
+                if not ok:
+                    time.sleep(1)
+            done = ok and self.wait_membership(sp.id, present=False, timeout=120)
+            if done:
+                sp.terminate()
+                sp.removed = True
+                if self.on_membership:
+                    self.on_membership()
+            self.event("membership", "end", action="remove", nodes=[sp.id], completed=done)
+            if not done:
+                self.failures.append(f"membership remove of node {sp.id} did not complete")
+            self.spare = None  # once each way per run
+        return True
+
+    def wait_membership(self, nid, present, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop_flag.is_set():
+            try:
+                st = self.c.any_status()
+                shards = st.get("shards", [])
+                inside = [nid in (s.get("replicas") or []) or nid in (s.get("learners") or []) for s in shards]
+                if present and any(nid in (s.get("replicas") or []) for s in shards):
+                    return True
+                if not present and shards and not any(inside):
+                    return True
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(1)
+        return False
+
+    def run(self, end_t):
+        while not self.stop_flag.is_set() and self.h.now() < end_t:
+            self.sleep(self.rng.uniform(*self.quiet))
+            if self.stop_flag.is_set() or self.h.now() >= end_t:
+                break
+            kind = self.rng.choice(self.kinds)
+            try:
+                done = self.inject(kind)
+            except Exception as e:  # noqa: BLE001
+                self.failures.append(f"{kind}: {e}")
+                self.event(kind, "error", error=str(e))
+                self.heal()
+                done = True
+            if done is not False:
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+
+    def inject(self, kind):
+        n = len(self.members())
+        if kind == "kill_one":
+            return self.do_kill(kind, [self.rng.choice(self.members()).id])
+        if kind == "kill_leaders":
+            return self.do_kill(kind, self.top_leaders(self.minority()))
+        if kind == "kill_minority":
+            ids = [nd.id for nd in self.members()]
+            return self.do_kill(kind, sorted(self.rng.sample(ids, max(1, (n - 1) // 2))))
+        if kind == "pause":
+            return self.do_pause()
+        if kind == "partition_halves":
+            return self.do_partition_halves()
+        if kind == "partition_leader":
+            return self.do_partition_leader()
+        if kind == "partition_oneway":
+            return self.do_partition_oneway()
+        if kind == "clock_skew":
+            return self.do_clock_skew()
+        if kind == "power_loss":
+            return self.do_power_loss()
+        if kind == "disk_full":
+            return self.do_disk_full()
+        if kind == "membership":
+            return self.do_membership()
+        raise ValueError(kind)
+
+    def start(self, end_t):
+        self.thread = threading.Thread(target=self.run, args=(end_t,), name="nemesis", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.stop_flag.set()
+        if self.thread:
+            self.thread.join(180)
+
+    def heal(self):
+        """Undo everything: network, pauses, clocks, disk; restart nodes that are down."""
+        self.heal_net()
+        for nd in self.c.nodes.values():
+            if nd.proc is None or nd.removed:
+                continue
+            netns.clear(nd.id)
+            nd.sigcont()
+            if nd.skew:
+                nd.set_skew(0)
+            if nd.storage == "small":
+                try:
+                    os.remove(os.path.join(nd.dir, "chaos-ballast"))
+                except OSError:
+                    pass
+            if nd.storage == "lazyfs" and (nd.fuse is None or nd.fuse.poll() is not None):
+                nd.kill9()
+                nd.drop_unsynced()
+            if not nd.alive():
+                self.event("heal", "restart", nodes=[nd.id], exit=nd.proc.returncode)
+                nd.start()
