@@ -212,7 +212,9 @@ def main(argv=None):
     stop_requested = threading.Event()
 
     def on_signal(signum, frame):
-        stop_requested.set()
+        if stop_requested.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop_requested.set()  # first signal: end the workload phase early, then check as usual
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -253,7 +255,7 @@ def main(argv=None):
         report["convergence"] = conv
         print(f"chaos: final sweep of {len(wl.all)} acknowledged kubbis", flush=True)
         t_sweep = time.monotonic()
-        unresolved = wl.sweep()
+        unresolved = wl.sweep(per_kubbi_s=30 if not not_serving else 3)
         report["sweep_s"] = round(time.monotonic() - t_sweep, 2)
         report["sweep_unresolved"] = unresolved[:20]
         report["faults"] = dict(sorted(nem.counts.items()))
@@ -286,7 +288,7 @@ def main(argv=None):
         report["violations"] = [v.as_dict() for v in violations]
         report["result"] = "pass" if not violations else "fail"
         exit_code = 0 if not violations else 1
-    except Exception as e:  # noqa: BLE001
+    except BaseException as e:  # noqa: BLE001 - includes a second Ctrl-C: clean up, keep the data
         traceback.print_exc()
         report["result"] = "error"
         report["error"] = f"{type(e).__name__}: {e}"

@@ -301,7 +301,7 @@ class Workload:
             t.join(max(0.1, deadline - time.monotonic()))
 
     # final sweep after healing
-    def sweep(self, threads=16, deadline_s=600):
+    def sweep(self, threads=16, deadline_s=900, per_kubbi_s=30):
         """Reads every acknowledged kubbi back: producer detail, consumer preview, and a claim of
         each one still claimable (checks the bytes). Retries until a definite answer."""
         items = list(self.all)
@@ -312,7 +312,8 @@ class Workload:
         unresolved = []
 
         def definite(fn):
-            while time.monotonic() < end:
+            stop = min(end, time.monotonic() + per_kubbi_s)
+            while time.monotonic() < stop:
                 outcome, st, js = fn()
                 if outcome == "ok" or (outcome == "fail" and st is not None):
                     return outcome, st, js
