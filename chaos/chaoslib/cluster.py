@@ -263,10 +263,10 @@ class Cluster:
 
     def start(self, timeout=120):
         self.write_secrets()
-        for nd in self.nodes.values():
+        for nd in self.active():
             netns.add_node(nd.id)
             nd.prepare()
-        for nd in self.nodes.values():
+        for nd in self.active():
             nd.start()
         self.wait_led(timeout)
 
