@@ -1,6 +1,7 @@
 """Seeded fault injection while the workload runs.
 
-One fault at a time: quiet for a few seconds, pick a kind (seeded), inject, hold, heal. Kinds:
+One fault at a time: quiet for a few seconds, take the next kind (every kind once per round, in a
+seeded order), inject, hold, heal. Kinds:
 
   kill_one         kill -9 one node, restart it on its data directory
   kill_leaders     kill -9 the node(s) leading the most shards (at most a minority), restart
@@ -261,11 +262,15 @@ class Nemesis:
         return False
 
     def run(self, end_t):
+        bag = []
         while not self.stop_flag.is_set() and self.h.now() < end_t:
             self.sleep(self.rng.uniform(*self.quiet))
             if self.stop_flag.is_set() or self.h.now() >= end_t:
                 break
-            kind = self.rng.choice(self.kinds)
+            if not bag:  # every kind once per round, in a seeded order
+                bag = list(self.kinds)
+                self.rng.shuffle(bag)
+            kind = bag.pop()
             try:
                 done = self.inject(kind)
             except Exception as e:  # noqa: BLE001
