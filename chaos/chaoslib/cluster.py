@@ -310,7 +310,12 @@ class Cluster:
     def stop(self):
         for nd in self.nodes.values():
             nd.terminate()
+
+    def release(self, keep):
+        """Unmounts node storage; with `keep`, copies a tmpfs data directory out first."""
         for nd in self.nodes.values():
+            if keep and nd.storage == "small" and os.path.ismount(nd.dir):
+                shutil.copytree(nd.dir, nd.dir + ".kept", dirs_exist_ok=True)
             nd.unmount()
 
     def wipe(self):

@@ -296,10 +296,13 @@ def main(argv=None):
         exit_code = 2
         try:
             cluster.stop()
-        except Exception:  # noqa: BLE001
+        except BaseException:  # noqa: BLE001
             pass
     finally:
-        netns.teardown()
+        try:
+            cluster.release(keep=exit_code != 0 or a.keep)
+        finally:
+            netns.teardown()
 
     with open(os.path.join(run_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
