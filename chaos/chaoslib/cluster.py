@@ -136,7 +136,7 @@ class Node:
         args = [c.bin, "serve", "--node-id", str(self.id), "--data-dir", self.dir,
                 "--http-addr", self.http, "--internal-addr", self.internal, "--zone", self.zone,
                 "--shards", str(c.shards), "--raft-heartbeat-ms", str(c.heartbeat_ms),
-                "--raft-snapshot-every", str(c.snapshot_every),
+                "--raft-snapshot-every", str(c.snapshot_every), "--ip-link-rate", "0",
                 "--cluster-secret-file", c.secret_file, "--node-key-file", c.keys_file,
                 "--admin-token-file", c.admin_file]
         if self.join:
