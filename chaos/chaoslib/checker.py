@@ -27,6 +27,8 @@ Checks, per kubbi:
   idempotency           retries of one logical op got different definite answers
   non_linearizable      no sequential order of the ops (WGL search over the model
                         absent -> active(count) -> burned | deleted | expired) explains them
+  expiry_disagreement   not linearizable only because answers disagree on whether the kubbi had
+                        expired (an "expired" followed by a success): expiry judged by two clocks
 """
 import math
 from dataclasses import dataclass, field
@@ -136,7 +138,8 @@ TERMINAL_OF = {"burned": "B", "deleted": "D", "expired": "E", "active": "A"}
 class KubbiModel:
     """Per-kubbi sequential model with time-dependent expiry."""
 
-    def __init__(self, create, skew):
+    def __init__(self, create, skew, sticky_expiry=True):
+        self.sticky = sticky_expiry
         self.max = create.attempts[0].get("max")
         self.h = create.attempts[0].get("h")
         ttl = create.attempts[0]["ttl"]
@@ -158,7 +161,11 @@ class KubbiModel:
         """Possible next states after linearizing `op` in state `s` (empty: impossible)."""
         out = []
         for st, cnt in self.candidates(s, op):
-            out.extend(self._step1(st, cnt, op))
+            nxt = self._step1(st, cnt, op)
+            if not self.sticky and s[0] == "A" and st == "E":
+                # Diagnosis mode: this op saw the kubbi expired, but later ops may not.
+                nxt = [("A", c) if x == "E" else (x, c) for x, c in nxt]
+            out.extend(nxt)
         return out
 
     def _step1(self, st, cnt, op):
@@ -286,9 +293,17 @@ def check(attempts, skew=3.0):
         if ok is None:
             stats["search_budget_exceeded"] += 1
         elif not ok:
-            violations.append(Violation("non_linearizable", k,
-                                        "no sequential order of create/preview/claim/delete explains these answers",
-                                        excerpt(ops)))
+            relaxed, _ = wgl(ops, KubbiModel(create, skew, sticky_expiry=False))
+            if relaxed:
+                violations.append(Violation(
+                    "expiry_disagreement", k,
+                    "not linearizable: one answer saw the kubbi expired and a later one saw it active "
+                    "(expiry judged by different clocks); each answer alone is within the skew bound",
+                    excerpt(ops)))
+            else:
+                violations.append(Violation("non_linearizable", k,
+                                            "no sequential order of create/preview/claim/delete explains these answers",
+                                            excerpt(ops)))
     stats["unexpected_answers"] = len(unexpected)
     stats["unexpected_examples"] = unexpected[:5]
     return violations, stats

@@ -157,6 +157,15 @@ class BugsAreFlagged(unittest.TestCase):
         b = B().create(mx=1).claim(1.0, 1.1, 1, burned=True).preview(2.0, 2.1, 0)
         self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
 
+    def test_expired_then_claimed_is_flagged(self):
+        # Seen for real (seed 2): a preview answers expired, a later claim succeeds; both times
+        # are inside the skew bound, but a kubbi cannot expire and come back.
+        b = B().create(t0=19.67, t1=19.97, ttl=3, mx=None)
+        b.claim(19.98, 20.29, 1)
+        b.preview_fail(20.71, 20.97, error="expired", st="expired")
+        b.claim(22.09, 22.48, 2)
+        self.assertEqual(kinds(b.h, skew=3.0)[0], ["expiry_disagreement"])
+
     def test_idempotency_violation(self):
         b = B().create(mx=2)
         b.claim(1.0, 1.1, 1, lop="c1")
