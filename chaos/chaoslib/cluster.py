@@ -75,6 +75,7 @@ class Node:
         self.backing = os.path.join(cluster.dir, f"node{i}.backing")
         self.log = os.path.join(cluster.dir, f"node{i}.log")
         self.skew_file = os.path.join(cluster.dir, f"node{i}.faketime")
+        self.pending_file = os.path.join(cluster.dir, f"node{i}.lazyfs-pending.json")
         self.proc = None
         self.fuse = None
         self.stopped = False  # SIGSTOPped
@@ -95,7 +96,7 @@ class Node:
     def mount_fuse(self):
         py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
         flog = open(os.path.join(self.c.dir, f"node{self.id}.lazyfs.log"), "ab")
-        self.fuse = subprocess.Popen([py, os.path.join(HERE, "lazyfs.py"), self.backing, self.dir],
+        self.fuse = subprocess.Popen([py, os.path.join(HERE, "lazyfs.py"), self.backing, self.dir, self.pending_file],
                                      stdout=flog, stderr=flog, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -105,6 +106,13 @@ class Node:
                 break
             time.sleep(0.05)
         raise RuntimeError(f"lazyfs for node {self.id} did not mount (see node{self.id}.lazyfs.log)")
+
+    def unsynced(self):
+        try:
+            with open(self.pending_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
     def drop_unsynced(self):
         """Power loss of the lazyfs layer: its memory (the unsynced bytes) is gone."""

@@ -1,6 +1,6 @@
 """A FUSE passthrough that loses un-fsynced data when it dies: the "power loss" layer.
 
-    python3 lazyfs.py BACKING_DIR MOUNTPOINT
+    python3 lazyfs.py BACKING_DIR MOUNTPOINT [PENDING_STATS_FILE]
 
 Every file operation is passed through to BACKING_DIR, except that written bytes are held in
 this process's memory until the file is fsync'd or fdatasync'd (or the whole FS is synced);
@@ -214,10 +214,27 @@ class LazyFS(fuse.Operations):
         return 0
 
 
+def report_pending(fs, path):
+    """Writes {"files", "bytes"} of unsynced data to `path` every 0.2 s (for the nemesis)."""
+    import json
+    import time
+    while True:
+        with fs._mu:
+            files = len(fs.pending)
+            nbytes = sum(len(b) for p in fs.pending.values() for _, b in p.writes)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"files": files, "bytes": nbytes}, f)
+        os.replace(tmp, path)
+        time.sleep(0.2)
+
+
 def main():
     backing, mnt = sys.argv[1], sys.argv[2]
-    fuse.FUSE(LazyFS(backing), mnt, foreground=True, nothreads=False, allow_other=True,
-              default_permissions=False)
+    fs = LazyFS(backing)
+    if len(sys.argv) > 3:
+        threading.Thread(target=report_pending, args=(fs, sys.argv[3]), daemon=True).start()
+    fuse.FUSE(fs, mnt, foreground=True, nothreads=False, allow_other=True, default_permissions=False)
 
 
 if __name__ == "__main__":

@@ -154,10 +154,12 @@ class Nemesis:
         # Half the time every lazyfs node at once (still a minority or the fsync'd quorum).
         victims = lazy if self.rng.random() < 0.5 else [self.rng.choice(lazy)]
         ids = [nd.id for nd in victims]
-        self.event("power_loss", "start", nodes=ids)
+        dropped = {}
         for nd in victims:
             nd.kill9()
+            dropped[nd.id] = nd.unsynced()  # what the FUSE layer still held when the node died
             nd.drop_unsynced()
+        self.event("power_loss", "start", nodes=ids, unsynced_dropped=dropped)
         self.sleep(self.rng.uniform(*self.hold))
         for nd in victims:
             nd.start()
@@ -184,7 +186,28 @@ class Nemesis:
             pass
         st = os.statvfs(nd.dir)
         self.event("disk_full", "full", nodes=[nd.id], free_bytes=st.f_bavail * st.f_frsize)
+        log_at = os.path.getsize(nd.log) if os.path.exists(nd.log) else 0
+        # RocksDB writes into preallocated WAL space, so a full disk bites when the node must
+        # allocate: a flush, a new WAL, or a restart. Half the time, crash and restart it while full.
+        crash = self.rng.random() < 0.5
         self.sleep(self.rng.uniform(*self.hold))
+        exited = None
+        if crash:
+            nd.kill9()
+            nd.start()
+            self.sleep(self.rng.uniform(*self.hold))
+            exited = nd.proc.poll()
+            self.event("disk_full", "restarted_while_full", nodes=[nd.id], exit=exited)
+        else:
+            self.sleep(self.rng.uniform(*self.hold) * 2)
+        enospc = False
+        try:
+            with open(nd.log, "rb") as f:
+                f.seek(log_at)
+                tail = f.read().lower()
+                enospc = b"no space" in tail or b"enospc" in tail
+        except OSError:
+            pass
         try:
             os.remove(path)
         except OSError:
@@ -197,7 +220,7 @@ class Nemesis:
             nd.kill9()
             nd.start()
             restarted = True
-        self.event("disk_full", "end", nodes=[nd.id], restarted=restarted, exited=not restarted and False)
+        self.event("disk_full", "end", nodes=[nd.id], enospc_logged=enospc, restarted=restarted)
         return True
 
     def do_membership(self):
