@@ -153,6 +153,28 @@ def digests(cluster):
     return {"available": True, "groups": len(per), "mismatches": mismatches}
 
 
+def fault_details(entries):
+    """Evidence that the faults bit: unsynced bytes dropped, ENOSPC seen, joins completed."""
+    d = {"power_loss_unsynced_bytes_dropped": 0, "power_loss_node_cuts": 0, "disk_full_enospc_logged": 0,
+         "disk_full_restarts_while_full": 0, "disk_full_node_exited_while_full": 0,
+         "membership_joins_completed": 0, "membership_removes_completed": 0}
+    for e in entries:
+        k, ph = e.get("nemesis"), e.get("phase")
+        if k == "power_loss" and ph == "start":
+            for v in (e.get("unsynced_dropped") or {}).values():
+                d["power_loss_node_cuts"] += 1
+                d["power_loss_unsynced_bytes_dropped"] += (v or {}).get("bytes", 0)
+        elif k == "disk_full" and ph == "end" and e.get("enospc_logged"):
+            d["disk_full_enospc_logged"] += 1
+        elif k == "disk_full" and ph == "restarted_while_full":
+            d["disk_full_restarts_while_full"] += 1
+            if e.get("exit") is not None:
+                d["disk_full_node_exited_while_full"] += 1
+        elif k == "membership" and ph == "end" and e.get("completed"):
+            d[f"membership_{e.get('action')}s_completed"] = d.get(f"membership_{e.get('action')}s_completed", 0) + 1
+    return d
+
+
 def make_api_keys(cluster, n=2, timeout=60):
     keys = []
     deadline = time.monotonic() + timeout
@@ -259,6 +281,7 @@ def main(argv=None):
         report["sweep_s"] = round(time.monotonic() - t_sweep, 2)
         report["sweep_unresolved"] = unresolved[:20]
         report["faults"] = dict(sorted(nem.counts.items()))
+        report["fault_details"] = fault_details(history.entries)
         report["nemesis_problems"] = nem.failures
         cluster.stop()
         history.close()
@@ -329,6 +352,9 @@ def print_summary(r):
             print(f"  {op:8} " + ", ".join(f"{k} {v}" for k, v in sorted(d.items())))
     if "faults" in r:
         print("faults: " + (", ".join(f"{k} {v}" for k, v in r["faults"].items()) or "none"))
+        print("fault evidence: " + ", ".join(f"{k} {v}" for k, v in r.get("fault_details", {}).items()))
+    if r.get("nemesis_problems"):
+        print("nemesis problems: " + "; ".join(r["nemesis_problems"][:5]))
     if "recovery_s" in r:
         print(f"recovery after healing: {r['recovery_s']}s (bound {r['recovery_bound_s']}s); "
               f"convergence: {r.get('convergence', {}).get('converged')}; "

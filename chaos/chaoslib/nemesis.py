@@ -14,12 +14,14 @@ seeded order), inject, hold, heal. Kinds:
   power_loss       kill -9 a lazyfs node and drop its FUSE layer's unsynced writes, restart
   disk_full        fill the tmpfs data directory of the small-disk node, hold, free it
                    (the node is restarted if it is not ready 10 s after space returns)
-  membership       join a spare node under traffic; the next time, drain and remove it
+  membership       join a spare node under traffic; the next time, drain and remove it (then
+                   wipe it, so the time after it joins again as a new member)
 
 Every injection and heal is an event in the history file ({"nemesis": ...}).
 """
 import os
 import random
+import shutil
 import threading
 import time
 
@@ -258,14 +260,18 @@ class Nemesis:
                     time.sleep(1)
             done = ok and self.wait_membership(sp.id, present=False, timeout=120)
             if done:
-                sp.terminate()
                 sp.removed = True
                 if self.on_membership:
                     self.on_membership()
+                sp.terminate()
+                # A removed node may come back only as a new member with an empty directory.
+                shutil.rmtree(sp.dir, ignore_errors=True)
+                self.membership_phase = 0
             self.event("membership", "end", action="remove", nodes=[sp.id], completed=done)
             if not done:
-                self.failures.append(f"membership remove of node {sp.id} did not complete")
-            self.spare = None  # once each way per run
+                if not self.stop_flag.is_set():
+                    self.failures.append(f"membership remove of node {sp.id} did not complete")
+                self.spare = None
         return True
 
     def wait_membership(self, nid, present, timeout):
