@@ -35,6 +35,11 @@ pub struct Limits {
     pub claim_idempotency_window: Duration,
     /// How long a create's `Idempotency-Key` answers retries with the first response.
     pub create_idempotency_window: Duration,
+    /// Longest wait for a request's headers, and for the next request on an idle keep-alive
+    /// connection (slowloris protection).
+    pub header_timeout: Duration,
+    /// Longest time a request body may take to arrive in full (`408` after it).
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -50,6 +55,8 @@ impl Default for Limits {
             retention: Duration::from_secs(7 * 86_400),
             claim_idempotency_window: Duration::from_secs(60),
             create_idempotency_window: Duration::from_secs(86_400),
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -170,6 +177,37 @@ pub struct Config {
     pub actor_idle: Duration,
     pub raft: RaftTuning,
     pub cluster: ClusterConfig,
+    /// Per-client rate limits of the public port.
+    pub client_limits: ClientLimits,
+    /// TLS certificate chain and private key (PEM) of the public port; both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Per-client-address rate limits (see `http::ratelimit`). Loopback peers are not limited
+/// unless they are trusted proxies (then the forwarded client is).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientLimits {
+    /// Requests to `/r/*` per second per client, and the burst; 0 turns the limit off.
+    pub link_rate: f64,
+    pub link_burst: f64,
+    /// Failed authentications per minute per client, and the burst; 0 turns the limit off.
+    pub auth_failures_per_minute: f64,
+    pub auth_failure_burst: f64,
+    /// Reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<crate::http::ratelimit::Cidr>,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            link_rate: 100.0,
+            link_burst: 500.0,
+            auth_failures_per_minute: 10.0,
+            auth_failure_burst: 20.0,
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 impl Config {
@@ -187,6 +225,9 @@ impl Config {
             limits: Limits::default(),
             actor_idle: Duration::from_secs(10),
             raft: RaftTuning::default(),
+            client_limits: ClientLimits::default(),
+            tls_cert: None,
+            tls_key: None,
             cluster: ClusterConfig {
                 zone: DEFAULT_ZONE.into(),
                 replication_factor: 3,
@@ -328,6 +369,36 @@ pub struct ServeArgs {
     /// Claim Idempotency-Key window, in seconds.
     #[arg(long, env = "KUBBI_CLAIM_IDEMPOTENCY_SECONDS", default_value_t = 60)]
     pub claim_idempotency_seconds: u64,
+    /// Longest wait for request headers, and for the next request on an idle connection.
+    #[arg(long, env = "KUBBI_HEADER_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub header_timeout_seconds: u64,
+    /// Longest time a request body may take to arrive (408 request_timeout after it).
+    #[arg(long, env = "KUBBI_BODY_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub body_timeout_seconds: u64,
+    /// Requests to claim links (/r/*) per second per client address; 0 turns the limit off.
+    #[arg(long, env = "KUBBI_IP_LINK_RATE", default_value_t = 100.0)]
+    pub ip_link_rate: f64,
+    /// Burst of requests to claim links per client address.
+    #[arg(long, env = "KUBBI_IP_LINK_BURST", default_value_t = 500.0)]
+    pub ip_link_burst: f64,
+    /// Failed authentications per minute per client address before its authenticated requests
+    /// get 429 (burst 2x); 0 turns the limit off.
+    #[arg(
+        long,
+        env = "KUBBI_IP_AUTH_FAILURES_PER_MINUTE",
+        default_value_t = 10.0
+    )]
+    pub ip_auth_failures_per_minute: f64,
+    /// Reverse proxy addresses or CIDR blocks whose X-Forwarded-For names the client
+    /// (comma-separated or repeated).
+    #[arg(long, env = "KUBBI_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Vec<String>,
+    /// TLS certificate chain (PEM) for the public port; reloaded when the file changes.
+    #[arg(long, env = "KUBBI_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM, mode 0600) for the public port.
+    #[arg(long, env = "KUBBI_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Idle time after which a kubbi actor is passivated, in milliseconds.
     #[arg(long, env = "KUBBI_ACTOR_IDLE_MS", default_value_t = 10_000)]
     pub actor_idle_ms: u64,
@@ -388,6 +459,32 @@ impl ServeArgs {
         c.limits.max_payload_bytes = self.max_payload_bytes;
         c.limits.retention = Duration::from_secs(self.retention_seconds);
         c.limits.claim_idempotency_window = Duration::from_secs(self.claim_idempotency_seconds);
+        c.limits.header_timeout = Duration::from_secs(self.header_timeout_seconds.max(1));
+        c.limits.body_timeout = Duration::from_secs(self.body_timeout_seconds.max(1));
+        let rate = |v: f64, what: &str| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(format!("{what} must be a number >= 0"))
+            }
+        };
+        c.tls_cert = self.tls_cert;
+        c.tls_key = self.tls_key;
+        c.client_limits = ClientLimits {
+            link_rate: rate(self.ip_link_rate, "--ip-link-rate")?,
+            link_burst: rate(self.ip_link_burst, "--ip-link-burst")?.max(1.0),
+            auth_failures_per_minute: rate(
+                self.ip_auth_failures_per_minute,
+                "--ip-auth-failures-per-minute",
+            )?,
+            auth_failure_burst: (self.ip_auth_failures_per_minute * 2.0).max(1.0),
+            trusted_proxies: self
+                .trusted_proxy
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.parse())
+                .collect::<Result<_, String>>()?,
+        };
         c.actor_idle = Duration::from_millis(self.actor_idle_ms);
         c.raft.heartbeat_ms = self.raft_heartbeat_ms;
         c.raft.election_timeout_min_ms = self.raft_heartbeat_ms * 5;

@@ -29,6 +29,8 @@ pub enum ErrorCode {
     Unavailable,
     /// [ext] A route exists but not for this method.
     MethodNotAllowed,
+    /// [ext] The request body did not arrive within the body timeout (slow or stalled client).
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -49,6 +51,7 @@ impl ErrorCode {
             Self::NotImplemented => "not_implemented",
             Self::Unavailable => "unavailable",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::RequestTimeout => "request_timeout",
         }
     }
 
@@ -67,6 +70,7 @@ impl ErrorCode {
             Self::NotImplemented => 501,
             Self::Unavailable => 503,
             Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
         }
     }
 }

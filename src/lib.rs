@@ -26,4 +26,5 @@ pub mod shard;
 pub mod state;
 pub mod storage;
 pub mod telemetry;
+pub mod tls;
 pub mod transport;

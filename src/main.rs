@@ -187,7 +187,7 @@ enum KeyCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    kubbi::telemetry::init();
+    let telemetry = kubbi::telemetry::init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -226,6 +226,7 @@ fn main() -> ExitCode {
             Cmd::Delete { c, id } => print_json(client(&c)?.delete(&id).await?),
         }
     });
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

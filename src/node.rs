@@ -94,6 +94,51 @@ impl NodeHandle {
         &self.storage
     }
 
+    /// Snapshots every raft group of this node, purges each log up to its snapshot, then flushes
+    /// and fully compacts the database: afterwards no file under the data directory holds
+    /// anything of a kubbi that ended before the call (its record's retention aside). Operators
+    /// run it before taking a backup; the wiping tests prove the claim with it.
+    ///
+    /// # Errors
+    /// When a group cannot snapshot or purge within 30 s, or RocksDB fails.
+    pub async fn compact(&self) -> Result<(), NodeError> {
+        let timeout = Some(Duration::from_secs(30));
+        for r in &self.rafts {
+            let applied = r.metrics().borrow_watched().last_applied;
+            let Some(applied) = applied else { continue };
+            r.trigger()
+                .snapshot()
+                .await
+                .map_err(|e| NodeError::Cluster(format!("snapshot: {e}")))?;
+            r.wait(timeout)
+                .metrics(
+                    |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+                    "snapshot covers what was applied",
+                )
+                .await
+                .map_err(|e| NodeError::Cluster(format!("snapshot: {e}")))?;
+            r.trigger()
+                .purge_log(applied.index)
+                .await
+                .map_err(|e| NodeError::Cluster(format!("purge: {e}")))?;
+            r.wait(timeout)
+                .metrics(
+                    |m| m.purged.is_some_and(|p| p.index >= applied.index),
+                    "log purged up to the snapshot",
+                )
+                .await
+                .map_err(|e| NodeError::Cluster(format!("purge: {e}")))?;
+        }
+        // The snapshots just built pin views from before their purges; release them (and any
+        // other unread pin) so the compaction may drop what was deleted.
+        self.storage.release_unused_pins();
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || storage.compact_fully())
+            .await
+            .map_err(|e| NodeError::Cluster(format!("compaction task: {e}")))??;
+        Ok(())
+    }
+
     /// Serves until `shutdown` resolves, then stops.
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) {
         shutdown.await;
@@ -102,6 +147,7 @@ impl NodeHandle {
     }
 
     /// Stops the servers, background loops, actors and raft groups, in that order.
+    /// Returns once the database is closed, so the data directory can be opened again.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for s in self.servers {
@@ -112,10 +158,23 @@ impl NodeHandle {
             let _ = t.await;
         }
         for a in &self.actors {
-            a.stop(None);
+            let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         }
         for r in &self.rafts {
             let _ = r.shutdown().await;
+        }
+        drop(self.rafts);
+        drop(self.actors);
+        drop(self.service);
+        // In-flight work (a proposal task, a snapshot reader) may still hold the database for a
+        // moment; wait for it so the data directory is free when this returns.
+        let storage = self.storage;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&storage) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&storage) > 1 {
+            tracing::warn!("shutdown: the database is still referenced; it closes when they end");
         }
     }
 }
@@ -639,6 +698,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let admin_token = load_admin_token(&config)?;
     let cluster_secret = load_cluster_secret(&config)?;
     let keyring = load_key_ring(&config)?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => {
+            Some(crate::tls::ReloadingTls::new(c.clone(), k.clone()).map_err(NodeError::Config)?)
+        }
+        (None, None) => None,
+        _ => {
+            return Err(NodeError::Config(
+                "--tls-cert and --tls-key go together".into(),
+            ));
+        }
+    };
     let storage = Storage::open(&config.db_path())?;
     let (shards, incarnation) = check_identity(&storage, &config)?;
     let clock = SystemClock::default();
@@ -651,10 +721,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let http_addr = listener
         .local_addr()
         .map_err(io("cannot read the bound address"))?;
-    let public_url = config
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{http_addr}"));
+    let public_url = config.public_url.clone().unwrap_or_else(|| {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{http_addr}")
+    });
     let internal_listener = match &cc.internal_addr {
         Some(a) => Some(
             tokio::net::TcpListener::bind(a)
@@ -908,8 +978,31 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         storage: storage.clone(),
         admin_token_hash: crypto::sha256(admin_token.as_bytes()),
         public_url: public_url.clone().into(),
+        client_limits: Arc::new(crate::http::ratelimit::IpLimits::new(
+            crate::http::ratelimit::Rate {
+                per_second: config.client_limits.link_rate,
+                burst: config.client_limits.link_burst,
+            },
+            crate::http::ratelimit::Rate {
+                per_second: config.client_limits.auth_failures_per_minute / 60.0,
+                burst: config.client_limits.auth_failure_burst,
+            },
+            config.client_limits.trusted_proxies.clone(),
+        )),
     });
-    servers.push(serve(listener, app, stop_rx.clone(), "public"));
+    if let Some(t) = &tls {
+        servers.push(t.clone().watch(stop_rx.clone()));
+    }
+    servers.push(crate::http::server::serve_public(
+        listener,
+        app,
+        stop_rx.clone(),
+        crate::http::server::Timeouts {
+            header: config.limits.header_timeout,
+            idle: config.limits.header_timeout.max(config.limits.body_timeout),
+        },
+        tls,
+    ));
     if let (Some(l), Some(p)) = (internal_listener, &peers) {
         let secret_hash = {
             // The secret is only in `Peers`; hash what it presents.
@@ -1011,29 +1104,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         tasks,
         rafts,
         actors,
-    })
-}
-
-fn serve(
-    listener: tokio::net::TcpListener,
-    app: axum::Router,
-    mut stop: watch::Receiver<bool>,
-    name: &'static str,
-) -> JoinHandle<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.changed().await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            tracing::error!(server = name, error = %e, "server failed");
-        }
     })
 }
 

@@ -1,18 +1,71 @@
-//! Logging setup. `RUST_LOG` (or `KUBBI_LOG`) chooses levels; `KUBBI_LOG_FORMAT=json` switches
-//! to one JSON object per line. Nothing secret is ever a field: tokens, keys and payloads are
-//! wrapped in types whose `Debug` redacts, and handlers log ids and sizes only.
+//! Logging and tracing.
+//!
+//! `RUST_LOG` (or `KUBBI_LOG`) chooses levels; `KUBBI_LOG_FORMAT=json` switches to one JSON
+//! object per line. When `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans are also exported over
+//! OTLP/HTTP (protobuf) by a batch exporter: one span per request, with child spans through the
+//! router, the shard executor, the kubbi actor and the raft proposal, and trace context
+//! carried across forwards to other nodes (W3C `traceparent`).
+//!
+//! Nothing secret is ever a field or attribute: tokens, keys and payloads are wrapped in types
+//! whose `Debug` redacts, and spans carry route templates, group ids and node ids only.
 
 use std::io::IsTerminal;
 
+use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// The default filter: our own info, dependencies' warnings.
-pub const DEFAULT_FILTER: &str = "info,openraft=warn,ractor=warn";
+pub const DEFAULT_FILTER: &str = "info,openraft=warn,ractor=warn,h2=warn,hyper=warn";
 
-/// Installs the global subscriber (stderr). Safe to call once per process.
-pub fn init() {
+/// Keeps the span exporter alive; [`Telemetry::shutdown`] flushes it.
+#[derive(Default)]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops span export (call before the process exits).
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("kubbi: flushing spans failed: {e}");
+        }
+    }
+}
+
+fn otlp() -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())?;
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("kubbi: OTLP export disabled: {e}");
+            return None;
+        }
+    };
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("kubbi")
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    Some(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    )
+}
+
+/// Installs the global subscriber (stderr, plus OTLP when configured). Call once per process.
+pub fn init() -> Telemetry {
     let filter = std::env::var("KUBBI_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
@@ -20,7 +73,11 @@ pub fn init() {
     let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var("KUBBI_LOG_FORMAT").is_ok_and(|f| f == "json");
     let ansi = std::io::stderr().is_terminal();
-    let registry = tracing_subscriber::registry().with(filter);
+    let provider = otlp();
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("kubbi")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if json {
         registry
             .with(
@@ -41,4 +98,23 @@ pub fn init() {
     if result.is_err() {
         eprintln!("kubbi: a tracing subscriber was already installed");
     }
+    Telemetry { provider }
+}
+
+/// Writes the current span's trace context into outgoing internal request headers.
+pub fn inject(headers: &mut reqwest::header::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
+    });
+}
+
+/// Makes `span` continue the trace named by incoming request headers, if any.
+pub fn continue_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    let _ = span.set_parent(cx);
 }

@@ -24,11 +24,14 @@ pub enum KubbiMsg {
         request_id: RequestId,
         idempotency: Option<ClaimIdempotency>,
         reply: KubbiReply,
+        /// The request's span: the proposal continues its trace.
+        span: tracing::Span,
     },
     Delete {
         request_id: RequestId,
         owner: ApiKeyId,
         reply: KubbiReply,
+        span: tracing::Span,
     },
     /// One of this actor's proposals finished, with what it learned (`None`: it failed).
     Done(Option<Learned>),
@@ -109,7 +112,7 @@ pub struct KubbiState {
     shard: ActorRef<ShardMsg>,
     known: Option<Known>,
     in_flight: u32,
-    waiting: VecDeque<(RequestId, KubbiReply)>,
+    waiting: VecDeque<(RequestId, KubbiReply, tracing::Span)>,
     last_activity: Instant,
     expire_proposed: bool,
     passivating: bool,
@@ -154,11 +157,13 @@ impl KubbiState {
         request_id: RequestId,
         cmd: Command,
         reply: Option<KubbiReply>,
+        parent: &tracing::Span,
     ) {
         self.in_flight += 1;
         let ctx = self.ctx.clone();
         let me = myself.clone();
-        tokio::spawn(async move {
+        let span = tracing::info_span!(parent: parent, "kubbi.actor", kubbi.id = %self.id, kubbi.in_flight = self.in_flight);
+        let fut = async move {
             let r = client::propose(&ctx.raft, &*ctx.clock, request_id, cmd).await;
             let learned = r.as_ref().ok().map(Learned::from_outcome);
             if let Some(reply) = reply {
@@ -166,18 +171,19 @@ impl KubbiState {
             }
             // The actor may have stopped meanwhile; then nobody needs to learn this.
             let _ = me.send_message(KubbiMsg::Done(learned));
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(fut, span));
     }
 
     /// Starts queued claims while there is capacity; rejects them all once the kubbi has ended.
     fn drain(&mut self, myself: &ActorRef<KubbiMsg>) {
-        while let Some((request_id, reply)) = self.waiting.pop_front() {
+        while let Some((request_id, reply, span)) = self.waiting.pop_front() {
             if let Some(s) = self.terminal() {
                 let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
                 continue;
             }
             if !self.has_capacity() {
-                self.waiting.push_front((request_id, reply));
+                self.waiting.push_front((request_id, reply, span));
                 return;
             }
             let Some(k) = self.known else {
@@ -188,7 +194,7 @@ impl KubbiState {
                 token_hash: k.token_hash,
                 idempotency: None,
             };
-            self.propose(myself, request_id, cmd, Some(reply));
+            self.propose(myself, request_id, cmd, Some(reply), &span);
         }
     }
 
@@ -249,6 +255,7 @@ impl Actor for KubbiActor {
                 request_id,
                 idempotency,
                 reply,
+                span,
             } => {
                 st.last_activity = Instant::now();
                 let Some(k) = st.known else {
@@ -261,7 +268,7 @@ impl Actor for KubbiActor {
                         token_hash: k.token_hash,
                         idempotency,
                     };
-                    st.propose(&myself, request_id, cmd, Some(reply));
+                    st.propose(&myself, request_id, cmd, Some(reply), &span);
                 } else if let Some(s) = st.terminal() {
                     let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
                 } else if st.has_capacity() && st.waiting.is_empty() {
@@ -269,19 +276,20 @@ impl Actor for KubbiActor {
                         token_hash: k.token_hash,
                         idempotency: None,
                     };
-                    st.propose(&myself, request_id, cmd, Some(reply));
+                    st.propose(&myself, request_id, cmd, Some(reply), &span);
                 } else {
-                    st.waiting.push_back((request_id, reply));
+                    st.waiting.push_back((request_id, reply, span));
                 }
             }
             KubbiMsg::Delete {
                 request_id,
                 owner,
                 reply,
+                span,
             } => {
                 st.last_activity = Instant::now();
                 let cmd = Command::Delete { id: st.id, owner };
-                st.propose(&myself, request_id, cmd, Some(reply));
+                st.propose(&myself, request_id, cmd, Some(reply), &span);
             }
             KubbiMsg::Done(learned) => {
                 st.in_flight = st.in_flight.saturating_sub(1);
@@ -301,11 +309,13 @@ impl Actor for KubbiActor {
                     && !st.expire_proposed
                 {
                     st.expire_proposed = true;
+                    let span = tracing::info_span!("kubbi.expire_timer");
                     st.propose(
                         &myself,
                         RequestId::random(),
                         Command::Expire { id: st.id },
                         None,
+                        &span,
                     );
                 }
                 let idle = st.last_activity.elapsed() >= st.ctx.idle;
@@ -321,14 +331,14 @@ impl Actor for KubbiActor {
             }
             KubbiMsg::Stop => {
                 // Queued claims still deserve an answer: propose them (the state machine decides).
-                while let Some((request_id, reply)) = st.waiting.pop_front() {
+                while let Some((request_id, reply, span)) = st.waiting.pop_front() {
                     match st.known {
                         Some(k) => {
                             let cmd = Command::Claim {
                                 token_hash: k.token_hash,
                                 idempotency: None,
                             };
-                            st.propose(&myself, request_id, cmd, Some(reply));
+                            st.propose(&myself, request_id, cmd, Some(reply), &span);
                         }
                         None => {
                             let _ = reply.send(Ok(Outcome::Rejected(Rejection::NotFound)));

@@ -1,6 +1,8 @@
 //! Extractors that fail with our error envelope: a bounded JSON body, the producer behind an
 //! API key, the operator behind the admin token, and the `Idempotency-Key` header.
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
@@ -62,14 +64,17 @@ where
 ///
 /// Refuses a declared `Content-Length` over the limit before reading anything, a body that is
 /// not `application/json` (`415`), and a body that grows past the limit while it streams in
-/// (`413`). The bytes are wiped when dropped: they hold payload plaintext.
+/// (`413`). A body that has not arrived in full within `timeout` gets `408`: a client trickling
+/// bytes cannot hold a connection and a buffer forever. The bytes are wiped when dropped: they
+/// hold payload plaintext.
 ///
 /// # Errors
-/// `413`, `415`, or `400` for an unreadable body.
+/// `413`, `415`, `408`, or `400` for an unreadable body.
 pub async fn json_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    timeout: Duration,
 ) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -97,7 +102,16 @@ pub async fn json_body(
         return Err(too_large());
     }
     let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
+    let Ok(collected) = tokio::time::timeout(timeout, limited.collect()).await else {
+        return Err(ApiError::new(
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request body did not arrive within {} seconds",
+                timeout.as_secs()
+            ),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(Zeroizing::new(Vec::from(collected.to_bytes()))),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(_) => Err(ApiError::validation(vec![

@@ -204,14 +204,23 @@ async fn receive_snapshot(
 async fn shard(
     State(st): State<Arc<InternalState>>,
     Path(group): Path<GroupId>,
+    headers: HeaderMap,
     b: Bytes,
 ) -> Response {
     let op: ShardOp = match body(&b) {
         Ok(op) => op,
         Err(r) => return r.into_response(),
     };
+    let span = tracing::info_span!(
+        "kubbi.forwarded",
+        otel.kind = "server",
+        kubbi.group = group,
+        kubbi.op = op.name(),
+        kubbi.node = st.me.node_id
+    );
+    crate::telemetry::continue_trace(&span, &headers);
     // Executed here or refused with a leader hint: a forward is never forwarded again.
-    reply(&st.exec.execute(group, op).await)
+    reply(&tracing::Instrument::instrument(st.exec.execute(group, op), span).await)
 }
 
 async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {

@@ -10,6 +10,8 @@ mod extract;
 pub mod internal;
 pub mod openapi;
 mod page;
+pub mod ratelimit;
+pub mod server;
 pub mod validate;
 
 use std::collections::HashMap;
@@ -43,6 +45,8 @@ pub struct AppState {
     pub admin_token_hash: [u8; 32],
     /// Base of claim URLs, without a trailing slash.
     pub public_url: Arc<str>,
+    /// Per-client rate limits.
+    pub client_limits: Arc<ratelimit::IpLimits>,
 }
 
 /// Every public route's handler; [`ROUTES`] maps them to methods and paths, and both the
@@ -138,6 +142,7 @@ pub fn router(state: AppState) -> Router {
     }
     app.fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), limit_clients))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             record_request,
@@ -148,6 +153,54 @@ pub fn router(state: AppState) -> Router {
 
 async fn openapi_json(State(app): State<AppState>) -> Json<Value> {
     Json(openapi::document(&app.public_url))
+}
+
+/// Per-client limits: requests to claim links, and clients that keep failing to
+/// authenticate (`429 rate_limited` with `Retry-After`). Loopback peers that are not trusted
+/// proxies are not limited (local tools, tests, a sidecar).
+async fn limit_clients(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let limits = &app.client_limits;
+    let Some(peer) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+    else {
+        return next.run(req).await;
+    };
+    let trusted = &limits.trusted_proxies;
+    if peer.is_loopback() && !trusted.iter().any(|c| c.contains(peer)) {
+        return next.run(req).await;
+    }
+    let xff = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = ratelimit::client_addr(peer, xff, trusted);
+    let now = std::time::Instant::now();
+    let refuse = |wait: std::time::Duration, what: &str| {
+        let mut e = ApiError::new(
+            ErrorCode::RateLimited,
+            format!("too many {what} from this address; retry later"),
+        );
+        e.retry_after = Some(u32::try_from(wait.as_secs().max(1)).unwrap_or(u32::MAX));
+        e.into_response()
+    };
+    if req.uri().path().starts_with("/r/")
+        && let Err(wait) = limits.links.take(client, now)
+    {
+        return refuse(wait, "requests to claim links");
+    }
+    let authenticating = req
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION);
+    if authenticating && let Err(wait) = limits.auth_failures.check(client, now) {
+        return refuse(wait, "failed authentications");
+    }
+    let resp = next.run(req).await;
+    if authenticating && resp.status() == StatusCode::UNAUTHORIZED {
+        let _ = limits.auth_failures.take(client, now);
+    }
+    resp
 }
 
 /// Counts and times every request by its route template (never the raw path: it holds tokens).
@@ -165,7 +218,17 @@ async fn record_request(State(app): State<AppState>, req: Request, next: Next) -
         _ => "OTHER",
     };
     let started = std::time::Instant::now();
-    let resp = next.run(req).await;
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.route = %route,
+        http.request.method = method,
+        http.response.status_code = tracing::field::Empty,
+        kubbi.node = app.service.node_id(),
+    );
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
     app.metrics.http.record(
         &route,
         method,
@@ -306,7 +369,13 @@ async fn create(
 ) -> Result<(StatusCode, Json<CreatedResponse>), ApiError> {
     let svc = &app.service;
     let idem_key = idempotency_key(&headers)?;
-    let bytes = json_body(&headers, body, svc.limits().max_body_bytes).await?;
+    let bytes = json_body(
+        &headers,
+        body,
+        svc.limits().max_body_bytes,
+        svc.limits().body_timeout,
+    )
+    .await?;
     let idem = idem_key.map(|key| CreateIdempotencyInput {
         key,
         body_hash: crate::crypto::sha256(&bytes),
@@ -505,7 +574,7 @@ async fn create_api_key(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let bytes = json_body(&headers, body, 16 * 1024).await?;
+    let bytes = json_body(&headers, body, 16 * 1024, app.service.limits().body_timeout).await?;
     let v = validate::parse_json(&bytes)?;
     let Some(obj) = v.as_object() else {
         return Err(ApiError::validation(vec![
@@ -636,7 +705,7 @@ async fn add_node(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let bytes = json_body(&headers, body, 16 * 1024).await?;
+    let bytes = json_body(&headers, body, 16 * 1024, app.service.limits().body_timeout).await?;
     let v = validate::parse_json(&bytes)?;
     let mut errs = Vec::new();
     let id = v["id"].as_u64().filter(|i| *i > 0);

@@ -122,6 +122,7 @@ pub fn operation(h: Handler) -> Value {
         Handler::Create => &[
             ("400", "validation_error"),
             ("401", "unauthorized"),
+            ("408", "request_timeout"),
             ("409", "conflict"),
             ("413", "payload_too_large"),
             ("415", "unsupported_media_type"),
@@ -178,7 +179,7 @@ fn schemas() -> Value {
         "Error": {"type": "object", "required": ["error", "message"], "properties": {
             "error": {"type": "string", "enum": ["validation_error", "unauthorized", "not_found", "conflict", "expired", "gone",
                 "payload_too_large", "unsupported_media_type", "rate_limited", "quota_exceeded", "internal_error",
-                "not_implemented", "unavailable", "method_not_allowed"]},
+                "not_implemented", "unavailable", "method_not_allowed", "request_timeout"]},
             "message": {"type": "string"},
             "messages": {"type": "array", "items": {"type": "string"}, "description": "One per problem (validation_error only)"},
             "status": {"$ref": "#/components/schemas/Status"}}},

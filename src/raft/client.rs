@@ -54,6 +54,20 @@ pub async fn propose(
     request_id: RequestId,
     cmd: Command,
 ) -> Result<Outcome, RaftClientError> {
+    let span = tracing::info_span!(
+        "raft.propose",
+        raft.command = cmd.name(),
+        raft.log_index = tracing::field::Empty
+    );
+    tracing::Instrument::instrument(propose_inner(raft, clock, request_id, cmd), span).await
+}
+
+async fn propose_inner(
+    raft: &Raft,
+    clock: &dyn Clock,
+    request_id: RequestId,
+    cmd: Command,
+) -> Result<Outcome, RaftClientError> {
     let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -69,7 +83,10 @@ pub async fn propose(
                     "no commit within the attempt timeout".into(),
                 ));
             }
-            Ok(Ok(resp)) => return Ok(resp.data),
+            Ok(Ok(resp)) => {
+                tracing::Span::current().record("raft.log_index", resp.log_id.index);
+                return Ok(resp.data);
+            }
             Ok(Err(e)) => e,
         };
         let retry = match err {

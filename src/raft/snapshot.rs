@@ -12,6 +12,12 @@
 //!
 //! After a restart there is no pinned view; the first request for the current snapshot pins the
 //! state as recovered, which is at or after every snapshot built before the restart.
+//!
+//! A RocksDB snapshot is database-wide: while pinned, it keeps every value deleted after it in
+//! the files, including the ciphertext of kubbis of *other* groups that ended since, and raft log
+//! entries purged since. So a pin nobody is reading from is released after
+//! [`RELEASE_UNUSED_PIN_AFTER`], the same way a restart releases it, and the next request pins
+//! the state of that moment.
 
 use std::fmt;
 use std::sync::Arc;
@@ -67,6 +73,7 @@ struct ChunkRequest {
 /// A pinned point-in-time view of one group, served by its own thread.
 struct Holder {
     tx: mpsc::Sender<ChunkRequest>,
+    pinned_at: std::time::Instant,
 }
 
 fn read_chunk(
@@ -144,7 +151,10 @@ impl Holder {
         ready_rx
             .recv()
             .map_err(|_| std::io::Error::other("snapshot thread died"))?;
-        Ok(Self { tx })
+        Ok(Self {
+            tx,
+            pinned_at: std::time::Instant::now(),
+        })
     }
 }
 
@@ -169,6 +179,9 @@ impl fmt::Debug for SnapshotData {
     }
 }
 
+/// How long an unread pinned view is kept before it is released.
+pub const RELEASE_UNUSED_PIN_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Chunk size when reading a snapshot.
 pub const CHUNK_BYTES: usize = 4 << 20;
 
@@ -181,6 +194,15 @@ impl SnapshotData {
         Ok(Self {
             source: Source::Pinned(Arc::new(Holder::start(db, group)?)),
         })
+    }
+
+    /// Whether this is a pinned view that only the caller holds (no transfer is reading it) and
+    /// that is older than `min_age`: dropping it releases the pin.
+    pub fn is_idle_pin(&self, min_age: std::time::Duration) -> bool {
+        match &self.source {
+            Source::Pinned(h) => Arc::strong_count(h) == 1 && h.pinned_at.elapsed() >= min_age,
+            Source::Received(_) => false,
+        }
     }
 
     /// Snapshot data assembled from received chunks.

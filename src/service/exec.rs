@@ -101,6 +101,11 @@ impl Executor {
     /// # Errors
     /// See [`ExecError`].
     pub async fn execute(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ExecError> {
+        let span = tracing::info_span!("kubbi.execute", kubbi.group = g, kubbi.op = op.name());
+        tracing::Instrument::instrument(self.execute_inner(g, op), span).await
+    }
+
+    async fn execute_inner(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ExecError> {
         let lg = self.groups.get(&g).ok_or(ExecError::NoSuchGroup)?;
         let raft = &lg.raft;
         match op {
@@ -143,6 +148,7 @@ impl Executor {
                     request_id,
                     idempotency,
                     reply,
+                    span: tracing::Span::current(),
                 })
                 .await
             }
@@ -156,6 +162,7 @@ impl Executor {
                     request_id,
                     owner,
                     reply,
+                    span: tracing::Span::current(),
                 })
                 .await
             }

@@ -288,7 +288,8 @@ pub enum Command {
 }
 
 impl Command {
-    fn name(&self) -> &'static str {
+    /// The command's name, for logs and spans.
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Create(_) => "create",
             Self::Claim { .. } => "claim",

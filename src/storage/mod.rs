@@ -51,7 +51,14 @@ pub struct Storage {
     syncer: Syncer,
     /// Time from a raft append's write to its durability callback.
     pub append_latency: Arc<crate::metrics::Histogram>,
+    /// Releasers of the raft snapshots' pinned views (see `raft::snapshot`): each returns
+    /// `false` once its state machine is gone.
+    pin_releasers: std::sync::Mutex<Vec<PinReleaser>>,
 }
+
+/// Drops a state machine's pinned snapshot view if nobody reads it; `false` when the state
+/// machine no longer exists.
+pub type PinReleaser = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,11 +109,50 @@ impl Storage {
             db,
             syncer,
             append_latency: Arc::new(crate::metrics::Histogram::default()),
+            pin_releasers: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Registers a state machine's pin releaser.
+    pub fn register_pin_releaser(&self, r: PinReleaser) {
+        self.pin_releasers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(r);
+    }
+
+    /// Releases every pinned snapshot view nobody is reading from, so a compaction can drop
+    /// what was deleted after it.
+    pub fn release_unused_pins(&self) {
+        self.pin_releasers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|r| r());
     }
 
     pub fn db(&self) -> &DB {
         &self.db
+    }
+
+    /// Flushes every column family and compacts each down to the bottom level, dropping
+    /// tombstones and the values they cover, and blob files with no live blob. Afterwards no SST,
+    /// blob or WAL file holds a value deleted before the call.
+    ///
+    /// # Errors
+    /// When RocksDB fails to flush.
+    pub fn compact_fully(&self) -> Result<(), StorageError> {
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        opts.set_exclusive_manual_compaction(true);
+        for name in [CF_RAFT_LOG, CF_RAFT_META, CF_STATE, CF_BLOB] {
+            let cf = self.cf(name);
+            self.db.flush_cf(cf)?;
+            self.db
+                .compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        // The memtables are empty now; a last flush retires the WAL that held their writes.
+        self.db.flush_wal(true)?;
+        Ok(())
     }
 
     pub fn db_arc(&self) -> Arc<DB> {

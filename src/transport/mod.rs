@@ -186,9 +186,12 @@ impl Peers {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
+        let mut trace = reqwest::header::HeaderMap::new();
+        crate::telemetry::inject(&mut trace);
         let resp = self
             .http
             .post(format!("http://{addr}{path}"))
+            .headers(trace)
             .bearer_auth(self.secret.as_str())
             .header(H_FROM, self.me.node_id)
             .header(H_FROM_INCARNATION, self.me.incarnation)
