@@ -39,6 +39,11 @@ fn common_errors(op: &mut Value, codes: &[(&str, &str)]) {
     for (code, desc) in codes {
         r.insert((*code).to_string(), err(desc));
     }
+    // Per-client limits run before routing: any operation can answer 429.
+    r.insert(
+        "429".into(),
+        err("rate_limited: too many requests or failed authentications from this client address; see Retry-After"),
+    );
     r.insert("500".into(), err("internal_error"));
     op["responses"] = Value::Object(r);
 }
@@ -158,6 +163,7 @@ pub fn operation(h: Handler) -> Value {
         Handler::KeyCreate | Handler::NodeAdd => &[
             ("400", "validation_error"),
             ("401", "unauthorized"),
+            ("408", "request_timeout"),
             ("409", "conflict"),
             ("413", "payload_too_large"),
             ("415", "unsupported_media_type"),
@@ -168,6 +174,14 @@ pub fn operation(h: Handler) -> Value {
         }
     };
     common_errors(&mut op, codes);
+    if matches!(h, Handler::Preview | Handler::Claim) {
+        // A browser (Accept prefers text/html) gets its errors as a page too (`page::error`).
+        for (code, r) in op["responses"].as_object_mut().into_iter().flatten() {
+            if code != "200" {
+                r["content"]["text/html"] = json!({"schema": {"type": "string"}});
+            }
+        }
+    }
     op
 }
 

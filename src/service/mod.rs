@@ -527,6 +527,10 @@ impl Service {
                 "this node id is still a member with another data directory; remove it first",
             )),
             Outcome::Rejected(Rejection::NotFound) => Err(ApiError::not_found("node")),
+            Outcome::Rejected(Rejection::LastActiveNode) => Err(ApiError::new(
+                ErrorCode::Conflict,
+                "the last active node cannot leave the cluster",
+            )),
             other => Err(unexpected("put node", &other)),
         }
     }

@@ -538,6 +538,14 @@ fn set_node_state(
     let Some(mut rec) = get_decoded::<NodeRecord>(s, "node", &key)? else {
         return Ok(Outcome::Rejected(Rejection::NotFound));
     };
+    if rec.state == NodeState::Active
+        && state != NodeState::Active
+        && !read_nodes(s)?
+            .iter()
+            .any(|n| n.id != id && n.state == NodeState::Active)
+    {
+        return Ok(Outcome::Rejected(Rejection::LastActiveNode));
+    }
     rec.state = state;
     rec.updated_at = now;
     s.put(Table::State, key, encode(&rec));
@@ -1021,6 +1029,23 @@ mod tests {
         // Same id, another data directory: refused.
         let out = apply(&mut s, &req(T0 + 2, Command::PutNode(node(99, "x")))).expect("applies");
         assert_eq!(out, Outcome::Rejected(Rejection::IdentityMismatch));
+        // The only active node cannot leave.
+        let leave = |t| {
+            req(
+                t,
+                Command::SetNodeState {
+                    id: 3,
+                    state: NodeState::Leaving,
+                },
+            )
+        };
+        let out = apply(&mut s, &leave(T0 + 2)).expect("applies");
+        assert_eq!(out, Outcome::Rejected(Rejection::LastActiveNode));
+        let other = NodeRecord {
+            id: 4,
+            ..node(5, "10.0.0.4:8080")
+        };
+        apply(&mut s, &req(T0 + 2, Command::PutNode(other))).expect("applies");
         apply(
             &mut s,
             &req(
@@ -1058,7 +1083,11 @@ mod tests {
             panic!("a removed id may join again")
         };
         assert_eq!((r.incarnation, r.state), (99, NodeState::Active));
-        assert_eq!(read_nodes(&s).expect("reads").len(), 1);
+        assert_eq!(
+            read_nodes(&s).expect("reads").len(),
+            2,
+            "node 3 again, and node 4"
+        );
     }
 
     #[test]

@@ -330,6 +330,8 @@ pub enum Rejection {
     Collision,
     /// A node id that is still a member with another data directory.
     IdentityMismatch,
+    /// The change would leave the cluster without an active node.
+    LastActiveNode,
 }
 
 /// The result of a successful claim.
