@@ -278,3 +278,31 @@ impl SnapshotData {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_pin_is_idle_only_when_nobody_else_reads_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = crate::storage::Storage::open(dir.path()).expect("open");
+        let data = SnapshotData::pin(storage.db_arc(), 3).expect("pin");
+        assert!(data.is_idle_pin(Duration::ZERO));
+        assert!(
+            !data.is_idle_pin(Duration::from_secs(3600)),
+            "younger than the minimum age"
+        );
+        let transfer = data.clone();
+        assert!(!data.is_idle_pin(Duration::ZERO), "a transfer holds it");
+        drop(transfer);
+        assert!(data.is_idle_pin(Duration::ZERO));
+        let received = SnapshotData::from_chunks(Vec::new());
+        assert!(
+            !received.is_idle_pin(Duration::ZERO),
+            "received data pins nothing"
+        );
+    }
+}
