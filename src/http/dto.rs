@@ -7,7 +7,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use crate::error::ApiError;
-use crate::ids::{Millis, format_millis};
+use crate::ids::format_millis;
 use crate::service::{ClaimOutput, ClaimedContent, Created, ManifestEntry, Preview, Service};
 use crate::state::{Body, KubbiRecord};
 
@@ -83,11 +83,12 @@ pub struct Detail {
 impl Detail {
     /// # Errors
     /// When the metadata cannot be opened.
-    pub fn new(r: &KubbiRecord, svc: &Service, now: Millis) -> Result<Self, ApiError> {
+    /// `r.status` is shown as it is: reads stamp it with the leader's clock.
+    pub fn new(r: &KubbiRecord, svc: &Service) -> Result<Self, ApiError> {
         let (content_type, file_count, total_size_bytes) = body_fields(&r.body);
         Ok(Self {
             id: r.id.to_string(),
-            status: r.status_at(now).as_str(),
+            status: r.status.as_str(),
             content_type,
             file_count,
             total_size_bytes,
@@ -175,12 +176,7 @@ pub struct PreviewResponse {
 impl PreviewResponse {
     /// # Errors
     /// When the metadata cannot be opened.
-    pub fn new(
-        p: &Preview,
-        svc: &Service,
-        now: Millis,
-        claim_url: Option<String>,
-    ) -> Result<Self, ApiError> {
+    pub fn new(p: &Preview, svc: &Service, claim_url: Option<String>) -> Result<Self, ApiError> {
         let r = &p.record;
         let (content_type, file_count, total_size_bytes) = body_fields(&r.body);
         let package = p.files.is_some();
@@ -196,7 +192,7 @@ impl PreviewResponse {
         Ok(Self {
             kind: package.then_some("kubbi_package"),
             kubbi_id: package.then(|| r.id.to_string()),
-            status: r.status_at(now).as_str(),
+            status: r.status.as_str(),
             content_type,
             file_count,
             total_size_bytes,

@@ -406,7 +406,7 @@ async fn detail(
 ) -> Result<Json<Detail>, ApiError> {
     let id = kubbi_id(id)?;
     let r = app.service.get(&producer.key.id, &id).await?;
-    Ok(Json(Detail::new(&r, &app.service, app.service.now())?))
+    Ok(Json(Detail::new(&r, &app.service)?))
 }
 
 async fn delete_kubbi(
@@ -416,7 +416,7 @@ async fn delete_kubbi(
 ) -> Result<Json<Detail>, ApiError> {
     let id = kubbi_id(id)?;
     let r = app.service.delete(&producer.key.id, &id).await?;
-    Ok(Json(Detail::new(&r, &app.service, app.service.now())?))
+    Ok(Json(Detail::new(&r, &app.service)?))
 }
 
 fn query_int(
@@ -470,11 +470,10 @@ async fn list(
     }
     let svc = &app.service;
     let result = svc.list(&producer.key.id, page, limit, status).await?;
-    let now = svc.now();
     let kubbis = result
         .items
         .iter()
-        .map(|r| Detail::new(r, svc, now))
+        .map(|r| Detail::new(r, svc))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Json(ListResponse {
         kubbis,
@@ -505,12 +504,7 @@ async fn preview_or_inspect(
     let p = app.service.preview(&token).await?;
     let claim_url =
         with_claim.then(|| format!("{}/r/{}/claim", app.public_url, token.expose().as_str()));
-    Ok(Json(PreviewResponse::new(
-        &p,
-        &app.service,
-        app.service.now(),
-        claim_url,
-    )?))
+    Ok(Json(PreviewResponse::new(&p, &app.service, claim_url)?))
 }
 
 async fn preview(

@@ -172,10 +172,14 @@ impl Executor {
             } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
                 let view = self.storage.read_view(g);
-                let Some(record) = read_kubbi_by_token(&view, &token_hash).map_err(from_store)?
+                let Some(mut record) =
+                    read_kubbi_by_token(&view, &token_hash).map_err(from_store)?
                 else {
                     return Ok(ShardReply::Record(None));
                 };
+                // Expiry is judged by the leader's clock, as claims are: a node with a skewed
+                // clock must not call a kubbi expired that the leader would still let be claimed.
+                record.status = record.status_at(self.clock.now());
                 let manifest = if with_manifest && record.has_manifest {
                     view.get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
                         .map_err(from_store)?
@@ -189,8 +193,10 @@ impl Executor {
                 client::linearizable(raft).await.map_err(from_raft)?;
                 let view = self.storage.read_view(g);
                 let mut out = Vec::with_capacity(ids.len());
+                let now = self.clock.now();
                 for id in &ids {
-                    if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
+                    if let Some(mut r) = read_kubbi(&view, id).map_err(from_store)? {
+                        r.status = r.status_at(now);
                         out.push(r);
                     }
                 }

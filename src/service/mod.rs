@@ -420,7 +420,8 @@ impl Service {
             ShardReply::Record(None) => return Err(ApiError::not_found("kubbi")),
             other => return Err(unexpected("by token", &other)),
         };
-        let status = record.status_at(self.now());
+        // Judged by the leader's clock (the read stamps it), never this node's.
+        let status = record.status;
         if status.is_terminal() {
             return Err(ApiError::ended(status));
         }
