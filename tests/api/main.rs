@@ -595,15 +595,7 @@ async fn metrics_count_lifecycle_routes_and_raft_without_secrets() {
         .await;
     let active = n.api.create(&n.key, json!({"content": "still here"})).await;
     assert_eq!(active.status, StatusCode::CREATED);
-    let r = n
-        .api
-        .http
-        .get(n.api.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    assert_eq!(r.status(), StatusCode::OK);
-    let text = r.text().await.expect("text");
+    let text = n.api.metrics_text().await;
     for line in [
         "kubbi_kubbis_total{event=\"created\"} 3",
         "kubbi_kubbis_total{event=\"claimed\"} 2",

@@ -99,6 +99,30 @@ impl Api {
         .await
     }
 
+    /// A create whose body is sent as these exact bytes (`application/json`).
+    pub async fn create_raw(&self, key: &str, body: Vec<u8>) -> Resp {
+        self.send(
+            self.http
+                .post(self.url("/api/v1/kubbis"))
+                .bearer_auth(key)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    /// The node's Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        let r = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(r.status(), StatusCode::OK);
+        r.text().await.expect("metrics text")
+    }
+
     pub async fn get(&self, key: &str, path: &str) -> Resp {
         self.send(self.http.get(self.url(path)).bearer_auth(key))
             .await

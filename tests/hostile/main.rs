@@ -180,19 +180,6 @@ async fn stalled_connections_do_not_block_others() {
     n.stop().await;
 }
 
-async fn post_raw(n: &TestNode, body: Vec<u8>) -> common::Resp {
-    n.api
-        .send(
-            n.api
-                .http
-                .post(n.api.url("/api/v1/kubbis"))
-                .bearer_auth(&n.key)
-                .header("content-type", "application/json")
-                .body(body),
-        )
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_get_validation_errors_and_store_nothing() {
     let n = node().await;
@@ -293,7 +280,7 @@ async fn malformed_bodies_get_validation_errors_and_store_nothing() {
         ));
     }
     for (what, body) in bodies {
-        let r = post_raw(&n, body).await;
+        let r = n.api.create_raw(&n.key, body).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {:?}", r.body);
         assert_eq!(r.err_code(), "validation_error", "{what}");
         let msgs = r.body["messages"].as_array().expect("messages");
@@ -569,14 +556,7 @@ async fn per_client_rate_limits_on_links_and_failed_authentication() {
     // A client address that is not a trusted proxy cannot choose its identity: the header from
     // an untrusted peer is ignored (covered by the unit tests of `client_addr`), and metrics
     // count the refusals under their route.
-    let m = n
-        .api
-        .http
-        .get(n.api.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    let text = m.text().await.expect("text");
+    let text = n.api.metrics_text().await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("kubbi_http_requests_total") && l.contains("status=\"429\"")),

@@ -337,17 +337,7 @@ async fn media_type_json_syntax_and_headers() {
         b"\xff\xfe",
         b"{\"content\": \"\\ud800\"}",
     ] {
-        let r = n
-            .api
-            .send(
-                n.api
-                    .http
-                    .post(n.api.url("/api/v1/kubbis"))
-                    .bearer_auth(&n.key)
-                    .header("content-type", "application/json")
-                    .body(bad.to_vec()),
-            )
-            .await;
+        let r = n.api.create_raw(&n.key, bad.to_vec()).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad:?} -> {:?}", r.body);
         assert_eq!(r.err_code(), "validation_error");
     }
@@ -357,17 +347,7 @@ async fn media_type_json_syntax_and_headers() {
         "[".repeat(10_000),
         "]".repeat(10_000)
     );
-    let r = n
-        .api
-        .send(
-            n.api
-                .http
-                .post(n.api.url("/api/v1/kubbis"))
-                .bearer_auth(&n.key)
-                .header("content-type", "application/json")
-                .body(deep),
-        )
-        .await;
+    let r = n.api.create_raw(&n.key, deep.into()).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     // Idempotency-Key: 255 characters at most.
