@@ -69,6 +69,7 @@ pub enum Handler {
     KeyList,
     KeyRevoke,
     Cluster,
+    Digest,
     NodeAdd,
     NodeRemove,
 }
@@ -91,6 +92,7 @@ pub const ROUTES: &[(&str, &str, Handler)] = &[
     ("GET", "/admin/v1/api-keys", Handler::KeyList),
     ("DELETE", "/admin/v1/api-keys/{id}", Handler::KeyRevoke),
     ("GET", "/admin/v1/cluster", Handler::Cluster),
+    ("GET", "/admin/v1/digest", Handler::Digest),
     ("POST", "/admin/v1/nodes", Handler::NodeAdd),
     ("DELETE", "/admin/v1/nodes/{id}", Handler::NodeRemove),
 ];
@@ -119,6 +121,7 @@ fn method_router(method: &str, h: Handler) -> axum::routing::MethodRouter<AppSta
         Handler::KeyList => on(filter, list_api_keys),
         Handler::KeyRevoke => on(filter, revoke_api_key),
         Handler::Cluster => on(filter, cluster),
+        Handler::Digest => on(filter, digest),
         Handler::NodeAdd => on(filter, add_node),
         Handler::NodeRemove => on(filter, remove_node),
     }
@@ -641,6 +644,33 @@ async fn revoke_api_key(
         .ok_or_else(|| ApiError::not_found("api key"))?;
     let rec = app.service.revoke_api_key(id).await?;
     Ok(Json(key_json(&rec)))
+}
+
+/// This node's replicas, each with its applied index and a digest of its state (answered
+/// locally, never forwarded): replicas at equal applied index must agree.
+async fn digest(State(app): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {
+    let exec = app.service.router().executor().clone();
+    let mut groups = Vec::new();
+    let mut ids: Vec<crate::ids::GroupId> = exec.groups().map(|lg| lg.group).collect();
+    ids.sort_unstable();
+    for g in ids {
+        let (applied, d) = crate::raft::state_machine::group_digest(&app.storage, g)
+            .await
+            .map_err(|e| {
+                tracing::error!(group = g, error = %e, "digest failed");
+                ApiError::internal()
+            })?;
+        let id = if g == crate::ids::SYSTEM_GROUP {
+            json!("system")
+        } else {
+            json!(g)
+        };
+        let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+        groups.push(json!({"id": id, "applied_index": applied, "digest": hex}));
+    }
+    Ok(Json(
+        json!({"node_id": app.service.node_id(), "groups": groups}),
+    ))
 }
 
 async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {

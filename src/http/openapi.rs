@@ -114,6 +114,9 @@ pub fn operation(h: Handler) -> Value {
         Handler::Cluster => json!({
             "operationId": "clusterStatus", "tags": ["operator"], "summary": "Nodes, shards, leaders, replicas, lag", "security": admin,
             "responses": {"200": ok("The cluster", "Cluster")}}),
+        Handler::Digest => json!({
+            "operationId": "replicaDigest", "tags": ["operator"], "summary": "This node's replicas: applied index and state digest (local, not forwarded)", "security": admin,
+            "responses": {"200": ok("This node's replicas", "Digest")}}),
         Handler::NodeAdd => json!({
             "operationId": "addNode", "tags": ["operator"], "summary": "Pre-register a node", "security": admin,
             "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/NodeRequest"}}}},
@@ -133,7 +136,7 @@ pub fn operation(h: Handler) -> Value {
             ("415", "unsupported_media_type"),
             ("503", "unavailable"),
         ],
-        Handler::List | Handler::KeyList | Handler::Cluster => &[
+        Handler::List | Handler::KeyList | Handler::Cluster | Handler::Digest => &[
             ("400", "validation_error"),
             ("401", "unauthorized"),
             ("503", "unavailable"),
@@ -189,7 +192,7 @@ fn schemas() -> Value {
     let ts = json!({"type": "string", "format": "date-time"});
     let nts = json!({"type": ["string", "null"], "format": "date-time"});
     let meta = json!({"type": ["object", "null"], "description": "Producer metadata (at most 1 KiB serialized)"});
-    json!({
+    let mut schemas = json!({
         "Error": {"type": "object", "required": ["error", "message"], "properties": {
             "error": {"type": "string", "enum": ["validation_error", "unauthorized", "not_found", "conflict", "expired", "gone",
                 "payload_too_large", "unsupported_media_type", "rate_limited", "quota_exceeded", "internal_error",
@@ -271,7 +274,14 @@ fn schemas() -> Value {
         "NodeRequest": {"type": "object", "additionalProperties": false, "required": ["id", "internal"], "properties": {
             "id": {"type": "integer", "minimum": 1}, "internal": {"type": "string"}, "http": {"type": "string"}, "zone": {"type": "string"}}},
         "NodeState": {"type": "object", "properties": {"id": {"type": "integer"}, "internal": {"type": "string"}, "state": {"type": "string"}}}
-    })
+    });
+    // Apart from the literal above: serde_json's macro recursion limit.
+    schemas["Digest"] = json!({"type": "object", "required": ["node_id", "groups"], "properties": {
+        "node_id": {"type": "integer"},
+        "groups": {"type": "array", "items": {"type": "object", "required": ["id", "applied_index", "digest"], "properties": {
+            "id": {"type": ["integer", "string"]}, "applied_index": {"type": ["integer", "null"]},
+            "digest": {"type": "string", "description": "SHA-256 (hex) of the group's state and blob key/values in key order"}}}}}});
+    schemas
 }
 
 /// The whole document.
