@@ -6,7 +6,7 @@ mod common;
 
 use common::cluster::Cluster;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_on_one_node_preview_and_claim_on_another_at_once() {
@@ -744,4 +744,68 @@ async fn a_joining_node_catches_up_from_snapshots_and_restarts_on_them() {
         assert_eq!(r.body["content"], format!("snap {i}"));
         assert_eq!(r.body["retrieval_count"], 1);
     }
+}
+
+/// Each node's digest of each replica it holds: once writes stop and replication catches up,
+/// every replica of a group is at the same applied index with the same digest; a write to a
+/// group changes its digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_digests_agree_at_equal_applied_index() {
+    let c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    for i in 0..30 {
+        let r = c
+            .api(i % 3)
+            .create(
+                &key,
+                json!({"content": format!("d{i}"), "max_retrievals": 2}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        if i % 2 == 0 {
+            let t = r.body["claim_token"].as_str().expect("token");
+            assert_eq!(c.api((i + 1) % 3).claim(t).await.status, StatusCode::OK);
+        }
+    }
+    // group -> [(applied_index, digest)] over the nodes.
+    let snapshot = || async {
+        let mut per: std::collections::BTreeMap<String, Vec<(Value, String)>> = Default::default();
+        for i in 0..c.members.len() {
+            let r = c.api(i).get(&c.admin, "/admin/v1/digest").await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+            for g in r.body["groups"].as_array().expect("groups") {
+                per.entry(g["id"].to_string()).or_default().push((
+                    g["applied_index"].clone(),
+                    g["digest"].as_str().expect("digest").to_string(),
+                ));
+            }
+        }
+        per
+    };
+    let agreed = common::eventually(
+        std::time::Duration::from_secs(30),
+        "every group's replicas at one applied index",
+        || async {
+            let per = snapshot().await;
+            per.values()
+                .all(|rows| rows.len() == 3 && rows.iter().all(|r| r.0 == rows[0].0))
+                .then_some(per)
+        },
+    )
+    .await;
+    for (g, rows) in &agreed {
+        assert!(
+            rows.iter().all(|r| r.1 == rows[0].1),
+            "group {g}: replicas at one index disagree: {rows:?}"
+        );
+    }
+    // A write changes the digest of its group.
+    let r = c.api(0).create(&key, json!({"content": "one more"})).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let after = snapshot().await;
+    let changed = agreed
+        .iter()
+        .filter(|(g, rows)| after[*g].iter().any(|r| r.1 != rows[0].1))
+        .count();
+    assert!(changed >= 1, "no digest moved after a write");
 }
