@@ -131,7 +131,7 @@ impl NodeHandle {
         }
         // The snapshots just built pin views from before their purges; release them (and any
         // other unread pin) so the compaction may drop what was deleted.
-        self.storage.release_unused_pins();
+        self.storage.release_unused_pins(Duration::ZERO);
         let storage = self.storage.clone();
         tokio::task::spawn_blocking(move || storage.compact_fully())
             .await
@@ -461,6 +461,16 @@ async fn directory_loop(service: Service, storage: Arc<Storage>, peers: Peers, m
 
 /// On the system group's leader: moves replicas and leaders toward the placement of the
 /// current members, one change per round, and retires drained members.
+/// Releases raft snapshot pins nobody reads from: a pinned RocksDB snapshot keeps deleted
+/// ciphertext of every group in the files (see `raft::snapshot`).
+async fn release_pins_loop(storage: Arc<Storage>) {
+    let after = crate::raft::snapshot::RELEASE_UNUSED_PIN_AFTER;
+    loop {
+        tokio::time::sleep(after / 2).await;
+        storage.release_unused_pins(after);
+    }
+}
+
 async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: usize) {
     let exec = service.router().executor().clone();
     let mut pause = Duration::from_secs(2);
@@ -1067,6 +1077,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             config.node_id,
         )));
     }
+    tasks.push(tokio::spawn(release_pins_loop(storage.clone())));
     tasks.push(tokio::spawn(rebalance_loop(
         service.clone(),
         storage.clone(),

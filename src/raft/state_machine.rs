@@ -56,13 +56,10 @@ pub struct StateMachine {
 impl StateMachine {
     pub fn new(storage: Arc<Storage>, group: GroupId, observer: Arc<dyn ApplyObserver>) -> Self {
         let current: Current = Arc::new(Mutex::new(None));
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(release_idle_pins(Arc::downgrade(&current)));
-        }
         let weak = Arc::downgrade(&current);
-        storage.register_pin_releaser(Box::new(move || match weak.upgrade() {
+        storage.register_pin_releaser(Box::new(move |min_age| match weak.upgrade() {
             Some(c) => {
-                Self::release_idle_pin(&c, std::time::Duration::ZERO);
+                Self::release_idle_pin(&c, min_age);
                 true
             }
             None => false,
@@ -75,9 +72,9 @@ impl StateMachine {
         }
     }
 
-    /// Releases the pinned view of the current snapshot now if nothing reads from it (see
-    /// `snapshot`): the wiping path calls it before compacting.
-    pub fn release_idle_pin(current: &Current, min_age: std::time::Duration) {
+    /// Releases the pinned view of the current snapshot if nothing reads from it and it is at
+    /// least `min_age` old (see `snapshot`).
+    fn release_idle_pin(current: &Current, min_age: std::time::Duration) {
         let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
         if cur.as_ref().is_some_and(|(_, d)| d.is_idle_pin(min_age)) {
             *cur = None;
@@ -133,19 +130,6 @@ impl StateMachine {
         self.storage.sync().await?;
         *self.lock_current() = Some((meta.clone(), data.clone()));
         Ok((meta, data))
-    }
-}
-
-/// Drops the current snapshot's pinned view once nobody reads from it, until the state machine
-/// is gone: a pin keeps deleted ciphertext of every group in the database files.
-async fn release_idle_pins(current: std::sync::Weak<Mutex<Option<(SnapshotMeta, SnapshotData)>>>) {
-    let every = crate::raft::snapshot::RELEASE_UNUSED_PIN_AFTER / 2;
-    loop {
-        tokio::time::sleep(every).await;
-        let Some(current) = current.upgrade() else {
-            return;
-        };
-        StateMachine::release_idle_pin(&current, crate::raft::snapshot::RELEASE_UNUSED_PIN_AFTER);
     }
 }
 

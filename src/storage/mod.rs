@@ -56,9 +56,9 @@ pub struct Storage {
     pin_releasers: std::sync::Mutex<Vec<PinReleaser>>,
 }
 
-/// Drops a state machine's pinned snapshot view if nobody reads it; `false` when the state
-/// machine no longer exists.
-pub type PinReleaser = Box<dyn Fn() -> bool + Send + Sync>;
+/// Drops a state machine's pinned snapshot view if nobody reads it and it is at least the given
+/// age; `false` when the state machine no longer exists.
+pub type PinReleaser = Box<dyn Fn(std::time::Duration) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -121,13 +121,13 @@ impl Storage {
             .push(r);
     }
 
-    /// Releases every pinned snapshot view nobody is reading from, so a compaction can drop
-    /// what was deleted after it.
-    pub fn release_unused_pins(&self) {
+    /// Releases every pinned snapshot view nobody is reading from that is at least `min_age`
+    /// old, so a compaction can drop what was deleted after it.
+    pub fn release_unused_pins(&self, min_age: std::time::Duration) {
         self.pin_releasers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|r| r());
+            .retain(|r| r(min_age));
     }
 
     pub fn db(&self) -> &DB {
