@@ -378,14 +378,7 @@ async fn a_node_with_a_wiped_data_dir_is_refused_until_removed_and_added_again()
         let api = api.clone();
         let admin = admin.clone();
         async move {
-            let st = api
-                .send(
-                    api.http
-                        .get(api.url("/admin/v1/cluster"))
-                        .bearer_auth(&admin),
-                )
-                .await
-                .body;
+            let st = api.get(&admin, "/admin/v1/cluster").await.body;
             let removed = st["nodes"]
                 .as_array()?
                 .iter()
@@ -417,14 +410,7 @@ async fn a_node_with_a_wiped_data_dir_is_refused_until_removed_and_added_again()
             let api = api.clone();
             let admin = admin.clone();
             async move {
-                let st = api
-                    .send(
-                        api.http
-                            .get(api.url("/admin/v1/cluster"))
-                            .bearer_auth(&admin),
-                    )
-                    .await
-                    .body;
+                let st = api.get(&admin, "/admin/v1/cluster").await.body;
                 let shards = st["shards"].as_array()?;
                 shards
                     .iter()
@@ -455,15 +441,7 @@ async fn adding_a_fourth_node_and_removing_an_old_one_under_load() {
     let status = |c: &Cluster| {
         let api = c.api(0).clone();
         let admin = c.admin.clone();
-        async move {
-            api.send(
-                api.http
-                    .get(api.url("/admin/v1/cluster"))
-                    .bearer_auth(&admin),
-            )
-            .await
-            .body
-        }
+        async move { api.get(&admin, "/admin/v1/cluster").await.body }
     };
     let fourth = c.add_member(0).await;
     assert_eq!(c.members[fourth].id, 4);
@@ -706,14 +684,7 @@ async fn a_joining_node_catches_up_from_snapshots_and_restarts_on_them() {
             let api = api.clone();
             let admin = admin.clone();
             async move {
-                let st = api
-                    .send(
-                        api.http
-                            .get(api.url("/admin/v1/cluster"))
-                            .bearer_auth(&admin),
-                    )
-                    .await
-                    .body;
+                let st = api.get(&admin, "/admin/v1/cluster").await.body;
                 let led = st["shards"]
                     .as_array()?
                     .iter()

@@ -203,13 +203,7 @@ impl Cluster {
     /// `GET /admin/v1/cluster` on member `i`.
     pub async fn status(&self, i: usize) -> Value {
         let api = self.api(i);
-        let r = api
-            .send(
-                api.http
-                    .get(api.url("/admin/v1/cluster"))
-                    .bearer_auth(&self.admin),
-            )
-            .await;
+        let r = api.get(&self.admin, "/admin/v1/cluster").await;
         r.body
     }
 
@@ -226,13 +220,7 @@ impl Cluster {
             let api = api.clone();
             let admin = admin.clone();
             async move {
-                let r = api
-                    .send(
-                        api.http
-                            .get(api.url("/admin/v1/cluster"))
-                            .bearer_auth(&admin),
-                    )
-                    .await;
+                let r = api.get(&admin, "/admin/v1/cluster").await;
                 let shards = r.body["shards"].as_array()?.clone();
                 (r.status == StatusCode::OK
                     && !shards.is_empty()
