@@ -40,6 +40,8 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Longest time a request body may take to arrive in full (`408` after it).
     pub body_timeout: Duration,
+    /// Limits of API keys that do not set their own (all unlimited by default).
+    pub key_defaults: crate::state::KeyLimits,
 }
 
 impl Default for Limits {
@@ -57,6 +59,7 @@ impl Default for Limits {
             create_idempotency_window: Duration::from_secs(86_400),
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
+            key_defaults: crate::state::KeyLimits::default(),
         }
     }
 }
@@ -179,6 +182,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Per-client rate limits of the public port.
     pub client_limits: ClientLimits,
+    /// Browser origins allowed to call the producer and consumer routes (CORS); empty: off.
+    pub cors_origins: Vec<String>,
     /// TLS certificate chain and private key (PEM) of the public port; both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -226,6 +231,7 @@ impl Config {
             actor_idle: Duration::from_secs(10),
             raft: RaftTuning::default(),
             client_limits: ClientLimits::default(),
+            cors_origins: Vec::new(),
             tls_cert: None,
             tls_key: None,
             cluster: ClusterConfig {
@@ -389,6 +395,23 @@ pub struct ServeArgs {
         default_value_t = 10.0
     )]
     pub ip_auth_failures_per_minute: f64,
+    /// Default quota of an API key: kubbis not yet ended, over the whole cluster (0 = none).
+    #[arg(long, env = "KUBBI_KEY_MAX_ACTIVE", default_value_t = 0)]
+    pub key_max_active: u64,
+    /// Default quota of an API key: sealed bytes of its active kubbis, cluster-wide (0 = none).
+    #[arg(long, env = "KUBBI_KEY_MAX_BYTES", default_value_t = 0)]
+    pub key_max_bytes: u64,
+    /// Default quota of an API key: creates per UTC day, cluster-wide (0 = none).
+    #[arg(long, env = "KUBBI_KEY_MAX_CREATES_PER_DAY", default_value_t = 0)]
+    pub key_max_creates_per_day: u64,
+    /// Default rate limit of an API key: authenticated requests per second, cluster-wide
+    /// (each of N active nodes allows 1/N of it, burst 2 s worth; 0 = none).
+    #[arg(long, env = "KUBBI_KEY_RATE", default_value_t = 0)]
+    pub key_rate: u32,
+    /// Browser origins (`https://app.example.com`, comma-separated or repeated) allowed to
+    /// call /api/* and /r/* cross-origin; none by default (CORS off). Never /admin/*.
+    #[arg(long, env = "KUBBI_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
     /// Reverse proxy addresses or CIDR blocks whose X-Forwarded-For names the client
     /// (comma-separated or repeated).
     #[arg(long, env = "KUBBI_TRUSTED_PROXY", value_delimiter = ',')]
@@ -468,6 +491,19 @@ impl ServeArgs {
                 Err(format!("{what} must be a number >= 0"))
             }
         };
+        let unless_zero = |v: u64| (v > 0).then_some(v);
+        c.limits.key_defaults = crate::state::KeyLimits {
+            max_active: unless_zero(self.key_max_active),
+            max_bytes: unless_zero(self.key_max_bytes),
+            max_creates_per_day: unless_zero(self.key_max_creates_per_day),
+            rate_per_second: (self.key_rate > 0).then_some(self.key_rate),
+        };
+        c.cors_origins = self
+            .cors_origin
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| crate::http::cors::parse_origin(s))
+            .collect::<Result<_, String>>()?;
         c.tls_cert = self.tls_cert;
         c.tls_key = self.tls_key;
         c.client_limits = ClientLimits {

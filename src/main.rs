@@ -178,8 +178,20 @@ enum KeyCmd {
     Create {
         #[arg(long, default_value = "")]
         label: String,
+        /// Quota: kubbis not yet ended, over the whole cluster (default: the server's).
+        #[arg(long)]
+        max_active: Option<u64>,
+        /// Quota: sealed bytes of its active kubbis, over the whole cluster.
+        #[arg(long)]
+        max_bytes: Option<u64>,
+        /// Quota: creates per UTC day, over the whole cluster.
+        #[arg(long)]
+        max_creates_per_day: Option<u64>,
+        /// Rate limit: authenticated requests per second, over the whole cluster.
+        #[arg(long)]
+        rate: Option<u32>,
     },
-    /// List API keys (ids, prefixes, labels; never the keys).
+    /// List API keys (ids, prefixes, labels, limits and usage; never the keys).
     List,
     /// Revoke an API key by id.
     Revoke { id: String },
@@ -577,12 +589,24 @@ async fn admin_call(
 
 async fn key(admin: AdminArgs, cmd: KeyCmd) -> anyhow::Result<()> {
     let body = match cmd {
-        KeyCmd::Create { label } => {
+        KeyCmd::Create {
+            label,
+            max_active,
+            max_bytes,
+            max_creates_per_day,
+            rate,
+        } => {
+            let limits = serde_json::json!({
+                "max_active_kubbis": max_active,
+                "max_stored_bytes": max_bytes,
+                "max_creates_per_day": max_creates_per_day,
+                "requests_per_second": rate,
+            });
             admin_call(
                 &admin,
                 reqwest::Method::POST,
                 "/admin/v1/api-keys",
-                Some(serde_json::json!({ "label": label })),
+                Some(serde_json::json!({ "label": label, "limits": limits })),
             )
             .await?
         }

@@ -459,8 +459,17 @@ async fn directory_loop(service: Service, storage: Arc<Storage>, peers: Peers, m
     }
 }
 
-/// On the system group's leader: moves replicas and leaders toward the placement of the
-/// current members, one change per round, and retires drained members.
+/// Renews this node's API key lease from the system group's leader (see
+/// `service::keys::KEY_LEASE`): a node that cannot renew stops accepting API keys.
+async fn key_lease_loop(service: Service) {
+    loop {
+        if let Err(e) = service.refresh_keys().await {
+            tracing::debug!(error = %e, "cannot renew the API key lease");
+        }
+        tokio::time::sleep(crate::service::keys::KEY_RENEW_EVERY).await;
+    }
+}
+
 /// Releases raft snapshot pins nobody reads from: a pinned RocksDB snapshot keeps deleted
 /// ciphertext of every group in the files (see `raft::snapshot`).
 async fn release_pins_loop(storage: Arc<Storage>) {
@@ -471,6 +480,8 @@ async fn release_pins_loop(storage: Arc<Storage>) {
     }
 }
 
+/// On the system group's leader: moves replicas and leaders toward the placement of the
+/// current members, one change per round, and retires drained members.
 async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: usize) {
     let exec = service.router().executor().clone();
     let mut pause = Duration::from_secs(2);
@@ -988,6 +999,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         storage: storage.clone(),
         admin_token_hash: crypto::sha256(admin_token.as_bytes()),
         public_url: public_url.clone().into(),
+        cors_origins: config.cors_origins.clone().into(),
         client_limits: Arc::new(crate::http::ratelimit::IpLimits::new(
             crate::http::ratelimit::Rate {
                 per_second: config.client_limits.link_rate,
@@ -1078,6 +1090,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         )));
     }
     tasks.push(tokio::spawn(release_pins_loop(storage.clone())));
+    tasks.push(tokio::spawn(key_lease_loop(service.clone())));
     tasks.push(tokio::spawn(rebalance_loop(
         service.clone(),
         storage.clone(),

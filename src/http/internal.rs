@@ -50,6 +50,7 @@ pub fn internal_router(state: Arc<InternalState>) -> Router {
         .route("/internal/v1/shard/{group}", post(shard))
         .route("/internal/v1/join", post(join))
         .route("/internal/v1/status", post(status))
+        .route(crate::transport::KEYS_REFRESH_PATH, post(refresh_keys))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
@@ -234,6 +235,17 @@ async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {
         .await
         .map_err(|e| format!("{}: {}", e.code.as_str(), e.message));
     reply(&r)
+}
+
+/// Re-reads the key table from the system group's leader (a key was just revoked).
+async fn refresh_keys(State(st): State<Arc<InternalState>>) -> Response {
+    match st.service.refresh_keys().await {
+        Ok(()) => reply(&true),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot re-read API keys after a revocation");
+            reply(&false)
+        }
+    }
 }
 
 async fn status(State(st): State<Arc<InternalState>>) -> Response {

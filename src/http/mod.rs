@@ -4,6 +4,7 @@
 //! an [`ApiError`] turned into the envelope in [`error`]. [`router`] builds the whole app
 //! without a socket, so tests can also drive it directly.
 
+pub mod cors;
 mod dto;
 mod error;
 mod extract;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub public_url: Arc<str>,
     /// Per-client rate limits.
     pub client_limits: Arc<ratelimit::IpLimits>,
+    /// Browser origins allowed to call `/api/*` and `/r/*` (lowercase; empty: CORS off).
+    pub cors_origins: Arc<[String]>,
 }
 
 /// Every public route's handler; [`ROUTES`] maps them to methods and paths, and both the
@@ -151,6 +154,7 @@ pub fn router(state: AppState) -> Router {
             record_request,
         ))
         .layer(middleware::from_fn(api_version_header))
+        .layer(middleware::from_fn_with_state(state.clone(), cors::cors))
         .with_state(state)
 }
 
@@ -580,7 +584,7 @@ async fn create_api_key(
     };
     let mut errs = Vec::new();
     for k in obj.keys() {
-        if k != "label" {
+        if k != "label" && k != "limits" {
             let shown: String = k.chars().take(64).collect();
             errs.push(format!("unknown field `{shown}`"));
         }
@@ -597,40 +601,99 @@ async fn create_api_key(
             String::new()
         }
     };
+    let limits = key_limits_input(obj.get("limits"), &mut errs);
     if !errs.is_empty() {
         return Err(ApiError::validation(errs));
     }
-    let (rec, key) = app.service.create_api_key(label).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "id": rec.id.to_string(),
-            "api_key": key.as_str(),
-            "key_prefix": rec.key_prefix,
-            "label": rec.label,
-            "created_at": format_millis(rec.created_at),
-        })),
-    ))
+    let (rec, key) = app.service.create_api_key(label, limits).await?;
+    let mut out = key_json(&rec);
+    out["api_key"] = Value::String(key.as_str().to_string());
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+/// The names of [`KeyLimits`](crate::state::KeyLimits) fields on the wire.
+const LIMIT_FIELDS: [&str; 4] = [
+    "max_active_kubbis",
+    "max_stored_bytes",
+    "max_creates_per_day",
+    "requests_per_second",
+];
+
+/// Parses the optional `limits` object of a key: each field a positive integer, or null for
+/// the node's default.
+fn key_limits_input(v: Option<&Value>, errs: &mut Vec<String>) -> crate::state::KeyLimits {
+    let mut l = crate::state::KeyLimits::default();
+    let obj = match v {
+        None | Some(Value::Null) => return l,
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            errs.push("limits must be an object".into());
+            return l;
+        }
+    };
+    for k in obj.keys() {
+        if !LIMIT_FIELDS.contains(&k.as_str()) {
+            let shown: String = k.chars().take(64).collect();
+            errs.push(format!("unknown field `limits.{shown}`"));
+        }
+    }
+    let mut field = |name: &str, max: u64| -> Option<u64> {
+        match obj.get(name) {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(n) if (1..=max).contains(&n) => Some(n),
+                _ => {
+                    errs.push(format!(
+                        "limits.{name} must be an integer from 1 to {max}, or null"
+                    ));
+                    None
+                }
+            },
+        }
+    };
+    l.max_active = field(LIMIT_FIELDS[0], u64::from(u32::MAX));
+    l.max_bytes = field(LIMIT_FIELDS[1], i64::MAX as u64);
+    l.max_creates_per_day = field(LIMIT_FIELDS[2], u64::from(u32::MAX));
+    l.rate_per_second = field(LIMIT_FIELDS[3], 1_000_000).map(|n| n as u32);
+    l
 }
 
 fn key_json(r: &crate::state::ApiKeyRecord) -> Value {
+    let l = &r.limits;
     json!({
         "id": r.id.to_string(),
         "key_prefix": r.key_prefix,
         "label": r.label,
         "created_at": format_millis(r.created_at),
         "revoked_at": r.revoked_at.map(format_millis),
+        "limits": {
+            LIMIT_FIELDS[0]: l.max_active,
+            LIMIT_FIELDS[1]: l.max_bytes,
+            LIMIT_FIELDS[2]: l.max_creates_per_day,
+            LIMIT_FIELDS[3]: l.rate_per_second,
+        },
     })
 }
 
+/// Every key with what it holds now over the whole cluster (from each shard's replica here,
+/// or its leader).
 async fn list_api_keys(
     State(app): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Value>, ApiError> {
     let (keys, _) = app.service.read_system().await?;
-    Ok(Json(
-        json!({ "keys": keys.iter().map(key_json).collect::<Vec<_>>() }),
-    ))
+    let mut out = Vec::with_capacity(keys.len());
+    for k in &keys {
+        let mut v = key_json(k);
+        let u = app.service.usage(&k.id, None).await;
+        v["usage"] = json!({
+            "active_kubbis": u.active,
+            "stored_bytes": u.bytes,
+            "creates_today": u.creates,
+        });
+        out.push(v);
+    }
+    Ok(Json(json!({ "keys": out })))
 }
 
 async fn revoke_api_key(

@@ -255,13 +255,16 @@ fn schemas() -> Value {
             "status": {"type": "string", "enum": ["ok", "degraded"]}, "version": {"type": "string"},
             "node_id": {"type": "integer"}, "groups": {"type": "integer"}, "groups_with_leader": {"type": "integer"}}},
         "Liveness": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}},
-        "ApiKeyRequest": {"type": "object", "additionalProperties": false, "properties": {"label": {"type": ["string", "null"], "maxLength": 128}}},
-        "ApiKeyCreated": {"type": "object", "required": ["id", "api_key", "key_prefix", "label", "created_at"], "properties": {
+        "ApiKeyRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "label": {"type": ["string", "null"], "maxLength": 128},
+            "limits": {"oneOf": [{"$ref": "#/components/schemas/KeyLimitsRequest"}, {"type": "null"}]}}},
+        "ApiKeyCreated": {"type": "object", "required": ["id", "api_key", "key_prefix", "label", "created_at", "limits"], "properties": {
             "id": {"type": "string", "format": "uuid"}, "api_key": {"type": "string"}, "key_prefix": {"type": "string"},
-            "label": {"type": "string"}, "created_at": ts}},
-        "ApiKey": {"type": "object", "required": ["id", "key_prefix", "label", "created_at"], "properties": {
+            "label": {"type": "string"}, "created_at": ts, "revoked_at": nts, "limits": {"$ref": "#/components/schemas/KeyLimits"}}},
+        "ApiKey": {"type": "object", "required": ["id", "key_prefix", "label", "created_at", "limits"], "properties": {
             "id": {"type": "string", "format": "uuid"}, "key_prefix": {"type": "string"}, "label": {"type": "string"},
-            "created_at": ts, "revoked_at": nts}},
+            "created_at": ts, "revoked_at": nts, "limits": {"$ref": "#/components/schemas/KeyLimits"},
+            "usage": {"$ref": "#/components/schemas/KeyUsage"}}},
         "ApiKeyList": {"type": "object", "required": ["keys"], "properties": {"keys": {"type": "array", "items": {"$ref": "#/components/schemas/ApiKey"}}}},
         "Cluster": {"type": "object", "required": ["node_id", "nodes", "shards"], "properties": {
             "node_id": {"type": "integer"},
@@ -276,6 +279,19 @@ fn schemas() -> Value {
         "NodeState": {"type": "object", "properties": {"id": {"type": "integer"}, "internal": {"type": "string"}, "state": {"type": "string"}}}
     });
     // Apart from the literal above: serde_json's macro recursion limit.
+    // Key limits (kept out of the literal above: one json! literal has a recursion limit).
+    schemas["KeyLimitsRequest"] = json!({"type": "object", "additionalProperties": false,
+        "description": "Per-key quotas and rate limit over the whole cluster; null or absent = the node's default",
+        "properties": {
+        "max_active_kubbis": {"type": ["integer", "null"], "minimum": 1, "maximum": 4294967295_u64},
+        "max_stored_bytes": {"type": ["integer", "null"], "minimum": 1, "maximum": 9223372036854775807_u64},
+        "max_creates_per_day": {"type": ["integer", "null"], "minimum": 1, "maximum": 4294967295_u64},
+        "requests_per_second": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000000}}});
+    schemas["KeyLimits"] = json!({"type": "object", "required": ["max_active_kubbis", "max_stored_bytes", "max_creates_per_day", "requests_per_second"], "properties": {
+        "max_active_kubbis": {"type": ["integer", "null"]}, "max_stored_bytes": {"type": ["integer", "null"]},
+        "max_creates_per_day": {"type": ["integer", "null"]}, "requests_per_second": {"type": ["integer", "null"]}}});
+    schemas["KeyUsage"] = json!({"type": "object", "required": ["active_kubbis", "stored_bytes", "creates_today"], "properties": {
+        "active_kubbis": {"type": "integer"}, "stored_bytes": {"type": "integer"}, "creates_today": {"type": "integer"}}});
     schemas["Digest"] = json!({"type": "object", "required": ["node_id", "groups"], "properties": {
         "node_id": {"type": "integer"},
         "groups": {"type": "array", "items": {"type": "object", "required": ["id", "applied_index", "digest"], "properties": {

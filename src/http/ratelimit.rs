@@ -37,6 +37,60 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    fn full(rate: Rate, now: Instant) -> Self {
+        Self {
+            tokens: rate.burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: Rate, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate.per_second).min(rate.burst);
+        self.at = now;
+    }
+
+    /// Takes (or, with `take` false, only looks for) one token after refilling.
+    fn spend(&mut self, rate: Rate, now: Instant, take: bool) -> Result<(), Duration> {
+        self.refill(rate, now);
+        if self.tokens >= 1.0 {
+            if take {
+                self.tokens -= 1.0;
+            }
+            Ok(())
+        } else {
+            let missing = (1.0 - self.tokens).max(0.0);
+            Err(Duration::from_secs_f64(missing / rate.per_second).max(Duration::from_secs(1)))
+        }
+    }
+}
+
+/// Token buckets keyed by API key, each spent at the rate its caller passes (a key's limit
+/// can differ from key to key, and a cluster-wide limit is split over the active nodes).
+#[derive(Default)]
+pub struct KeyLimiter {
+    buckets: Mutex<HashMap<crate::ids::ApiKeyId, Bucket>>,
+}
+
+impl KeyLimiter {
+    /// Takes one token of `key` at `rate`, or says how long until one is available.
+    pub fn take(
+        &self,
+        key: crate::ids::ApiKeyId,
+        rate: Rate,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        if rate.is_off() {
+            return Ok(());
+        }
+        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key)
+            .or_insert_with(|| Bucket::full(rate, now))
+            .spend(rate, now, true)
+    }
+}
+
 /// Token buckets keyed by client. Bounded: when the table is full, buckets that have refilled
 /// (they carry no information) are dropped first, then the table is cleared.
 pub struct Limiter {
@@ -56,17 +110,6 @@ impl Limiter {
 
     pub fn is_off(&self) -> bool {
         self.rate.is_off()
-    }
-
-    fn refill(&self, b: &mut Bucket, now: Instant) {
-        let dt = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + dt * self.rate.per_second).min(self.rate.burst);
-        b.at = now;
-    }
-
-    fn retry_after(&self, b: &Bucket) -> Duration {
-        let missing = (1.0 - b.tokens).max(0.0);
-        Duration::from_secs_f64(missing / self.rate.per_second).max(Duration::from_secs(1))
     }
 
     /// Takes one token for `client`, or says how long until one is available.
@@ -97,19 +140,9 @@ impl Limiter {
                 map.clear();
             }
         }
-        let b = map.entry(key).or_insert(Bucket {
-            tokens: self.rate.burst,
-            at: now,
-        });
-        self.refill(b, now);
-        if b.tokens >= 1.0 {
-            if take {
-                b.tokens -= 1.0;
-            }
-            Ok(())
-        } else {
-            Err(self.retry_after(b))
-        }
+        map.entry(key)
+            .or_insert_with(|| Bucket::full(self.rate, now))
+            .spend(self.rate, now, take)
     }
 }
 
@@ -232,6 +265,26 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("ip")
+    }
+
+    #[test]
+    fn key_buckets_are_per_key_at_the_rate_given() {
+        let l = KeyLimiter::default();
+        let (a, b) = (crate::ids::ApiKeyId([1; 16]), crate::ids::ApiKeyId([2; 16]));
+        let rate = Rate {
+            per_second: 1.0,
+            burst: 2.0,
+        };
+        let t0 = Instant::now();
+        assert!(l.take(a, rate, t0).is_ok());
+        assert!(l.take(a, rate, t0).is_ok());
+        assert!(l.take(a, rate, t0).is_err());
+        assert!(
+            l.take(b, rate, t0).is_ok(),
+            "another key has its own bucket"
+        );
+        assert!(l.take(a, Rate::OFF, t0).is_ok(), "no limit");
+        assert!(l.take(a, rate, t0 + Duration::from_secs(1)).is_ok());
     }
 
     #[test]

@@ -14,13 +14,13 @@ use crate::actor::{KubbiMsg, ShardCtx, ShardMsg};
 use crate::clock::Clock;
 use crate::config::millis;
 use crate::crypto::MANIFEST_PART;
-use crate::ids::{GroupId, KubbiId, SYSTEM_GROUP};
+use crate::ids::{ApiKeyId, GroupId, KubbiId, SYSTEM_GROUP};
 use crate::raft::client::{self, RaftClientError};
 use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
-    Blob, Command, Outcome, OwnerEntry, Rejection, StateRead, StoreError, Table, keys, read_kubbi,
-    read_kubbi_by_token, read_nodes,
+    Blob, Command, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError, Table, keys,
+    read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage,
 };
 use crate::storage::Storage;
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -82,6 +82,14 @@ impl Executor {
 
     pub fn node_id(&self) -> u64 {
         self.node_id
+    }
+
+    /// What `owner` holds in group `g` as this node's replica has applied it, if it has one.
+    pub fn local_usage(&self, g: GroupId, owner: &ApiKeyId) -> Option<OwnerUsage> {
+        self.groups.get(&g)?;
+        read_owner_usage(&self.storage.read_view(g), owner)
+            .map_err(|e| tracing::warn!(group = g, error = %e, "cannot read owner usage"))
+            .ok()
     }
 
     /// `Ok` when this node leads `raft`; otherwise `NotLeader` with the known leader.
@@ -240,6 +248,13 @@ impl Executor {
                     keys: api_keys::read_all(&view).map_err(from_store)?,
                     nodes: read_nodes(&view).map_err(from_store)?,
                 })
+            }
+            ShardOp::Usage { owner } => {
+                self.must_lead(raft)?;
+                let view = self.storage.read_view(g);
+                Ok(ShardReply::Usage(
+                    read_owner_usage(&view, &owner).map_err(from_store)?,
+                ))
             }
             ShardOp::Status => Ok(ShardReply::Status(self.status(g).unwrap_or_default())),
             ShardOp::Reconfigure { voters, learners } => {

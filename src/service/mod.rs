@@ -18,7 +18,9 @@ pub mod keys;
 pub mod model;
 pub mod router;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use zeroize::Zeroizing;
 
@@ -32,10 +34,12 @@ use crate::codec::{decode, encode};
 use crate::config::{Limits, millis};
 use crate::crypto::{self, KeyRing, MANIFEST_PART, part_aad};
 use crate::error::{ApiError, ErrorCode};
+use crate::http::ratelimit::{KeyLimiter, Rate};
 use crate::ids::{ApiKeyId, ClaimToken, GroupId, KubbiId, Millis, RequestId, SYSTEM_GROUP};
 use crate::state::{
-    ApiKeyRecord, Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, KubbiRecord,
-    NodeRecord, Outcome, OwnerEntry, Rejection, Sealed, Status,
+    ApiKeyRecord, Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, KeyLimits,
+    KubbiRecord, NodeRecord, NodeState, Outcome, OwnerEntry, OwnerUsage, QuotaCheck, QuotaKind,
+    Rejection, Sealed, Status, day_of,
 };
 use crate::transport::messages::{GroupStatus, ShardOp, ShardReply};
 
@@ -52,9 +56,47 @@ struct Inner {
     shards: u16,
     router: Arc<Router>,
     keys: Arc<KeyCache>,
-    /// When the key cache was last refreshed from the system group's leader.
-    key_refresh: tokio::sync::Mutex<Millis>,
+    /// When a request last began renewing the key cache (concurrent requests share one).
+    key_refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Per-key request rate limits.
+    key_limiter: KeyLimiter,
+    /// Owner usage of shards with no replica here, as their leaders last told.
+    usage_cache: std::sync::Mutex<HashMap<(GroupId, ApiKeyId), (Instant, OwnerUsage)>>,
+    /// Quota-checked creates this node has sent to a shard and not yet seen answered.
+    inflight: std::sync::Mutex<HashMap<(ApiKeyId, GroupId), OwnerUsage>>,
 }
+
+/// A create counted in [`Inner::inflight`] until it is answered (or its request is dropped).
+struct InFlight {
+    inner: Arc<Inner>,
+    at: (ApiKeyId, GroupId),
+    bytes: u64,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(u) = m.get_mut(&self.at) {
+            u.active = u.active.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(self.bytes);
+            u.creates = u.creates.saturating_sub(1);
+            if u.active == 0 {
+                m.remove(&self.at);
+            }
+        }
+    }
+}
+
+/// How long a shard leader's answer about an owner's usage is reused.
+const USAGE_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// The `Retry-After` of an active-kubbi or stored-bytes quota: room comes back when a kubbi
+/// ends, which the server cannot foresee.
+const QUOTA_RETRY_AFTER_SECS: u32 = 60;
 
 /// The authenticated producer of a request.
 pub struct Producer {
@@ -124,7 +166,10 @@ impl Service {
                 shards,
                 router,
                 keys,
-                key_refresh: tokio::sync::Mutex::new(0),
+                key_refresh: tokio::sync::Mutex::new(None),
+                key_limiter: KeyLimiter::default(),
+                usage_cache: std::sync::Mutex::new(HashMap::new()),
+                inflight: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -163,31 +208,253 @@ impl Service {
 
     // ---- producers ------------------------------------------------------------------------
 
-    /// The producer presenting `bearer`, if it is a live API key.
+    /// The producer presenting `bearer`, if it is a live API key within its rate limit.
     ///
     /// # Errors
-    /// `401 unauthorized` otherwise.
+    /// `401 unauthorized` for a missing, unknown or revoked key; `429 rate_limited` over the
+    /// key's rate; `503` when this node cannot renew its key lease (see [`keys::KEY_LEASE`]).
     pub async fn authenticate(&self, bearer: &str) -> Result<Producer, ApiError> {
+        if !crypto::looks_like_api_key(bearer) {
+            return Err(ApiError::unauthorized());
+        }
         let keys = &self.inner.keys;
-        if !keys.knows(bearer) && crypto::looks_like_api_key(bearer) {
-            // A key created a moment ago through another node may not be applied here yet: ask
-            // the system group's leader before refusing. Concurrent lookups share one refresh.
-            let asked_at = self.now();
-            let mut last = self.inner.key_refresh.lock().await;
-            if !keys.knows(bearer) && *last < asked_at {
-                if let Ok((records, _)) = self.read_system().await {
-                    keys.merge(records);
-                }
-                *last = self.now();
+        if !keys.is_fresh(Instant::now()) {
+            self.refresh_keys_once(Instant::now()).await;
+            if !keys.is_fresh(Instant::now()) {
+                return Err(ApiError::unavailable(
+                    "this node cannot confirm API keys with the cluster right now",
+                ));
             }
+        }
+        if !keys.knows(bearer) {
+            // A key created a moment ago through another node may not be applied here yet: ask
+            // the system group's leader before refusing.
+            self.refresh_keys_once(Instant::now()).await;
         }
         let key = keys
             .authenticate(bearer)
             .ok_or_else(ApiError::unauthorized)?;
+        let limits = self.key_limits(&key);
+        if let Some(per_second) = limits.rate_per_second {
+            // A cluster-wide rate: each active node allows its share.
+            let share = f64::from(per_second) / self.active_nodes() as f64;
+            let rate = Rate {
+                per_second: share,
+                burst: (share * 2.0).max(1.0),
+            };
+            if let Err(wait) = self.inner.key_limiter.take(key.id, rate, Instant::now()) {
+                return Err(ApiError {
+                    retry_after: Some(wait.as_secs_f64().ceil() as u32),
+                    ..ApiError::new(
+                        ErrorCode::RateLimited,
+                        format!("this API key is limited to {per_second} requests per second"),
+                    )
+                });
+            }
+        }
         Ok(Producer {
             key,
             presented: Zeroizing::new(bearer.to_string()),
         })
+    }
+
+    /// A key's limits, with the operator's defaults for what the key does not set.
+    pub fn key_limits(&self, key: &ApiKeyRecord) -> KeyLimits {
+        key.limits.or(self.inner.limits.key_defaults)
+    }
+
+    /// Whether creates by `key` are held to a quota.
+    fn has_quota(&self, key: &ApiKeyRecord) -> bool {
+        let l = self.key_limits(key);
+        l.max_active.is_some() || l.max_bytes.is_some() || l.max_creates_per_day.is_some()
+    }
+
+    /// Active members of the cluster (at least 1): a cluster-wide rate is split over them.
+    fn active_nodes(&self) -> usize {
+        self.inner
+            .router
+            .directory()
+            .nodes()
+            .iter()
+            .filter(|n| n.state == NodeState::Active)
+            .count()
+            .max(1)
+    }
+
+    /// Re-reads the key table from the system group's leader and renews this node's lease.
+    ///
+    /// # Errors
+    /// `503` when the system group's leader cannot be reached or cannot confirm leadership.
+    pub async fn refresh_keys(&self) -> Result<(), ApiError> {
+        let started = Instant::now();
+        let (records, _) = self.read_system().await?;
+        self.inner.keys.renewed(records, started);
+        Ok(())
+    }
+
+    /// [`Service::refresh_keys`], unless a renewal began after `asked_at`: a burst of requests
+    /// that all need one shares it.
+    async fn refresh_keys_once(&self, asked_at: Instant) {
+        let mut last = self.inner.key_refresh.lock().await;
+        if last.is_some_and(|t| t >= asked_at) {
+            return;
+        }
+        *last = Some(Instant::now());
+        if let Err(e) = self.refresh_keys().await {
+            tracing::debug!(error = %e, "cannot renew the API key lease");
+        }
+    }
+
+    /// What `owner` holds in group `g`: this node's replica when it has one, else the group
+    /// leader's answer (reused for [`USAGE_CACHE_TTL`]; the last known, or nothing, when the
+    /// leader cannot be asked).
+    async fn usage_in(&self, g: GroupId, owner: &ApiKeyId) -> OwnerUsage {
+        if let Some(u) = self.inner.router.executor().local_usage(g, owner) {
+            return u;
+        }
+        let cached = self
+            .inner
+            .usage_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(g, *owner))
+            .copied();
+        if let Some((at, u)) = cached
+            && at.elapsed() < USAGE_CACHE_TTL
+        {
+            return u;
+        }
+        match self.call(g, ShardOp::Usage { owner: *owner }).await {
+            Ok(ShardReply::Usage(u)) => {
+                let mut c = self
+                    .inner
+                    .usage_cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if c.len() > 100_000 {
+                    c.clear();
+                }
+                c.insert((g, *owner), (Instant::now(), u));
+                u
+            }
+            _ => cached.map(|(_, u)| u).unwrap_or_default(),
+        }
+    }
+
+    /// What `owner` holds in every shard but `except` (all of them with `None`), on `day`.
+    pub async fn usage(&self, owner: &ApiKeyId, except: Option<GroupId>) -> OwnerUsage {
+        let day = day_of(self.now());
+        let shards = (0..self.inner.shards).filter(|g| Some(*g) != except);
+        let all = futures::future::join_all(shards.map(|g| self.usage_in(g, owner))).await;
+        all.into_iter().fold(
+            OwnerUsage {
+                day,
+                ..OwnerUsage::default()
+            },
+            |sum, u| sum.plus(u, day),
+        )
+    }
+
+    /// The quota a create of `bytes` sealed bytes by `key` into `shard` must fit, if the key
+    /// has one, and the create's place among this node's creates in flight.
+    ///
+    /// A key with a quota creates into its home shard only, whose apply counts exactly. What
+    /// it holds in other shards (kubbis made before it had a quota, when the operator changes
+    /// the default) is summed, under one lock, from this node's replicas, the leaders of
+    /// shards with no replica here, and this node's creates in flight; this create joins those
+    /// under the same lock.
+    async fn quota_check(
+        &self,
+        key: &ApiKeyRecord,
+        shard: GroupId,
+        bytes: u64,
+    ) -> (Option<QuotaCheck>, Option<InFlight>) {
+        if !self.has_quota(key) {
+            return (None, None);
+        }
+        let l = self.key_limits(key);
+        let owner = key.id;
+        let day = day_of(self.now());
+        let exec = self.inner.router.executor();
+        let others: Vec<GroupId> = (0..self.inner.shards).filter(|g| *g != shard).collect();
+        let remote = others.iter().filter(|g| exec.group(**g).is_none());
+        let remote = futures::future::join_all(remote.map(|g| self.usage_in(*g, &owner))).await;
+        let mut elsewhere = remote.into_iter().fold(
+            OwnerUsage {
+                day,
+                ..OwnerUsage::default()
+            },
+            |sum, u| sum.plus(u, day),
+        );
+        let mut inflight = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for g in &others {
+            if let Some(u) = exec.local_usage(*g, &owner) {
+                elsewhere = elsewhere.plus(u, day);
+            }
+            if let Some(u) = inflight.get(&(owner, *g)) {
+                elsewhere = elsewhere.plus(*u, day);
+            }
+        }
+        let mine = inflight.entry((owner, shard)).or_insert(OwnerUsage {
+            day,
+            ..OwnerUsage::default()
+        });
+        mine.active += 1;
+        mine.bytes += bytes;
+        mine.creates = mine.creates_on(day) + 1;
+        mine.day = day;
+        drop(inflight);
+        let check = QuotaCheck {
+            max_active: l.max_active,
+            max_bytes: l.max_bytes,
+            max_creates_per_day: l.max_creates_per_day,
+            elsewhere,
+        };
+        let guard = InFlight {
+            inner: self.inner.clone(),
+            at: (owner, shard),
+            bytes,
+        };
+        (Some(check), Some(guard))
+    }
+
+    fn quota_error(&self, kind: QuotaKind, q: Option<&QuotaCheck>) -> ApiError {
+        let limit = |v: Option<u64>| v.map_or_else(|| "its".to_string(), |n| n.to_string());
+        let (message, retry_after) = match kind {
+            QuotaKind::Active => (
+                format!(
+                    "this API key holds its quota of {} active kubbis; delete one or wait for one to end",
+                    limit(q.and_then(|q| q.max_active))
+                ),
+                QUOTA_RETRY_AFTER_SECS,
+            ),
+            QuotaKind::Bytes => (
+                format!(
+                    "this kubbi would take this API key past its quota of {} stored bytes",
+                    limit(q.and_then(|q| q.max_bytes))
+                ),
+                QUOTA_RETRY_AFTER_SECS,
+            ),
+            QuotaKind::CreatesPerDay => {
+                let now = self.now();
+                let next_day = (day_of(now) + 1) * 86_400_000;
+                (
+                    format!(
+                        "this API key has made its quota of {} creates today (UTC)",
+                        limit(q.and_then(|q| q.max_creates_per_day))
+                    ),
+                    next_day.saturating_sub(now).div_ceil(1000).max(1) as u32,
+                )
+            }
+        };
+        ApiError {
+            retry_after: Some(retry_after),
+            ..ApiError::new(ErrorCode::QuotaExceeded, message)
+        }
     }
 
     /// Creates a kubbi.
@@ -207,9 +474,15 @@ impl Service {
             m.extend_from_slice(i.key.as_bytes());
             crypto::sha256(&m)
         });
-        let shard = match &idem_hash {
-            Some(h) => crate::shard::shard_of_key(h, shards),
-            None => crate::shard::random_shard(shards),
+        let shard = if self.has_quota(&producer.key) {
+            // A key with a quota keeps its kubbis in one home shard, which counts its usage
+            // exactly: creates racing through any nodes can never overshoot.
+            crate::shard::shard_of_key(&crypto::sha256(&producer.key.id.0), shards)
+        } else {
+            match &idem_hash {
+                Some(h) => crate::shard::shard_of_key(h, shards),
+                None => crate::shard::random_shard(shards),
+            }
         };
         let payload_bytes = match &input.body {
             CreateBody::Single { content, .. } => content.len(),
@@ -244,6 +517,9 @@ impl Service {
                 }
                 _ => None,
             };
+            let stored_bytes = sealed.parts.iter().map(|p| p.0.len() as u64).sum::<u64>()
+                + sealed.manifest.as_ref().map_or(0, |m| m.0.len() as u64);
+            let (quota, _in_flight) = self.quota_check(&producer.key, shard, stored_bytes).await;
             let create = Box::new(Create {
                 id,
                 owner: producer.key.id,
@@ -256,6 +532,7 @@ impl Service {
                 manifest: sealed.manifest,
                 retention_ms: millis(self.inner.limits.retention),
                 idempotency,
+                quota,
             });
             let op = ShardOp::Create {
                 request_id: RequestId::random(),
@@ -292,6 +569,9 @@ impl Service {
                         ErrorCode::Conflict,
                         "this Idempotency-Key was used with a different request body",
                     ));
+                }
+                Outcome::Rejected(Rejection::Quota(kind)) => {
+                    return Err(self.quota_error(kind, quota.as_ref()));
                 }
                 Outcome::Rejected(Rejection::Collision) => continue,
                 other => return Err(unexpected("create", &other)),
@@ -485,8 +765,9 @@ impl Service {
     pub async fn create_api_key(
         &self,
         label: String,
+        limits: KeyLimits,
     ) -> Result<(ApiKeyRecord, Zeroizing<String>), ApiError> {
-        let (rec, key) = keys::new_key(label, self.now());
+        let (rec, key) = keys::new_key(label, limits, self.now());
         match self.propose_system(Command::PutApiKey(rec)).await? {
             Outcome::ApiKeyStored(r) => Ok((r, key)),
             other => Err(unexpected("create api key", &other)),
@@ -504,15 +785,66 @@ impl Service {
         }
     }
 
-    /// Revokes an API key; it stops working on each node as soon as that node applies it.
+    /// Revokes an API key. Returns once no node accepts it any more: every other member has
+    /// re-read the key table from the system group's leader, or, for a member that did not
+    /// answer, its key lease has run out (see [`keys::KEY_LEASE`]).
     ///
     /// # Errors
     /// `404` unknown key.
     pub async fn revoke_api_key(&self, id: ApiKeyId) -> Result<ApiKeyRecord, ApiError> {
-        match self.propose_system(Command::RevokeApiKey { id }).await? {
-            Outcome::ApiKeyRevoked(r) => Ok(r),
-            Outcome::Rejected(Rejection::NotFound) => Err(ApiError::not_found("api key")),
-            other => Err(unexpected("revoke api key", &other)),
+        let rec = match self.propose_system(Command::RevokeApiKey { id }).await? {
+            Outcome::ApiKeyRevoked(r) => r,
+            Outcome::Rejected(Rejection::NotFound) => return Err(ApiError::not_found("api key")),
+            other => return Err(unexpected("revoke api key", &other)),
+        };
+        let committed = Instant::now();
+        self.inner.keys.merge(vec![rec.clone()]);
+        self.revocation_everywhere(committed).await;
+        Ok(rec)
+    }
+
+    /// Waits until every other member has re-read the key table, or its lease taken before
+    /// `committed` has run out.
+    async fn revocation_everywhere(&self, committed: Instant) {
+        let Some(peers) = self.inner.router.peers() else {
+            return;
+        };
+        let me = self.node_id();
+        // A small margin for clock rate differences between nodes.
+        let deadline = committed + keys::KEY_LEASE + Duration::from_millis(250);
+        // The members as the system group knows them now (this node's directory may lag).
+        let Ok((_, members)) = self.read_system().await else {
+            tracing::warn!("cannot read the member table; waiting for every key lease to run out");
+            tokio::time::sleep_until(deadline.into()).await;
+            return;
+        };
+        let others: Vec<u64> = members
+            .iter()
+            .filter(|n| n.id != me && n.state != NodeState::Removed)
+            .map(|n| n.id)
+            .collect();
+        let asks = others.iter().map(|&n| async move {
+            let left = deadline.saturating_duration_since(Instant::now());
+            peers
+                .post::<_, bool>(n, crate::transport::KEYS_REFRESH_PATH, &(), left)
+                .await
+                .map_err(|e| (n, e))
+        });
+        let failed: Vec<_> = futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(true) => None,
+                Ok(false) => Some("could not renew".to_string()),
+                Err((n, e)) => Some(format!("node {n}: {e}")),
+            })
+            .collect();
+        if !failed.is_empty() {
+            tracing::warn!(
+                ?failed,
+                "not every node confirmed the revocation; waiting for their key leases to run out"
+            );
+            tokio::time::sleep_until(deadline.into()).await;
         }
     }
 

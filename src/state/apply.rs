@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use super::keys::{self, Timer};
 use super::{
     ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, NodeRecord, NodeState, Outcome,
-    REQUEST_DEDUP_WINDOW_MS, Rejection, Request, ShardStats, Status,
+    OwnerUsage, QuotaCheck, QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request, ShardStats,
+    Status, day_of,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -183,6 +184,64 @@ pub fn read_stats(s: &impl StateRead) -> Result<ShardStats, StoreError> {
     Ok(get_decoded(s, "stats", &keys::stats())?.unwrap_or_default())
 }
 
+/// What `owner` holds in this shard.
+///
+/// # Errors
+/// On I/O failure or a record that does not decode.
+pub fn read_owner_usage(s: &impl StateRead, owner: &ApiKeyId) -> Result<OwnerUsage, StoreError> {
+    Ok(get_decoded(s, "owner usage", &keys::usage(owner))?.unwrap_or_default())
+}
+
+/// Moves `owner`'s usage in this shard; `created` counts a create on the UTC day of `now`.
+fn adjust_usage(
+    s: &mut impl StateStore,
+    owner: &ApiKeyId,
+    active: i64,
+    bytes: i64,
+    created: bool,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let mut u = read_owner_usage(s, owner)?;
+    u.active = u.active.saturating_add_signed(active);
+    u.bytes = u.bytes.saturating_add_signed(bytes);
+    if created {
+        let today = day_of(now);
+        u.creates = u.creates_on(today) + 1;
+        u.day = today;
+    }
+    if u == OwnerUsage::default() {
+        s.delete(Table::State, keys::usage(owner));
+    } else {
+        s.put(Table::State, keys::usage(owner), encode(&u));
+    }
+    Ok(())
+}
+
+/// The quota this create would break, if any: the shard's own usage is exact, the rest is as
+/// the proposing node saw it.
+fn quota_breach(
+    s: &impl StateRead,
+    c: &Create,
+    q: &QuotaCheck,
+    bytes: u64,
+    now: Millis,
+) -> Result<Option<QuotaKind>, StoreError> {
+    let today = day_of(now);
+    let held = read_owner_usage(s, &c.owner)?.plus(q.elsewhere, today);
+    let over = |limit: Option<u64>, held: u64, adding: u64| {
+        limit.is_some_and(|l| held.saturating_add(adding) > l)
+    };
+    Ok(if over(q.max_active, held.active, 1) {
+        Some(QuotaKind::Active)
+    } else if over(q.max_bytes, held.bytes, bytes) {
+        Some(QuotaKind::Bytes)
+    } else if over(q.max_creates_per_day, held.creates, 1) {
+        Some(QuotaKind::CreatesPerDay)
+    } else {
+        None
+    })
+}
+
 fn adjust_stats(s: &mut impl StateStore, active: i64, bytes: i64) -> Result<(), StoreError> {
     let mut st = read_stats(s)?;
     st.active = st.active.saturating_add_signed(active);
@@ -234,6 +293,13 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
     {
         return Ok(Outcome::Rejected(Rejection::Collision));
     }
+    let stored_bytes = c.parts.iter().map(|p| p.0.len() as u64).sum::<u64>()
+        + c.manifest.as_ref().map_or(0, |m| m.0.len() as u64);
+    if let Some(q) = &c.quota
+        && let Some(kind) = quota_breach(s, c, q, stored_bytes, now)?
+    {
+        return Ok(Outcome::Rejected(Rejection::Quota(kind)));
+    }
 
     let rec = KubbiRecord {
         id: c.id,
@@ -252,11 +318,11 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         parts: c.parts.len() as u32,
         has_manifest: c.manifest.is_some(),
         retention_ms: c.retention_ms,
-        stored_bytes: c.parts.iter().map(|p| p.0.len() as u64).sum::<u64>()
-            + c.manifest.as_ref().map_or(0, |m| m.0.len() as u64),
+        stored_bytes,
     };
     put_record(s, &rec);
     adjust_stats(s, 1, rec.stored_bytes as i64)?;
+    adjust_usage(s, &rec.owner, 1, rec.stored_bytes as i64, true, now)?;
     s.put(Table::State, keys::token(&c.token_hash), c.id.0.to_vec());
     set_owner_status(s, &rec);
     for (i, part) in c.parts.iter().enumerate() {
@@ -299,6 +365,7 @@ fn end(
 ) -> Result<(), StoreError> {
     debug_assert!(status.is_terminal());
     adjust_stats(s, -1, -(rec.stored_bytes as i64))?;
+    adjust_usage(s, &rec.owner, -1, -(rec.stored_bytes as i64), false, now)?;
     for k in part_keys(rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
     }
@@ -669,6 +736,7 @@ mod tests {
             manifest: (parts > 1).then(|| Blob(vec![0xee; 50])),
             retention_ms: RETENTION,
             idempotency: None,
+            quota: None,
         }
     }
 
@@ -973,6 +1041,122 @@ mod tests {
         assert_eq!(out, Outcome::Rejected(Rejection::IdempotencyConflict));
     }
 
+    fn with_quota(mut c: Create, q: QuotaCheck) -> Create {
+        c.quota = Some(q);
+        c
+    }
+
+    fn quota(active: Option<u64>, bytes: Option<u64>, per_day: Option<u64>) -> QuotaCheck {
+        QuotaCheck {
+            max_active: active,
+            max_bytes: bytes,
+            max_creates_per_day: per_day,
+            elsewhere: OwnerUsage::default(),
+        }
+    }
+
+    fn try_create(s: &mut MemStore, c: Create, now: Millis) -> Outcome {
+        apply(s, &req(now, Command::Create(Box::new(c)))).expect("applies")
+    }
+
+    #[test]
+    fn owner_usage_follows_creates_and_every_end() {
+        let mut s = MemStore::default();
+        let owner = ApiKeyId([1; 16]);
+        let a = create_one(&mut s, &new_create(Some(1), 60_000, 1));
+        let b = create_one(&mut s, &new_create(None, 60_000, 3));
+        let c = create_one(&mut s, &new_create(None, 5_000, 1));
+        let u = read_owner_usage(&s, &owner).expect("reads");
+        assert_eq!(u.active, 3);
+        assert_eq!(u.bytes, a.stored_bytes + b.stored_bytes + c.stored_bytes);
+        assert_eq!(u.creates_on(day_of(T0)), 3);
+        // Burn, delete, expire: each gives back its slot and bytes; creates stay counted.
+        claim_at(&mut s, &a.token_hash, T0 + 1);
+        apply(&mut s, &req(T0 + 2, Command::Delete { id: b.id, owner })).expect("applies");
+        apply(&mut s, &req(T0 + 5_000, Command::Sweep { max: 10 })).expect("applies");
+        let u = read_owner_usage(&s, &owner).expect("reads");
+        assert_eq!((u.active, u.bytes, u.creates_on(day_of(T0))), (0, 0, 3));
+        // The day's counter starts again the next UTC day.
+        let next_day = (day_of(T0) + 1) * 86_400_000;
+        create_one_at(&mut s, &new_create(None, 60_000, 1), next_day);
+        let u = read_owner_usage(&s, &owner).expect("reads");
+        assert_eq!((u.active, u.creates_on(day_of(next_day))), (1, 1));
+        assert_eq!(u.creates_on(day_of(T0)), 0);
+    }
+
+    fn create_one_at(s: &mut MemStore, c: &Create, now: Millis) -> KubbiRecord {
+        match try_create(s, c.clone(), now) {
+            Outcome::Created(r) => r,
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn quotas_refuse_at_the_limit_and_count_other_shards() {
+        let mut s = MemStore::default();
+        // Active: 2 allowed, the third refused, a slot freed by a delete is usable again.
+        let q = quota(Some(2), None, None);
+        let a = create_one_at(&mut s, &with_quota(new_create(None, 60_000, 1), q), T0);
+        create_one_at(&mut s, &with_quota(new_create(None, 60_000, 1), q), T0);
+        let third = with_quota(new_create(None, 60_000, 1), q);
+        assert_eq!(
+            try_create(&mut s, third.clone(), T0 + 1),
+            Outcome::Rejected(Rejection::Quota(QuotaKind::Active))
+        );
+        assert!(
+            read_kubbi(&s, &third.id).expect("reads").is_none(),
+            "nothing stored"
+        );
+        let owner = a.owner;
+        apply(&mut s, &req(T0 + 2, Command::Delete { id: a.id, owner })).expect("applies");
+        create_one_at(&mut s, &third, T0 + 3);
+
+        // What the owner holds elsewhere counts: one held here + one elsewhere = the limit.
+        let mut s = MemStore::default();
+        let mut q = quota(Some(2), None, None);
+        q.elsewhere.active = 1;
+        create_one_at(&mut s, &with_quota(new_create(None, 60_000, 1), q), T0);
+        assert_eq!(
+            try_create(&mut s, with_quota(new_create(None, 60_000, 1), q), T0),
+            Outcome::Rejected(Rejection::Quota(QuotaKind::Active))
+        );
+
+        // Bytes: exactly at the limit is allowed, one byte over is not.
+        let mut s = MemStore::default();
+        let one = new_create(None, 60_000, 1);
+        let size = one.parts[0].0.len() as u64;
+        let q = quota(None, Some(2 * size), None);
+        create_one_at(&mut s, &with_quota(one, q), T0);
+        create_one_at(&mut s, &with_quota(new_create(None, 60_000, 1), q), T0);
+        assert_eq!(
+            try_create(&mut s, with_quota(new_create(None, 60_000, 1), q), T0),
+            Outcome::Rejected(Rejection::Quota(QuotaKind::Bytes))
+        );
+
+        // Creates per day: ended kubbis still count; the next day starts at zero, and creates
+        // reported from another day elsewhere do not count.
+        let mut s = MemStore::default();
+        let mut q = quota(None, None, Some(2));
+        q.elsewhere = OwnerUsage {
+            day: day_of(T0) - 1,
+            creates: 50,
+            ..OwnerUsage::default()
+        };
+        let a = create_one_at(&mut s, &with_quota(new_create(Some(1), 60_000, 1), q), T0);
+        claim_at(&mut s, &a.token_hash, T0 + 1);
+        create_one_at(&mut s, &with_quota(new_create(None, 60_000, 1), q), T0 + 2);
+        assert_eq!(
+            try_create(&mut s, with_quota(new_create(None, 60_000, 1), q), T0 + 3),
+            Outcome::Rejected(Rejection::Quota(QuotaKind::CreatesPerDay))
+        );
+        let next_day = (day_of(T0) + 1) * 86_400_000;
+        create_one_at(
+            &mut s,
+            &with_quota(new_create(None, 60_000, 1), q),
+            next_day,
+        );
+    }
+
     #[test]
     fn api_keys_are_stored_and_revoked() {
         let mut s = MemStore::default();
@@ -983,6 +1167,7 @@ mod tests {
             label: "ci".into(),
             created_at: T0,
             revoked_at: None,
+            limits: Default::default(),
         };
         apply(&mut s, &req(T0, Command::PutApiKey(rec.clone()))).expect("applies");
         let Outcome::ApiKeyRevoked(r) =

@@ -13,6 +13,7 @@
 //! | `a` API keys (system group) | `a ‖ key_id(16)` | [`ApiKeyRecord`](super::ApiKeyRecord) |
 //! | `n` nodes (system group) | `n ‖ node_id(8 BE)` | [`NodeRecord`](super::NodeRecord) |
 //! | `s` stats | `s` | [`ShardStats`](super::ShardStats) |
+//! | `u` owner usage | `u ‖ owner(16)` | [`OwnerUsage`](super::OwnerUsage) |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 
 use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
@@ -27,6 +28,7 @@ pub const CREATE_IDEM: u8 = b'i';
 pub const API_KEY: u8 = b'a';
 pub const NODE: u8 = b'n';
 pub const STATS: u8 = b's';
+pub const USAGE: u8 = b'u';
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +89,10 @@ pub fn create_idem(key: &[u8; 32]) -> Vec<u8> {
 
 pub fn api_key(id: &ApiKeyId) -> Vec<u8> {
     cat(&[&[API_KEY], &id.0])
+}
+
+pub fn usage(owner: &ApiKeyId) -> Vec<u8> {
+    cat(&[&[USAGE], &owner.0])
 }
 
 pub fn stats() -> Vec<u8> {

@@ -18,7 +18,7 @@ pub mod keys;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
-    read_kubbi_by_token, read_nodes, read_stats,
+    read_kubbi_by_token, read_nodes, read_owner_usage, read_stats,
 };
 
 use std::fmt;
@@ -164,6 +164,86 @@ pub struct ApiKeyRecord {
     pub label: String,
     pub created_at: Millis,
     pub revoked_at: Option<Millis>,
+    /// Per-key limits set when the key was made; `None` fields fall back to the node's defaults.
+    pub limits: KeyLimits,
+}
+
+/// Limits of one API key. `None` means the operator's default (`kubbi serve --key-*`), which
+/// may itself be unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyLimits {
+    /// Kubbis not yet ended, over the whole cluster.
+    pub max_active: Option<u64>,
+    /// Sealed bytes those kubbis hold, over the whole cluster.
+    pub max_bytes: Option<u64>,
+    /// Creates per UTC day, over the whole cluster.
+    pub max_creates_per_day: Option<u64>,
+    /// Authenticated requests per second, over the whole cluster.
+    pub rate_per_second: Option<u32>,
+}
+
+impl KeyLimits {
+    /// These limits, with every unset field taken from `defaults`.
+    pub fn or(self, defaults: KeyLimits) -> KeyLimits {
+        KeyLimits {
+            max_active: self.max_active.or(defaults.max_active),
+            max_bytes: self.max_bytes.or(defaults.max_bytes),
+            max_creates_per_day: self.max_creates_per_day.or(defaults.max_creates_per_day),
+            rate_per_second: self.rate_per_second.or(defaults.rate_per_second),
+        }
+    }
+}
+
+/// What one API key holds in one shard (or, summed, in several), kept exact by `apply`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerUsage {
+    pub active: u64,
+    pub bytes: u64,
+    /// The UTC day (days since the epoch, by the stamped time) `creates` counts.
+    pub day: u64,
+    pub creates: u64,
+}
+
+impl OwnerUsage {
+    /// Creates made on `day` (0 when the counter belongs to another day).
+    pub fn creates_on(&self, day: u64) -> u64 {
+        if self.day == day { self.creates } else { 0 }
+    }
+
+    /// The sum of two usages; creates count only when both are of `day`.
+    pub fn plus(self, other: OwnerUsage, day: u64) -> OwnerUsage {
+        OwnerUsage {
+            active: self.active.saturating_add(other.active),
+            bytes: self.bytes.saturating_add(other.bytes),
+            day,
+            creates: self.creates_on(day).saturating_add(other.creates_on(day)),
+        }
+    }
+}
+
+/// The UTC day of a time in milliseconds.
+pub fn day_of(t: Millis) -> u64 {
+    t / 86_400_000
+}
+
+/// The quota a create must fit, resolved by the node that took the request: the key's
+/// effective limits and what the key holds in every *other* shard as that node last saw it.
+/// The shard adds its own exact usage at apply time, so creates racing in one shard can never
+/// overshoot; creates racing in different shards can, by what each shard has not yet seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaCheck {
+    pub max_active: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub max_creates_per_day: Option<u64>,
+    pub elsewhere: OwnerUsage,
+}
+
+/// Which quota refused a create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QuotaKind {
+    Active,
+    Bytes,
+    CreatesPerDay,
 }
 
 /// Where a node stands in the cluster.
@@ -251,6 +331,8 @@ pub struct Create {
     pub manifest: Option<Blob>,
     pub retention_ms: Millis,
     pub idempotency: Option<CreateIdempotency>,
+    /// The owner's quota, when it has one.
+    pub quota: Option<QuotaCheck>,
 }
 
 /// Every state change. Only committed raft entries carry these into [`apply`].
@@ -332,6 +414,8 @@ pub enum Rejection {
     IdentityMismatch,
     /// The change would leave the cluster without an active node.
     LastActiveNode,
+    /// The create would take the owner past a quota.
+    Quota(QuotaKind),
 }
 
 /// The result of a successful claim.

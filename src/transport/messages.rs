@@ -9,7 +9,7 @@ use crate::raft::NodeInfo;
 use crate::raft::snapshot::Chunk;
 use crate::state::{
     ApiKeyRecord, Blob, ClaimIdempotency, Command, Create, KubbiRecord, NodeRecord, Outcome,
-    OwnerEntry,
+    OwnerEntry, OwnerUsage,
 };
 
 /// An operation on one group, executed by that group's leader.
@@ -42,6 +42,9 @@ pub enum ShardOp {
     Propose { request_id: RequestId, cmd: Command },
     /// API keys and nodes of the system group.
     ReadSystem,
+    /// What `owner` holds in this shard (the leader's applied state; no read index: quotas
+    /// use it as an estimate).
+    Usage { owner: ApiKeyId },
     /// The group as its leader sees it.
     Status,
     /// Make these the group's voters and learners (leader only).
@@ -64,6 +67,7 @@ impl ShardOp {
             Self::OwnerEntries { .. } => "owner_entries",
             Self::Propose { .. } => "propose",
             Self::ReadSystem => "read_system",
+            Self::Usage { .. } => "usage",
             Self::Status => "status",
             Self::Reconfigure { .. } => "reconfigure",
             Self::TransferLeader { .. } => "transfer_leader",
@@ -98,6 +102,7 @@ pub enum ShardReply {
         nodes: Vec<NodeRecord>,
     },
     Status(GroupStatus),
+    Usage(OwnerUsage),
     Done,
 }
 

@@ -32,6 +32,10 @@ pub const H_FROM_INCARNATION: &str = "x-kubbi-from-incarnation";
 pub const H_TO: &str = "x-kubbi-to";
 pub const H_TO_INCARNATION: &str = "x-kubbi-to-incarnation";
 
+/// Asks a node to re-read the key table from the system group's leader now (after a
+/// revocation); the reply is `true` once it has.
+pub const KEYS_REFRESH_PATH: &str = "/internal/v1/keys/refresh";
+
 /// Why a request to a peer failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum TransportError {

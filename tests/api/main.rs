@@ -697,3 +697,395 @@ async fn openapi_document_covers_every_route_and_every_ref_resolves() {
     }
     n.stop().await;
 }
+
+/// Creates an API key with these `limits` and returns `(key, id, response body)`.
+async fn key_with_limits(n: &TestNode, limits: Value) -> (String, String, Value) {
+    let r = n
+        .api
+        .send(
+            n.api
+                .http
+                .post(n.api.url("/admin/v1/api-keys"))
+                .bearer_auth(&n.admin)
+                .json(&json!({"label": "limited", "limits": limits})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    (
+        r.body["api_key"].as_str().expect("key").to_string(),
+        r.body["id"].as_str().expect("id").to_string(),
+        r.body,
+    )
+}
+
+fn assert_quota_refused(r: &common::Resp, max_retry_after: u64) {
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert_eq!(r.err_code(), "quota_exceeded", "{:?}", r.body);
+    let after: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (1..=max_retry_after).contains(&after),
+        "Retry-After {after}"
+    );
+}
+
+async fn active_count(n: &TestNode, key: &str) -> u64 {
+    let l = n
+        .api
+        .get(key, "/api/v1/kubbis?status=active&limit=100")
+        .await;
+    assert_eq!(l.status, StatusCode::OK, "{:?}", l.body);
+    l.body["pagination"]["total"].as_u64().expect("total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_kubbi_quota_holds_at_the_limit_and_frees_on_every_end() {
+    let n = TestNode::start().await;
+    let (key, id, created) = key_with_limits(&n, json!({"max_active_kubbis": 3})).await;
+    assert_eq!(created["limits"]["max_active_kubbis"], 3);
+    assert!(created["limits"]["max_stored_bytes"].is_null());
+    // Three kubbis land in random shards; the quota counts all of them.
+    let mut made = Vec::new();
+    for i in 0..3 {
+        let c = n
+            .api
+            .create(
+                &key,
+                json!({"content": format!("q{i}"), "max_retrievals": 1}),
+            )
+            .await;
+        assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+        made.push(c.body);
+    }
+    for _ in 0..5 {
+        let r = n.api.create(&key, json!({"content": "one too many"})).await;
+        assert_quota_refused(&r, 60);
+    }
+    assert_eq!(
+        active_count(&n, &key).await,
+        3,
+        "a refused create stores nothing"
+    );
+    // Other keys are not limited by this one.
+    assert_eq!(
+        n.api
+            .create(&n.key, json!({"content": "free"}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    // Each way a kubbi ends gives its slot back: a burn, then a delete.
+    assert_eq!(
+        n.api.claim(&token_of(&made[0])).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        n.api
+            .create(&key, json!({"content": "after burn"}))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+    assert_quota_refused(&n.api.create(&key, json!({"content": "x"})).await, 60);
+    let victim = made[1]["id"].as_str().expect("id");
+    assert_eq!(n.api.delete(&key, victim).await.status, StatusCode::OK);
+    let c = n
+        .api
+        .create(&key, json!({"content": "after delete", "ttl_seconds": 1}))
+        .await;
+    assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
+    // ...and an expiry.
+    common::eventually(
+        std::time::Duration::from_secs(20),
+        "expiry frees a slot",
+        || async {
+            let r = n.api.create(&key, json!({"content": "after expiry"})).await;
+            (r.status == StatusCode::CREATED).then_some(())
+        },
+    )
+    .await;
+    // The operator sees the usage.
+    let listed = n
+        .api
+        .send(
+            n.api
+                .http
+                .get(n.api.url("/admin/v1/api-keys"))
+                .bearer_auth(&n.admin),
+        )
+        .await;
+    let k = listed.body["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["id"] == id.as_str())
+        .expect("listed")
+        .clone();
+    assert_eq!(k["usage"]["active_kubbis"], 3, "{k}");
+    assert_eq!(k["limits"]["max_active_kubbis"], 3, "{k}");
+    assert!(
+        k["usage"]["creates_today"].as_u64().expect("creates") >= 6,
+        "{k}"
+    );
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_creates_fills_the_quota_exactly() {
+    let n = TestNode::start().await;
+    let (key, _, _) = key_with_limits(&n, json!({"max_active_kubbis": 5})).await;
+    let calls = (0..40).map(|i| {
+        let api = n.api.clone();
+        let key = key.clone();
+        async move {
+            api.create(&key, json!({"content": format!("burst {i}")}))
+                .await
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    let ok = results
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    for r in results.iter().filter(|r| r.status != StatusCode::CREATED) {
+        assert_quota_refused(r, 60);
+    }
+    // The key's kubbis live in its home shard, which counts them exactly.
+    assert_eq!(ok, 5, "creates that succeeded under a quota of 5");
+    assert_eq!(active_count(&n, &key).await, ok as u64);
+    // Whatever the burst left free can be filled, exactly to the limit.
+    for _ in ok..5 {
+        let r = n.api.create(&key, json!({"content": "fill"})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    assert_quota_refused(&n.api.create(&key, json!({"content": "x"})).await, 60);
+    assert_eq!(active_count(&n, &key).await, 5);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_bytes_and_daily_create_quotas() {
+    let n = TestNode::start().await;
+    // Sealing adds a few dozen bytes per part: two 4,000-byte payloads fit in 10,000, three
+    // do not.
+    let (key, _, _) = key_with_limits(&n, json!({"max_stored_bytes": 10_000})).await;
+    let body = json!({"content": "b".repeat(4_000)});
+    assert_eq!(
+        n.api.create(&key, body.clone()).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        n.api.create(&key, body.clone()).await.status,
+        StatusCode::CREATED
+    );
+    let r = n.api.create(&key, body.clone()).await;
+    assert_quota_refused(&r, 60);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .expect("message")
+            .contains("10000")
+    );
+    // A small one still fits.
+    assert_eq!(
+        n.api.create(&key, json!({"content": "small"})).await.status,
+        StatusCode::CREATED
+    );
+
+    // Creates per day count ended kubbis too; the wait is until the next UTC midnight.
+    let (key, _, _) = key_with_limits(&n, json!({"max_creates_per_day": 2})).await;
+    for _ in 0..2 {
+        let c = n.api.create(&key, json!({"content": "d"})).await;
+        assert_eq!(c.status, StatusCode::CREATED);
+        let id = c.body["id"].as_str().expect("id");
+        assert_eq!(n.api.delete(&key, id).await.status, StatusCode::OK);
+    }
+    assert_quota_refused(&n.api.create(&key, json!({"content": "d"})).await, 86_400);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_default_limits_apply_to_keys_without_their_own() {
+    let n = TestNode::start_with(|c| {
+        c.limits.key_defaults.max_active = Some(1);
+    })
+    .await;
+    assert_eq!(
+        n.api.create(&n.key, json!({"content": "1"})).await.status,
+        StatusCode::CREATED
+    );
+    assert_quota_refused(&n.api.create(&n.key, json!({"content": "2"})).await, 60);
+    // A key's own limit overrides the default.
+    let (key, _, _) = key_with_limits(&n, json!({"max_active_kubbis": 2})).await;
+    for _ in 0..2 {
+        assert_eq!(
+            n.api.create(&key, json!({"content": "x"})).await.status,
+            StatusCode::CREATED
+        );
+    }
+    assert_quota_refused(&n.api.create(&key, json!({"content": "x"})).await, 60);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_rate_limit_answers_429_with_retry_after() {
+    let n = TestNode::start().await;
+    // 2 per second, burst 4: the fifth request at once is refused.
+    let (key, _, _) = key_with_limits(&n, json!({"requests_per_second": 2})).await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let r = n.api.get(&key, "/api/v1/kubbis").await;
+        codes.push(r.status);
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(r.err_code(), "rate_limited");
+            assert!(r.headers.contains_key("retry-after"));
+        }
+    }
+    assert!(
+        codes.iter().take(4).all(|c| *c == StatusCode::OK),
+        "{codes:?}"
+    );
+    assert_eq!(codes[5], StatusCode::TOO_MANY_REQUESTS, "{codes:?}");
+    // Another key is not affected; and the key recovers as its bucket refills.
+    assert_eq!(
+        n.api.get(&n.key, "/api/v1/kubbis").await.status,
+        StatusCode::OK
+    );
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "bucket refills",
+        || async {
+            (n.api.get(&key, "/api/v1/kubbis").await.status == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_limits_are_validated_at_and_past_their_bounds() {
+    let n = TestNode::start().await;
+    let post = |body: Value| {
+        let api = n.api.clone();
+        let admin = n.admin.clone();
+        async move {
+            api.send(
+                api.http
+                    .post(api.url("/admin/v1/api-keys"))
+                    .bearer_auth(&admin)
+                    .json(&body),
+            )
+            .await
+        }
+    };
+    for bad in [
+        json!({"limits": {"max_active_kubbis": 0}}),
+        json!({"limits": {"max_active_kubbis": 4_294_967_296_u64}}),
+        json!({"limits": {"max_active_kubbis": -1}}),
+        json!({"limits": {"max_active_kubbis": 1.5}}),
+        json!({"limits": {"max_active_kubbis": "3"}}),
+        json!({"limits": {"requests_per_second": 1_000_001}}),
+        json!({"limits": {"max_stored_bytes": 9_223_372_036_854_775_808_u64}}),
+        json!({"limits": {"max_creates_per_day": 0}}),
+        json!({"limits": {"burst": 3}}),
+        json!({"limits": [1]}),
+    ] {
+        let r = post(bad.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad} -> {:?}", r.body);
+        assert_eq!(r.err_code(), "validation_error");
+    }
+    for good in [
+        json!({"limits": {"max_active_kubbis": 4_294_967_295_u64, "requests_per_second": 1_000_000}}),
+        json!({"limits": {"max_stored_bytes": 9_223_372_036_854_775_807_u64, "max_creates_per_day": 1}}),
+        json!({"limits": null}),
+        json!({"limits": {}}),
+    ] {
+        let r = post(good.clone()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{good} -> {:?}", r.body);
+    }
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_off_by_default_and_allows_only_listed_origins() {
+    const ACAO: &str = "access-control-allow-origin";
+    let plain = TestNode::start().await;
+    let r = plain
+        .api
+        .send(
+            plain
+                .api
+                .http
+                .get(plain.api.url("/api/v1/kubbis"))
+                .bearer_auth(&plain.key)
+                .header("origin", "https://app.example.com"),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.headers.contains_key(ACAO), "CORS is off by default");
+    plain.stop().await;
+
+    let n = TestNode::start_with(|c| {
+        c.cors_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let preflight = |origin: &'static str, path: &'static str| {
+        let api = n.api.clone();
+        async move {
+            api.send(
+                api.http
+                    .request(reqwest::Method::OPTIONS, api.url(path))
+                    .header("origin", origin)
+                    .header("access-control-request-method", "POST")
+                    .header(
+                        "access-control-request-headers",
+                        "authorization, content-type",
+                    ),
+            )
+            .await
+        }
+    };
+    let ok = preflight("https://app.example.com", "/api/v1/kubbis").await;
+    assert_eq!(ok.status, StatusCode::NO_CONTENT);
+    assert_eq!(ok.headers[ACAO], "https://app.example.com");
+    let allowed = ok.headers["access-control-allow-headers"]
+        .to_str()
+        .expect("ascii");
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"));
+    for (origin, path) in [
+        ("https://evil.example.com", "/api/v1/kubbis"),
+        ("https://app.example.com.evil.com", "/api/v1/kubbis"),
+        ("https://app.example.com", "/admin/v1/api-keys"),
+    ] {
+        let r = preflight(origin, path).await;
+        assert!(
+            !r.headers.contains_key(ACAO),
+            "{origin} {path}: {:?}",
+            r.headers
+        );
+    }
+    // Real requests from the listed origin carry the header, with Vary: Origin.
+    let created = n
+        .api
+        .send(
+            n.api
+                .http
+                .post(n.api.url("/api/v1/kubbis"))
+                .bearer_auth(&n.key)
+                .header("origin", "https://app.example.com")
+                .json(&json!({"content": "cross-origin"})),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    assert_eq!(created.headers[ACAO], "https://app.example.com");
+    assert!(
+        created.headers["vary"]
+            .to_str()
+            .expect("ascii")
+            .contains("origin")
+    );
+    n.stop().await;
+}

@@ -7,6 +7,7 @@ mod common;
 use common::cluster::Cluster;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_on_one_node_preview_and_claim_on_another_at_once() {
@@ -779,4 +780,144 @@ async fn replica_digests_agree_at_equal_applied_index() {
         .filter(|(g, rows)| after[*g].iter().any(|r| r.1 != rows[0].1))
         .count();
     assert!(changed >= 1, "no digest moved after a write");
+}
+
+/// Sends `sig` (`STOP` or `CONT`) to node `i`'s process.
+fn signal(c: &Cluster, i: usize, sig: &str) {
+    let pid = c.members[i].child.as_ref().expect("running").id();
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+async fn revoke(c: &Cluster, via: usize, key_id: &str) -> common::Resp {
+    let api = c.api(via);
+    api.send(
+        api.http
+            .delete(api.url(&format!("/admin/v1/api-keys/{key_id}")))
+            .bearer_auth(&c.admin),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_refused_by_every_node_when_the_revoke_returns() {
+    let c = Cluster::start(3).await;
+    let (key, key_id) = c.api(0).new_api_key(&c.admin, "leaving").await;
+    for i in 0..3 {
+        common::eventually(
+            Duration::from_secs(20),
+            "every node accepts the key",
+            || async {
+                (c.api(i).get(&key, "/api/v1/kubbis").await.status == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+    }
+    let r = revoke(&c, 1, &key_id).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // No waiting: the answer came back only once every node had re-read the key table.
+    for i in 0..3 {
+        let r = c.api(i).get(&key, "/api/v1/kubbis").await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "node {i}: {:?}", r.body);
+    }
+
+    // A paused node cannot confirm: the revoke waits out its key lease, so the moment it
+    // wakes it refuses the key too (it never serves it from what it knew before).
+    // The paused node is one that does not lead the system group, so the revoke can commit.
+    let st = c.status(0).await;
+    let system_leader = st["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .find(|s| s["id"] == "system")
+        .and_then(|s| s["leader"].as_u64())
+        .expect("the system group has a leader");
+    let paused = (0..3)
+        .find(|i| c.members[*i].id != system_leader)
+        .expect("a follower");
+    let via = (0..3).find(|i| *i != paused).expect("another node");
+    let (key, key_id) = c.api(via).new_api_key(&c.admin, "paused").await;
+    common::eventually(
+        Duration::from_secs(20),
+        "the node accepts the key",
+        || async {
+            (c.api(paused).get(&key, "/api/v1/kubbis").await.status == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    signal(&c, paused, "STOP");
+    let r = revoke(&c, via, &key_id).await;
+    signal(&c, paused, "CONT");
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let after = c.api(paused).get(&key, "/api/v1/kubbis").await;
+    assert_ne!(after.status, StatusCode::OK, "{:?}", after.body);
+    assert!(
+        [StatusCode::UNAUTHORIZED, StatusCode::SERVICE_UNAVAILABLE].contains(&after.status),
+        "{:?}",
+        after.body
+    );
+    // And once it has renewed, it is the plain 401 of a revoked key.
+    common::eventually(
+        Duration::from_secs(20),
+        "the node renews its lease",
+        || async {
+            (c.api(paused).get(&key, "/api/v1/kubbis").await.status == StatusCode::UNAUTHORIZED)
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_holds_across_nodes_under_concurrent_creates() {
+    let c = Cluster::start(3).await;
+    let r = c
+        .api(0)
+        .send(
+            c.api(0)
+                .http
+                .post(c.api(0).url("/admin/v1/api-keys"))
+                .bearer_auth(&c.admin)
+                .json(&json!({"label": "tenant", "limits": {"max_active_kubbis": 4}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let key = r.body["api_key"].as_str().expect("key").to_string();
+    for i in 0..3 {
+        common::eventually(
+            Duration::from_secs(20),
+            "every node accepts the key",
+            || async {
+                (c.api(i).get(&key, "/api/v1/kubbis").await.status == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+    }
+    let calls = (0..30).map(|i| {
+        let api = c.api(i % 3).clone();
+        let key = key.clone();
+        async move { api.create(&key, json!({"content": format!("t{i}")})).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let created = results
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    for r in &results {
+        assert!(
+            r.status == StatusCode::CREATED || r.err_code() == "quota_exceeded",
+            "{:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        created, 4,
+        "creates accepted under a quota of 4 through 3 nodes"
+    );
+    let listed = c.api(1).get(&key, "/api/v1/kubbis?status=active").await;
+    assert_eq!(listed.body["pagination"]["total"], 4);
 }
