@@ -1,6 +1,8 @@
 //! Placement of kubbis on shards and of shards on nodes: pure functions.
 //!
-//! A new kubbi goes to a uniformly random shard, so load and leaders spread evenly. A create with
+//! A new kubbi goes to a random shard among those the node that took the request leads (so it
+//! needs no forwarding hop; with requests spread over the nodes, load still spreads over every
+//! shard), or to a uniformly random shard when that node leads none. A create with
 //! an `Idempotency-Key` goes to the shard chosen by the hash of (API key id, Idempotency-Key), so
 //! every retry of it lands where the first attempt's record is.
 //!

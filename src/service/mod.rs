@@ -481,7 +481,12 @@ impl Service {
         } else {
             match &idem_hash {
                 Some(h) => crate::shard::shard_of_key(h, shards),
-                None => crate::shard::random_shard(shards),
+                // Any shard will do: one this node leads saves the forwarding hop.
+                None => self
+                    .inner
+                    .router
+                    .local_leader_shard(shards)
+                    .unwrap_or_else(|| crate::shard::random_shard(shards)),
             }
         };
         let payload_bytes = match &input.body {

@@ -104,6 +104,22 @@ impl Router {
         self.peers.as_ref()
     }
 
+    /// A kubbi shard this node leads, as far as the directory knows, chosen at random; `None`
+    /// when it leads none. A new kubbi placed there needs no forwarding hop.
+    pub fn local_leader_shard(&self, shards: u16) -> Option<GroupId> {
+        let led: Vec<GroupId> = {
+            let leaders = self
+                .directory
+                .leaders
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            (0..shards)
+                .filter(|g| leaders.get(g) == Some(&self.me))
+                .collect()
+        };
+        (!led.is_empty()).then(|| led[rand::random_range(0..led.len())])
+    }
+
     /// Where to look for the leader of `g`, best guess first.
     fn candidates(&self, g: GroupId) -> Vec<u64> {
         let mut out = Vec::new();
@@ -161,9 +177,17 @@ impl Router {
     async fn call_inner(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
         let deadline = tokio::time::Instant::now() + ROUTE_PATIENCE;
         let mut encoded: Option<Vec<u8>> = None;
-        let mut candidates = self.candidates(g);
+        // The known leader first; the full candidate list (which reads raft metrics and the
+        // member table) only when that guess fails.
+        let mut candidates = Vec::new();
         let mut next = 0usize;
-        let mut target = candidates.first().copied().unwrap_or(self.me);
+        let mut target = match self.directory.leader(g) {
+            Some(l) => l,
+            None => {
+                candidates = self.candidates(g);
+                candidates.first().copied().unwrap_or(self.me)
+            }
+        };
         let mut backoff = Duration::from_millis(20);
         let mut hops = 0;
         loop {
@@ -232,7 +256,9 @@ impl Router {
             hops = 0;
             if next + 1 >= candidates.len() {
                 candidates = self.candidates(g);
-                next = 0;
+                // The first candidate is the guess that just failed, when it came from the
+                // directory: start past it unless it is the only one.
+                next = usize::from(candidates.len() > 1 && candidates.first() == Some(&target));
             } else {
                 next += 1;
             }
