@@ -1196,8 +1196,15 @@ fn serve_internal(
                         let stream = tokio::select! {
                             h = handshake => match h {
                                 Ok(Ok(s)) => s,
-                                Ok(Err(e)) => {
+                                // A peer's certificate refused: worth an operator's eye. A
+                                // peer that hung up mid-handshake (its request was dropped
+                                // by a timeout) is not.
+                                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                                     tracing::warn!(error = %e, "internal TLS handshake refused");
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "internal TLS handshake failed");
                                     return;
                                 }
                                 Err(_) => {
