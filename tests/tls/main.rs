@@ -591,3 +591,111 @@ async fn partial_internal_tls_flags_and_open_internal_keys_are_refused_at_start(
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_client_accepts_only_servers_of_the_ca_under_the_name_it_dialled() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let dir = certs.path().to_path_buf();
+    make_ca(&dir, "ca");
+    make_node_cert(&dir, "ca", "node1", "0x100");
+    make_node_cert(&dir, "ca", "node2", "0x200");
+    make_ca(&dir, "rogue-ca");
+    make_node_cert(&dir, "rogue-ca", "rogue", "0x666");
+    let secret = "0123456789abcdef0123456789abcdef";
+
+    // A one-member cluster with mTLS on its internal port.
+    let data = tempfile::tempdir().expect("tempdir");
+    let port = common::cluster::free_port();
+    let mut config = common::fast_config(data.path());
+    config.cluster.internal_addr = Some(format!("127.0.0.1:{port}"));
+    config.cluster.bootstrap =
+        kubbi::config::parse_bootstrap(&format!("1=127.0.0.1:{port}")).expect("bootstrap");
+    config.cluster.secret = Some(zeroize::Zeroizing::new(secret.into()));
+    config.cluster.internal_tls_cert = Some(dir.join("node1.pem"));
+    config.cluster.internal_tls_key = Some(dir.join("node1.key"));
+    config.cluster.internal_tls_ca = Some(dir.join("ca.pem"));
+    let node = kubbi::node::start(config).await.expect("node starts");
+
+    // A server with a certificate from another CA (a real TLS server: openssl s_server).
+    let rogue_port = common::cluster::free_port();
+    let mut rogue = Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &rogue_port.to_string(),
+        ])
+        .args(["-cert", "rogue.pem", "-key", "rogue.key"])
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl s_server");
+    eventually(
+        Duration::from_secs(20),
+        "openssl s_server listens",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", rogue_port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+
+    let client_tls = kubbi::tls::ReloadingTls::new(kubbi::tls::TlsFiles {
+        cert: dir.join("node2.pem"),
+        key: dir.join("node2.key"),
+        ca: Some(dir.join("ca.pem")),
+    })
+    .expect("client TLS files")
+    .client_config()
+    .expect("client config");
+    let peers = kubbi::transport::Peers::new(
+        kubbi::transport::Identity {
+            node_id: 2,
+            incarnation: 7,
+        },
+        zeroize::Zeroizing::new(secret.into()),
+        std::sync::Arc::new(kubbi::transport::AddressBook::default()),
+        Some(client_tls),
+    );
+    let status = |addr: String| {
+        let peers = peers.clone();
+        async move {
+            peers
+                .post_addr::<kubbi::transport::messages::NodeStatus>(
+                    1,
+                    &addr,
+                    0,
+                    "/internal/v1/status",
+                    kubbi::codec::encode(&()),
+                    Duration::from_secs(10),
+                )
+                .await
+        }
+    };
+    // The node, dialled by the IP address its certificate names: answered.
+    let st = status(format!("127.0.0.1:{port}"))
+        .await
+        .expect("a member's server is accepted");
+    assert_eq!(st.node_id, 1);
+    // The same node dialled as `localhost`, a name its certificate does not carry: refused.
+    let err = status(format!("localhost:{port}"))
+        .await
+        .expect_err("wrong name")
+        .to_string();
+    assert!(err.contains("not valid for name"), "{err}");
+    // A server whose certificate another CA signed: refused.
+    let err = status(format!("127.0.0.1:{rogue_port}"))
+        .await
+        .expect_err("another CA")
+        .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
+    let _ = rogue.kill();
+    let _ = rogue.wait();
+    node.shutdown().await;
+}
