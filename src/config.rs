@@ -153,6 +153,49 @@ pub struct ClusterConfig {
     pub secret_file: Option<PathBuf>,
     /// Replicas per shard (capped by the number of nodes).
     pub replication_factor: usize,
+    /// Mutual TLS on the internal port: this node's certificate chain (PEM). All three of
+    /// `internal_tls_cert`, `internal_tls_key`, `internal_tls_ca` or none.
+    pub internal_tls_cert: Option<PathBuf>,
+    /// This node's private key for the internal port (PEM, mode 0600).
+    pub internal_tls_key: Option<PathBuf>,
+    /// The CA bundle (PEM) that signs every node's internal certificate.
+    pub internal_tls_ca: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// The internal port's mutual TLS files: all three flags, or none (plaintext h2c).
+    ///
+    /// # Errors
+    /// Some of the three flags but not all, naming the missing ones.
+    pub fn internal_tls(&self) -> Result<Option<crate::tls::TlsFiles>, String> {
+        match (
+            &self.internal_tls_cert,
+            &self.internal_tls_key,
+            &self.internal_tls_ca,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: Some(ca.clone()),
+            })),
+            (None, None, None) => Ok(None),
+            (cert, key, ca) => {
+                let missing: Vec<&str> = [
+                    (cert.is_none(), "--internal-tls-cert"),
+                    (key.is_none(), "--internal-tls-key"),
+                    (ca.is_none(), "--internal-tls-ca"),
+                ]
+                .into_iter()
+                .filter_map(|(m, name)| m.then_some(name))
+                .collect();
+                Err(format!(
+                    "mutual TLS on the internal port needs --internal-tls-cert, \
+                     --internal-tls-key and --internal-tls-ca together; missing {}",
+                    missing.join(" and ")
+                ))
+            }
+        }
+    }
 }
 
 /// Everything a node needs to start.
@@ -291,6 +334,9 @@ impl Config {
         }
         if c.internal_addr.is_some() && c.secret.is_none() && c.secret_file.is_none() {
             return Err("the internal port needs a cluster secret (--cluster-secret-file or KUBBI_CLUSTER_SECRET)".into());
+        }
+        if c.internal_tls()?.is_some() && c.internal_addr.is_none() {
+            return Err("--internal-tls-* need --internal-addr".into());
         }
         if c.replication_factor == 0 {
             return Err("the replication factor must be at least 1".into());
@@ -452,6 +498,18 @@ pub struct ServeArgs {
     /// Replicas per shard, capped by the number of nodes.
     #[arg(long, env = "KUBBI_REPLICATION_FACTOR", default_value_t = 3)]
     pub replication_factor: usize,
+    /// Mutual TLS on the internal port: this node's certificate chain (PEM), signed by the
+    /// --internal-tls-ca and naming the host of its internal address (DNS or IP SAN).
+    /// Give all three --internal-tls-* or none; reloaded when the files change.
+    #[arg(long, env = "KUBBI_INTERNAL_TLS_CERT")]
+    pub internal_tls_cert: Option<PathBuf>,
+    /// This node's private key for the internal port (PEM, mode 0600).
+    #[arg(long, env = "KUBBI_INTERNAL_TLS_KEY")]
+    pub internal_tls_key: Option<PathBuf>,
+    /// CA bundle (PEM) that signs every node's internal certificate; peers must present a
+    /// certificate chaining to it.
+    #[arg(long, env = "KUBBI_INTERNAL_TLS_CA")]
+    pub internal_tls_ca: Option<PathBuf>,
     /// Raft heartbeat interval in milliseconds (election timeouts are 5 to 10 heartbeats).
     #[arg(long, env = "KUBBI_RAFT_HEARTBEAT_MS", default_value_t = 100)]
     pub raft_heartbeat_ms: u64,
@@ -539,6 +597,9 @@ impl ServeArgs {
             secret: self.cluster_secret.map(Zeroizing::new),
             secret_file: self.cluster_secret_file,
             replication_factor: self.replication_factor,
+            internal_tls_cert: self.internal_tls_cert,
+            internal_tls_key: self.internal_tls_key,
+            internal_tls_ca: self.internal_tls_ca,
         };
         Ok(c)
     }
@@ -670,6 +731,34 @@ mod tests {
         assert!(c.validate().is_err(), "both join and bootstrap");
         c.cluster.join = None;
         assert!(c.validate().is_err(), "bootstrap without this node");
+    }
+
+    #[test]
+    fn internal_tls_flags_go_together() {
+        let mut c = Config::for_dir("/tmp/x");
+        c.cluster.internal_addr = Some("127.0.0.1:0".into());
+        c.cluster.secret = Some(Zeroizing::new("s".repeat(32)));
+        c.cluster.internal_tls_cert = Some("/c.pem".into());
+        let err = c.validate().expect_err("partial");
+        assert!(
+            err.contains("missing --internal-tls-key and --internal-tls-ca"),
+            "{err}"
+        );
+        c.cluster.internal_tls_key = Some("/k.pem".into());
+        let err = c.validate().expect_err("partial");
+        assert!(err.contains("missing --internal-tls-ca"), "{err}");
+        c.cluster.internal_tls_ca = Some("/ca.pem".into());
+        c.validate().expect("all three");
+        assert_eq!(
+            c.cluster.internal_tls().expect("valid"),
+            Some(crate::tls::TlsFiles {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into(),
+                ca: Some("/ca.pem".into()),
+            })
+        );
+        c.cluster.internal_addr = None;
+        assert!(c.validate().is_err(), "mTLS without an internal port");
     }
 
     #[test]

@@ -508,6 +508,17 @@ async fn serve(mut args: ServeArgs) -> anyhow::Result<()> {
         if let Some(f) = &config.node_key_file {
             kubbi::crypto::KeyRing::load(f)?;
         }
+        if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+            kubbi::tls::load(&kubbi::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: None,
+            })
+            .map_err(anyhow::Error::msg)?;
+        }
+        if let Some(files) = config.cluster.internal_tls().map_err(anyhow::Error::msg)? {
+            kubbi::tls::load(&files).map_err(|e| anyhow::anyhow!("internal TLS: {e}"))?;
+        }
         println!(
             "configuration ok: node {}, data in {}",
             config.node_id,

@@ -720,15 +720,34 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let cluster_secret = load_cluster_secret(&config)?;
     let keyring = load_key_ring(&config)?;
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(c), Some(k)) => {
-            Some(crate::tls::ReloadingTls::new(c.clone(), k.clone()).map_err(NodeError::Config)?)
-        }
+        (Some(c), Some(k)) => Some(
+            crate::tls::ReloadingTls::new(crate::tls::TlsFiles {
+                cert: c.clone(),
+                key: k.clone(),
+                ca: None,
+            })
+            .map_err(NodeError::Config)?,
+        ),
         (None, None) => None,
         _ => {
             return Err(NodeError::Config(
                 "--tls-cert and --tls-key go together".into(),
             ));
         }
+    };
+    let internal_tls = match config.cluster.internal_tls().map_err(NodeError::Config)? {
+        Some(files) => Some(
+            crate::tls::ReloadingTls::new(files)
+                .map_err(|e| NodeError::Config(format!("internal TLS: {e}")))?,
+        ),
+        None => None,
+    };
+    let internal_client_tls = match &internal_tls {
+        Some(t) => Some(
+            t.client_config()
+                .map_err(|e| NodeError::Config(format!("internal TLS: {e}")))?,
+        ),
+        None => None,
     };
     let storage = Storage::open(&config.db_path())?;
     let (shards, incarnation) = check_identity(&storage, &config)?;
@@ -785,20 +804,17 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             book.set(m.id, &m.internal, 0);
         }
     }
-    let peers = match cluster_secret {
-        Some(secret) => Some(
-            Peers::new(
-                Identity {
-                    node_id: config.node_id,
-                    incarnation,
-                },
-                secret,
-                book.clone(),
-            )
-            .map_err(|e| NodeError::Cluster(format!("cannot build the peer client: {e}")))?,
-        ),
-        None => None,
-    };
+    let peers = cluster_secret.map(|secret| {
+        Peers::new(
+            Identity {
+                node_id: config.node_id,
+                incarnation,
+            },
+            secret,
+            book.clone(),
+            internal_client_tls,
+        )
+    });
 
     let keys = KeyCache::load(storage.clone())?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
@@ -1041,7 +1057,15 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             secret_hash,
             uploads: Mutex::new(Default::default()),
         });
-        servers.push(serve_internal(l, internal_router(st), stop_rx.clone()));
+        if let Some(t) = &internal_tls {
+            servers.push(t.clone().watch(stop_rx.clone()));
+        }
+        servers.push(serve_internal(
+            l,
+            internal_router(st),
+            stop_rx.clone(),
+            internal_tls,
+        ));
     }
 
     // Single node: wait for the groups to lead before answering (fast, local).
@@ -1131,13 +1155,19 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     })
 }
 
-/// The internal port: HTTP/2 without TLS, tuned for many multiplexed raft streams per peer
-/// (a peer's timed-out requests reset their streams; hyper's default tolerance of 20 pending
-/// resets would drop the whole connection under load).
+/// How long a peer may take to complete the internal port's TLS handshake.
+const INTERNAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The internal port: HTTP/2, plaintext or (with `tls`) mutual TLS, tuned for many multiplexed
+/// raft streams per peer (a peer's timed-out requests reset their streams; hyper's default
+/// tolerance of 20 pending resets would drop the whole connection under load). A connection
+/// whose client presents no certificate chaining to the CA ends in the handshake, before any
+/// HTTP is read.
 fn serve_internal(
     listener: tokio::net::TcpListener,
     app: axum::Router,
     mut stop: watch::Receiver<bool>,
+    tls: Option<Arc<crate::tls::ReloadingTls>>,
 ) -> JoinHandle<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use hyper_util::server::conn::auto::Builder;
@@ -1158,19 +1188,53 @@ fn serve_internal(
             let _ = stream.set_nodelay(true);
             let svc = TowerToHyperService::new(app.clone());
             let mut conn_stop = stop.clone();
+            let acceptor = tls.as_ref().map(|t| t.acceptor());
             tokio::spawn(async move {
                 let mut b = Builder::new(TokioExecutor::new());
                 b.http2()
                     .max_pending_accept_reset_streams(Some(4096))
                     .max_concurrent_streams(Some(4096));
-                let conn = b.serve_connection(TokioIo::new(stream), svc);
-                tokio::select! {
-                    r = conn => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "internal connection ended");
+                let r = match acceptor {
+                    None => {
+                        tokio::select! {
+                            r = b.serve_connection(TokioIo::new(stream), svc) => r,
+                            _ = conn_stop.changed() => return,
                         }
                     }
-                    _ = conn_stop.changed() => {}
+                    Some(acceptor) => {
+                        let handshake = tokio::time::timeout(
+                            INTERNAL_HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        );
+                        let stream = tokio::select! {
+                            h = handshake => match h {
+                                Ok(Ok(s)) => s,
+                                // A peer's certificate refused: worth an operator's eye. A
+                                // peer that hung up mid-handshake (its request was dropped
+                                // by a timeout) is not.
+                                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                                    tracing::warn!(error = %e, "internal TLS handshake refused");
+                                    return;
+                                }
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, "internal TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::warn!("internal TLS handshake timed out");
+                                    return;
+                                }
+                            },
+                            _ = conn_stop.changed() => return,
+                        };
+                        tokio::select! {
+                            r = b.serve_connection(TokioIo::new(stream), svc) => r,
+                            _ = conn_stop.changed() => return,
+                        }
+                    }
+                };
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "internal connection ended");
                 }
             });
         }

@@ -1,9 +1,11 @@
-//! Node-to-node RPC: raft messages and forwarded operations, over HTTP/2 without TLS (h2c,
-//! one multiplexed connection per peer) with bincode bodies.
+//! Node-to-node RPC: raft messages and forwarded operations, over HTTP/2 (one multiplexed
+//! connection per peer) with bincode bodies: plaintext h2c, or mutual TLS when the node has
+//! `--internal-tls-*` (see `tls`).
 //!
 //! ```text
 //!   node A                                   node B (internal port)
-//!   Peers::post ──POST /internal/v1/...──▶   auth: cluster secret (constant-time)
+//!   Peers::post ──POST /internal/v1/...──▶   [mTLS: client cert chains to the CA]
+//!                                            auth: cluster secret (constant-time)
 //!     headers: from, from-incarnation,            identity: to == B, to-incarnation == B's
 //!              to, to-incarnation                 ▼
 //!                                            raft group / shard executor
@@ -21,6 +23,12 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
@@ -106,37 +114,94 @@ pub struct Identity {
     pub incarnation: u64,
 }
 
+/// The HTTP/2 client of the internal port: plaintext (prior knowledge) or mutual TLS.
+#[derive(Clone)]
+enum Http {
+    Plain(Client<HttpConnector, Full<Bytes>>),
+    Tls(Client<HttpsConnector<HttpConnector>, Full<Bytes>>),
+}
+
+impl Http {
+    fn new(tls: Option<rustls::ClientConfig>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        connector.set_nodelay(true);
+        connector.enforce_http(tls.is_none());
+        let mut b = Client::builder(TokioExecutor::new());
+        b.http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .http2_keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_while_idle(true);
+        match tls {
+            None => Self::Plain(b.build(connector)),
+            Some(config) => Self::Tls(
+                b.build(
+                    hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(config)
+                        .https_only()
+                        .enable_http2()
+                        .wrap_connector(connector),
+                ),
+            ),
+        }
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self {
+            Self::Plain(_) => "http",
+            Self::Tls(_) => "https",
+        }
+    }
+
+    async fn request(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            Self::Plain(c) => c.request(req).await,
+            Self::Tls(c) => c.request(req).await,
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c` (hyper's own message alone says little).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
 /// The client side: sends requests to peers.
 #[derive(Clone)]
 pub struct Peers {
-    http: reqwest::Client,
+    http: Http,
     secret: Arc<Zeroizing<String>>,
     me: Identity,
     book: Arc<AddressBook>,
 }
 
 impl Peers {
-    /// # Errors
-    /// When the HTTP client cannot be built.
+    /// A client that speaks h2c, or, with `tls` (see `tls::ReloadingTls::client_config`),
+    /// HTTP/2 over mutual TLS.
     pub fn new(
         me: Identity,
         secret: Zeroizing<String>,
         book: Arc<AddressBook>,
-    ) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .http2_keep_alive_timeout(Duration::from_secs(5))
-            .http2_keep_alive_while_idle(true)
-            .connect_timeout(Duration::from_secs(2))
-            .no_proxy()
-            .build()?;
-        Ok(Self {
-            http,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Self {
+        Self {
+            http: Http::new(tls),
             secret: Arc::new(secret),
             me,
             book,
-        })
+        }
     }
 
     pub fn book(&self) -> &Arc<AddressBook> {
@@ -190,37 +255,37 @@ impl Peers {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        let mut trace = reqwest::header::HeaderMap::new();
-        crate::telemetry::inject(&mut trace);
-        let resp = self
-            .http
-            .post(format!("http://{addr}{path}"))
-            .headers(trace)
-            .bearer_auth(self.secret.as_str())
+        let mut req = http::Request::post(format!("{}://{addr}{path}", self.http.scheme()))
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.secret.as_str()),
+            )
             .header(H_FROM, self.me.node_id)
             .header(H_FROM_INCARNATION, self.me.incarnation)
             .header(H_TO, to)
             .header(H_TO_INCARNATION, incarnation)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .timeout(timeout)
-            .send()
+            .header(http::header::CONTENT_TYPE, "application/octet-stream")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| TransportError::Unreachable(to, format!("bad address {addr}: {e}")))?;
+        crate::telemetry::inject(req.headers_mut());
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| TransportError::Unreachable(to, chain(&e)))?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| TransportError::Unreachable(to, chain(&e)))?
+                .to_bytes();
+            Ok::<_, TransportError>((status, bytes))
+        };
+        let (status, bytes) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    TransportError::Timeout(to)
-                } else {
-                    TransportError::Unreachable(to, e.to_string())
-                }
-            })?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                TransportError::Timeout(to)
-            } else {
-                TransportError::Unreachable(to, e.to_string())
-            }
-        })?;
+            .map_err(|_| TransportError::Timeout(to))??;
         if !status.is_success() {
             return Err(TransportError::Refused {
                 peer: to,

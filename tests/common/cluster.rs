@@ -60,6 +60,12 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra `kubbi serve` flags for every node.
     pub async fn start_with(n: u64, extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_each(n, |_| extra.clone()).await
+    }
+
+    /// Like [`Cluster::start`], with extra `kubbi serve` flags per node id.
+    pub async fn start_each(n: u64, extra: impl Fn(u64) -> Vec<String>) -> Self {
         let base = tempfile::tempdir().expect("tempdir");
         let secret_file = base.path().join("cluster-secret");
         write_private(&secret_file, &format!("{:032x}", rand::random::<u128>()));
@@ -85,7 +91,7 @@ impl Cluster {
                 child: None,
                 api: None,
                 zone: format!("local/z{id}"),
-                extra: extra.iter().map(|s| s.to_string()).collect(),
+                extra: extra(id),
             });
         }
         let bootstrap = members
