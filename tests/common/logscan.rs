@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine;
 use serde_json::Value;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The log level (env filter) tests run nodes at.
 pub fn level() -> String {
@@ -84,10 +86,15 @@ pub fn init() {
             .expect("test log file");
         let filter = tracing_subscriber::EnvFilter::try_new(level())
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("trace"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(false)
-            .with_writer(Arc::new(file))
+        // The same cap as `kubbi serve` (which also quiets the test's own MCP client).
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(kubbi::telemetry::secret_cap())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(Arc::new(file)),
+            )
             .try_init();
     });
 }

@@ -128,4 +128,14 @@ async fn an_mcp_client_hands_off_and_claims_through_kubbi() {
     assert!(format!("{:?}", bad.content).contains("ttl_seconds"));
     client.cancel().await.expect("close");
     n.stop().await;
+    // `kubbi mcp` ran at the test log level (trace): no claim URL or payload in its log, though
+    // rmcp prints every message at debug.
+    let text = std::fs::read_to_string(&log).expect("mcp log");
+    assert!(
+        !text.is_empty(),
+        "kubbi mcp logged nothing, which proves nothing"
+    );
+    for secret in [url.as_str(), "api-token-42"] {
+        assert!(!text.contains(secret), "kubbi mcp logged a secret");
+    }
 }
