@@ -548,7 +548,7 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         .arg("--dir")
         .arg(&run)
         .env("KUBBI_BIN", bin)
-        .env("KUBBI_LOG", common::logscan::level())
+        .env("KUBBI_LOG", common::logscan::cluster_level())
         .output()
         .expect("cluster/up runs");
     assert!(
@@ -593,7 +593,7 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
     let again_log = common::logscan::child_log("cluster-up-node3");
     let mut again = std::process::Command::new(&argv[0])
         .args(&argv[1..])
-        .env("KUBBI_LOG", common::logscan::level())
+        .env("KUBBI_LOG", common::logscan::cluster_level())
         .stdout(common::logscan::append(&again_log))
         .stderr(common::logscan::append(&again_log))
         .spawn()

@@ -134,7 +134,7 @@ impl Cluster {
             .arg(&self.admin_file)
             .args(["--raft-heartbeat-ms", "100"])
             .args(&m.extra)
-            .env("KUBBI_LOG", logscan::level());
+            .env("KUBBI_LOG", logscan::cluster_level());
         if bootstrap {
             cmd.args(["--bootstrap", &self.bootstrap]);
         }

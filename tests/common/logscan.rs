@@ -10,7 +10,10 @@
 //!
 //! The directory is `$KUBBI_TEST_LOG_DIR`, else `$CARGO_TARGET_DIR/test-logs`, else
 //! `target/test-logs`. The level is `$KUBBI_TEST_LOG` (an env filter), `trace` by default, for
-//! in-process nodes and for child nodes whose test does not choose one.
+//! in-process nodes and for child nodes whose test does not choose one; multi-process clusters
+//! use `$KUBBI_TEST_CLUSTER_LOG`, by default trace for kubbi and debug for its dependencies but
+//! openraft and h2 (at trace, or with those two at debug, a 3-node cluster of 16 groups writes
+//! 1.5-3 MB/s per node and misses the tests' deadlines on a busy 2-core machine).
 #![allow(dead_code)]
 
 use std::collections::HashSet;
@@ -30,6 +33,14 @@ pub fn level() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "trace".to_string())
+}
+
+/// The log level (env filter) of the nodes of a multi-process cluster.
+pub fn cluster_level() -> String {
+    std::env::var("KUBBI_TEST_CLUSTER_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "debug,kubbi=trace,openraft=info,h2=info".to_string())
 }
 
 /// The directory every log and secret list goes to (created on first use).
