@@ -39,7 +39,7 @@ fn recorded(args: &[String], stdin: Option<&[u8]>, out: Output) -> Output {
 }
 
 fn kubbi(n: &TestNode, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kubbi"))
+    let mut child = Command::new(common::kubbi_bin())
         .args(args)
         .env("KUBBI_URL", &n.api.base)
         .env("KUBBI_API_KEY", &n.key)
@@ -76,7 +76,7 @@ fn ok(o: &Output) -> String {
 async fn run(n: &TestNode, args: Vec<String>, stdin: Option<Vec<u8>>) -> Output {
     let n2 = (n.api.base.clone(), n.key.clone());
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let mut child = Command::new(common::kubbi_bin());
         child
             .args(&args)
             .env("KUBBI_URL", &n2.0)
@@ -275,7 +275,7 @@ async fn producer_commands_and_exit_codes() {
     );
     let unauth = kubbi(&n, &["list", "--api-key", "kb_nope"], None);
     assert_eq!(unauth.status.code(), Some(5), "401 is 5");
-    let down = Command::new(env!("CARGO_BIN_EXE_kubbi"))
+    let down = Command::new(common::kubbi_bin())
         .args(["list", "--url", "http://127.0.0.1:9"])
         .env("KUBBI_API_KEY", &n.key)
         .output()

@@ -542,7 +542,8 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");
     let root = env!("CARGO_MANIFEST_DIR");
-    let bin = env!("CARGO_BIN_EXE_kubbi");
+    let bin = common::kubbi_bin();
+    let bin = bin.as_str();
     let up = std::process::Command::new(format!("{root}/cluster/up"))
         .arg("3")
         .arg("--dir")

@@ -118,7 +118,7 @@ impl Cluster {
     }
 
     fn command(&self, m: &Member, bootstrap: bool) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let mut cmd = Command::new(super::kubbi_bin());
         cmd.arg("serve")
             .args(["--node-id", &m.id.to_string()])
             .arg("--data-dir")

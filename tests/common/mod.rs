@@ -16,6 +16,14 @@ use kubbi::node::{self, NodeHandle};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+/// The `kubbi` binary: the one nextest names at run time (`NEXTEST_BIN_EXE_kubbi`, a private
+/// copy when the tests run from an archive, safe from other builds sharing the target
+/// directory), else the one cargo built with these tests.
+pub fn kubbi_bin() -> String {
+    std::env::var("NEXTEST_BIN_EXE_kubbi")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kubbi").to_string())
+}
+
 /// Raft timings that make a fresh node lead within milliseconds.
 pub fn fast_config(dir: &Path) -> Config {
     let mut c = Config::for_dir(dir);
@@ -284,7 +292,7 @@ impl ProcessNode {
         let addr_file = dir.join("http.addr");
         let _ = std::fs::remove_file(&addr_file);
         let target = logscan::link_child_log(log, "node");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let mut cmd = Command::new(kubbi_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(dir)

@@ -79,7 +79,7 @@ fn check(env: &BTreeMap<String, String>, host: &str) -> std::process::Output {
             ),
         ),
     ];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+    let mut cmd = Command::new(common::kubbi_bin());
     cmd.args(["serve", "--check-config"])
         .env_clear()
         .env("HOSTNAME", host);
@@ -193,7 +193,7 @@ async fn compose_cluster_serves_across_containers_and_survives_a_leader_stop() {
     };
     run(Command::new(deploy.join("build-image")).args([
         "--bin",
-        env!("CARGO_BIN_EXE_kubbi"),
+        &common::kubbi_bin(),
         "--tag",
         &compose.tag,
     ]));

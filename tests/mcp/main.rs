@@ -21,7 +21,7 @@ async fn an_mcp_client_hands_off_and_claims_through_kubbi() {
     let key = n.key.clone();
     let log = common::logscan::child_log("mcp");
     let (transport, _) = TokioChildProcess::builder(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_kubbi")).configure(|cmd| {
+        tokio::process::Command::new(common::kubbi_bin()).configure(|cmd| {
             cmd.arg("mcp")
                 .env("KUBBI_URL", &base)
                 .env("KUBBI_API_KEY", &key)
