@@ -7,17 +7,33 @@
 //! carried across forwards to other nodes (W3C `traceparent`).
 //!
 //! Nothing secret is ever a field or attribute: tokens, keys and payloads are wrapped in types
-//! whose `Debug` redacts, and spans carry route templates, group ids and node ids only.
+//! whose `Debug` redacts, and spans carry route templates, group ids and node ids only. Libraries
+//! that log whole messages are capped whatever the filter asks for ([`SECRET_BEARING`]): rmcp
+//! prints every MCP request and result (claim URLs, payloads) at debug and trace.
 
 use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// The default filter: our own info, dependencies' warnings.
 pub const DEFAULT_FILTER: &str = "info,openraft=warn,ractor=warn,h2=warn,hyper=warn";
+
+/// Targets whose verbose events carry whole messages, and the most they may log.
+pub const SECRET_BEARING: &[(&str, tracing::Level)] = &[("rmcp", tracing::Level::ERROR)];
+
+/// A layer that holds [`SECRET_BEARING`] targets to their levels whatever the operator's filter
+/// enables (a more specific directive such as `rmcp::service=trace` included); install it beside
+/// the filter.
+pub fn secret_cap() -> Targets {
+    SECRET_BEARING.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |t, (target, level)| t.with_target(*target, *level),
+    )
+}
 
 /// Keeps the span exporter alive; [`Telemetry::shutdown`] flushes it.
 #[derive(Default)]
@@ -77,7 +93,10 @@ pub fn init() -> Telemetry {
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("kubbi")));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(secret_cap())
+        .with(otel);
     let result = if json {
         registry
             .with(
@@ -117,4 +136,54 @@ pub fn continue_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
         p.extract(&opentelemetry_http::HeaderExtractor(headers))
     });
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether an event of `target` at `level` passes the filter `spec` with the cap.
+    fn passes(spec: &str, target: &'static str, level: tracing::Level) -> bool {
+        let subscriber = tracing_subscriber::registry()
+            .with(EnvFilter::new(spec))
+            .with(secret_cap());
+        tracing::subscriber::with_default(subscriber, || {
+            let meta = tracing::Metadata::new(
+                "event",
+                target,
+                level,
+                None,
+                None,
+                None,
+                tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CALLSITE)),
+                tracing::metadata::Kind::EVENT,
+            );
+            tracing::dispatcher::get_default(|d| d.enabled(&meta))
+        })
+    }
+
+    struct Callsite;
+    impl tracing::callsite::Callsite for Callsite {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &tracing::Metadata<'_> {
+            unimplemented!("not registered")
+        }
+    }
+    static CALLSITE: Callsite = Callsite;
+
+    #[test]
+    fn message_logging_libraries_stay_quiet_at_trace() {
+        // rmcp logs every MCP request and result (claim URLs, payloads) at debug and trace.
+        for spec in ["trace", "debug", "rmcp=trace", "info,rmcp::service=trace"] {
+            for level in [tracing::Level::WARN, tracing::Level::DEBUG] {
+                assert!(!passes(spec, "rmcp::service", level), "{spec} {level}");
+            }
+            assert!(
+                passes(spec, "rmcp::service", tracing::Level::ERROR),
+                "{spec}"
+            );
+        }
+        assert!(passes("trace", "kubbi::node", tracing::Level::TRACE));
+        assert!(passes("trace", "openraft::core", tracing::Level::TRACE));
+    }
 }

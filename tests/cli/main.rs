@@ -10,8 +10,36 @@ use std::process::{Command, Output, Stdio};
 
 use common::TestNode;
 
+/// Records the payloads a CLI call sends (positional content of `send`, stdin, `--file`
+/// contents) and the claim URLs it prints, and keeps its stderr as a log for the scan.
+fn recorded(args: &[String], stdin: Option<&[u8]>, out: Output) -> Output {
+    if args.first().map(String::as_str) == Some("send") {
+        let mut it = args[1..].iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--json" => {}
+                "--file" => {
+                    let spec = it.next().expect("--file value");
+                    let path = spec.rsplit_once(':').map_or(spec.as_str(), |(p, _)| p);
+                    common::logscan::record("payload", std::fs::read(path).expect("file"));
+                }
+                f if f.starts_with("--") => {
+                    it.next();
+                }
+                content => common::logscan::record("payload", content),
+            }
+        }
+        if let Some(i) = stdin {
+            common::logscan::record("payload", i);
+        }
+    }
+    common::logscan::record_claim_urls(&String::from_utf8_lossy(&out.stdout));
+    common::logscan::save_output("cli-stderr", &out.stderr);
+    out
+}
+
 fn kubbi(n: &TestNode, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kubbi"))
+    let mut child = Command::new(common::kubbi_bin())
         .args(args)
         .env("KUBBI_URL", &n.api.base)
         .env("KUBBI_API_KEY", &n.key)
@@ -30,7 +58,9 @@ fn kubbi(n: &TestNode, args: &[&str], stdin: Option<&[u8]>) -> Output {
             .expect("write stdin");
     }
     drop(child.stdin.take());
-    child.wait_with_output().expect("kubbi exits")
+    let out = child.wait_with_output().expect("kubbi exits");
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    recorded(&args, stdin, out)
 }
 
 fn ok(o: &Output) -> String {
@@ -46,7 +76,7 @@ fn ok(o: &Output) -> String {
 async fn run(n: &TestNode, args: Vec<String>, stdin: Option<Vec<u8>>) -> Output {
     let n2 = (n.api.base.clone(), n.key.clone());
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let mut child = Command::new(common::kubbi_bin());
         child
             .args(&args)
             .env("KUBBI_URL", &n2.0)
@@ -55,11 +85,12 @@ async fn run(n: &TestNode, args: Vec<String>, stdin: Option<Vec<u8>>) -> Output 
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut c = child.spawn().expect("spawn");
-        if let Some(i) = stdin {
-            c.stdin.take().expect("stdin").write_all(&i).expect("write");
+        if let Some(i) = &stdin {
+            c.stdin.take().expect("stdin").write_all(i).expect("write");
         }
         drop(c.stdin.take());
-        c.wait_with_output().expect("wait")
+        let out = c.wait_with_output().expect("wait");
+        recorded(&args, stdin.as_deref(), out)
     })
     .await
     .expect("join")
@@ -244,7 +275,7 @@ async fn producer_commands_and_exit_codes() {
     );
     let unauth = kubbi(&n, &["list", "--api-key", "kb_nope"], None);
     assert_eq!(unauth.status.code(), Some(5), "401 is 5");
-    let down = Command::new(env!("CARGO_BIN_EXE_kubbi"))
+    let down = Command::new(common::kubbi_bin())
         .args(["list", "--url", "http://127.0.0.1:9"])
         .env("KUBBI_API_KEY", &n.key)
         .output()

@@ -42,7 +42,13 @@ async fn published_python_client_works_unchanged() {
     let base = n.api.base.clone();
     let key = n.key.clone();
     let out = tokio::task::spawn_blocking(move || {
-        run(Command::new(&py).arg(script).arg(&base).arg(&key))
+        // The script records the payloads and claim tokens it handles beside ours.
+        let secrets = common::logscan::dir().join(format!("secrets-{}-py.txt", std::process::id()));
+        run(Command::new(&py)
+            .arg(script)
+            .arg(&base)
+            .arg(&key)
+            .env("KUBBI_TEST_SECRETS", secrets))
     })
     .await
     .expect("script");

@@ -543,12 +543,14 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");
     let root = env!("CARGO_MANIFEST_DIR");
-    let bin = env!("CARGO_BIN_EXE_kubbi");
+    let bin = common::kubbi_bin();
+    let bin = bin.as_str();
     let up = std::process::Command::new(format!("{root}/cluster/up"))
         .arg("3")
         .arg("--dir")
         .arg(&run)
         .env("KUBBI_BIN", bin)
+        .env("KUBBI_LOG", common::logscan::cluster_level())
         .output()
         .expect("cluster/up runs");
     assert!(
@@ -565,6 +567,10 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         assert!(nodes[0].get(k).is_some(), "cluster.json lacks {k}");
     }
     let admin = state["admin_token"].as_str().expect("admin").to_string();
+    common::logscan::record("admin-token", &admin);
+    let secret = std::fs::read_to_string(run.join("cluster-secret")).expect("secret");
+    common::logscan::record("cluster-secret", secret.trim());
+    common::logscan::record_key_file(&run.join("node-keys.json"));
     let api = |i: usize| {
         common::Api::new(format!(
             "http://{}",
@@ -586,10 +592,12 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         .iter()
         .map(|a| a.as_str().expect("arg").to_string())
         .collect();
+    let again_log = common::logscan::child_log("cluster-up-node3");
     let mut again = std::process::Command::new(&argv[0])
         .args(&argv[1..])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .env("KUBBI_LOG", common::logscan::cluster_level())
+        .stdout(common::logscan::append(&again_log))
+        .stderr(common::logscan::append(&again_log))
         .spawn()
         .expect("restart");
     let api3 = api(2);
@@ -637,6 +645,11 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
 
     let _ = again.kill();
     let _ = again.wait();
+    // cluster/down removes the run directory: keep its node logs for the scan.
+    for id in 1..=3 {
+        let log = std::fs::read(run.join(format!("node{id}.log"))).unwrap_or_default();
+        common::logscan::save_output(&format!("cluster-up-node{id}"), &log);
+    }
     let down = std::process::Command::new(format!("{root}/cluster/down"))
         .arg("--dir")
         .arg(&run)

@@ -2,13 +2,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use super::{Api, eventually};
+use super::{Api, eventually, logscan};
 
 /// Reserves a free loopback port (released before the node binds it).
 pub fn free_port() -> u16 {
@@ -33,6 +33,7 @@ pub struct Member {
     pub id: u64,
     pub internal_port: u16,
     pub dir: PathBuf,
+    /// The node's stdout and stderr, across restarts, in the test log directory.
     pub log: PathBuf,
     pub child: Option<Child>,
     pub api: Option<Api>,
@@ -68,7 +69,9 @@ impl Cluster {
     pub async fn start_each(n: u64, extra: impl Fn(u64) -> Vec<String>) -> Self {
         let base = tempfile::tempdir().expect("tempdir");
         let secret_file = base.path().join("cluster-secret");
-        write_private(&secret_file, &format!("{:032x}", rand::random::<u128>()));
+        let secret = format!("{:032x}", rand::random::<u128>());
+        logscan::record("cluster-secret", &secret);
+        write_private(&secret_file, &secret);
         let keys_file = base.path().join("node-keys.json");
         let key = base64::Engine::encode(
             &base64::engine::general_purpose::STANDARD,
@@ -78,7 +81,9 @@ impl Cluster {
             &keys_file,
             &format!(r#"{{"current":1,"keys":[{{"id":1,"key":"{key}"}}]}}"#),
         );
+        logscan::record_key_file(&keys_file);
         let admin = format!("{:032x}", rand::random::<u128>());
+        logscan::record("admin-token", &admin);
         let admin_file = base.path().join("admin-token");
         write_private(&admin_file, &admin);
         let mut members = Vec::new();
@@ -87,7 +92,7 @@ impl Cluster {
                 id,
                 internal_port: free_port(),
                 dir: base.path().join(format!("node{id}")),
-                log: base.path().join(format!("node{id}.log")),
+                log: logscan::child_log(&format!("cluster-node{id}")),
                 child: None,
                 api: None,
                 zone: format!("local/z{id}"),
@@ -119,7 +124,7 @@ impl Cluster {
     }
 
     fn command(&self, m: &Member, bootstrap: bool) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let mut cmd = Command::new(super::kubbi_bin());
         cmd.arg("serve")
             .args(["--node-id", &m.id.to_string()])
             .arg("--data-dir")
@@ -134,7 +139,8 @@ impl Cluster {
             .arg("--admin-token-file")
             .arg(&self.admin_file)
             .args(["--raft-heartbeat-ms", "100"])
-            .args(&m.extra);
+            .args(&m.extra)
+            .env("KUBBI_LOG", logscan::cluster_level());
         if bootstrap {
             cmd.args(["--bootstrap", &self.bootstrap]);
         }
@@ -146,15 +152,10 @@ impl Cluster {
         let m = &self.members[i];
         let _ = std::fs::create_dir_all(&m.dir);
         let _ = std::fs::remove_file(m.dir.join("http.addr"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&m.log)
-            .expect("log");
         let child = self
             .command(m, bootstrap)
-            .stdout(Stdio::null())
-            .stderr(log)
+            .stdout(logscan::append(&m.log))
+            .stderr(logscan::append(&m.log))
             .spawn()
             .expect("spawn kubbi");
         self.members[i].child = Some(child);
@@ -167,7 +168,7 @@ impl Cluster {
             id,
             internal_port: free_port(),
             dir: self.base.path().join(format!("node{id}")),
-            log: self.base.path().join(format!("node{id}.log")),
+            log: logscan::child_log(&format!("cluster-node{id}")),
             child: None,
             api: None,
             zone: format!("local/z{id}"),

@@ -1,17 +1,28 @@
 //! Test fixtures: a real node in this process (real RocksDB in a temp dir, real HTTP on an
-//! ephemeral loopback port) or in a child process (for kill -9), plus HTTP helpers.
+//! ephemeral loopback port) or in a child process (for kill -9), plus HTTP helpers. Every
+//! node's log goes to the directory [`logscan`] names, and every secret the helpers see is
+//! recorded there, for `scripts/scan-test-logs`.
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod logscan;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use kubbi::config::Config;
 use kubbi::node::{self, NodeHandle};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+/// The `kubbi` binary: the one nextest names at run time (`NEXTEST_BIN_EXE_kubbi`, a private
+/// copy when the tests run from an archive, safe from other builds sharing the target
+/// directory), else the one cargo built with these tests.
+pub fn kubbi_bin() -> String {
+    std::env::var("NEXTEST_BIN_EXE_kubbi")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kubbi").to_string())
+}
 
 /// Raft timings that make a fresh node lead within milliseconds.
 pub fn fast_config(dir: &Path) -> Config {
@@ -72,12 +83,18 @@ impl Api {
         }
     }
 
+    /// Sends `req`, recording the secrets it carries (bearer credential, a claim token in the
+    /// path, payloads in a JSON body) and those in the response.
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
-        let r = req.send().await.expect("request sent");
+        let (client, req) = req.build_split();
+        let req = req.expect("request builds");
+        record_request(&req);
+        let r = client.execute(req).await.expect("request sent");
         let status = r.status();
         let headers = r.headers().clone();
         let bytes = r.bytes().await.expect("body read");
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        logscan::record_json(&body);
         Resp {
             status,
             headers,
@@ -178,6 +195,24 @@ impl Api {
     }
 }
 
+/// Records the secrets an outgoing request carries.
+fn record_request(req: &reqwest::Request) {
+    if let Some(auth) = req
+        .headers()
+        .get(reqwest::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        && let Some(cred) = auth.strip_prefix("Bearer ")
+    {
+        logscan::record_bearer(cred);
+    }
+    logscan::record_claim_urls(req.url().path());
+    if let Some(body) = req.body().and_then(|b| b.as_bytes())
+        && let Ok(v) = serde_json::from_slice::<Value>(body)
+    {
+        logscan::record_json(&v);
+    }
+}
+
 /// A node running in this process.
 pub struct TestNode {
     pub node: Option<NodeHandle>,
@@ -201,9 +236,13 @@ impl TestNode {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, config: Config) -> Self {
+        logscan::init();
+        let key_file = config.node_key_path();
         let node = node::start(config).await.expect("node starts");
+        logscan::record_key_file(&key_file);
         let api = Api::new(format!("http://{}", node.http_addr));
         let admin = node.admin_token.to_string();
+        logscan::record("admin-token", &admin);
         let (key, _) = api.new_api_key(&admin, "test").await;
         Self {
             node: Some(node),
@@ -246,23 +285,22 @@ pub struct ProcessNode {
 }
 
 impl ProcessNode {
-    /// Starts `kubbi serve` on `dir` with an ephemeral port; stderr is appended to `dir/../<name>.log`.
+    /// Starts `kubbi serve` on `dir` with an ephemeral port, logging at the test level unless
+    /// `env` sets `KUBBI_LOG`. Its stdout and stderr are appended to a file in the test log
+    /// directory, which `log` links to (see [`logscan::link_child_log`]).
     pub async fn start(dir: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let addr_file = dir.join("http.addr");
         let _ = std::fs::remove_file(&addr_file);
-        let stderr = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let target = logscan::link_child_log(log, "node");
+        let mut cmd = Command::new(kubbi_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(dir)
             .arg("--http-addr")
             .arg("127.0.0.1:0")
-            .stdout(Stdio::null())
-            .stderr(stderr);
+            .env("KUBBI_LOG", logscan::level())
+            .stdout(logscan::append(&target))
+            .stderr(logscan::append(&target));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -272,6 +310,10 @@ impl ProcessNode {
             async move { std::fs::read_to_string(&f).ok().filter(|s| !s.is_empty()) }
         })
         .await;
+        logscan::record_key_file(&dir.join("node-keys.json"));
+        if let Ok(t) = std::fs::read_to_string(dir.join("admin-token")) {
+            logscan::record("admin-token", t.trim());
+        }
         let api = Api::new(format!("http://{addr}"));
         let probe = api.clone();
         eventually(Duration::from_secs(60), "node ready", || {
@@ -296,10 +338,12 @@ impl ProcessNode {
     }
 
     pub fn admin_token(&self) -> String {
-        std::fs::read_to_string(self.dir.join("admin-token"))
+        let t = std::fs::read_to_string(self.dir.join("admin-token"))
             .expect("admin token")
             .trim()
-            .to_string()
+            .to_string();
+        logscan::record("admin-token", &t);
+        t
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -79,7 +79,7 @@ fn check(env: &BTreeMap<String, String>, host: &str) -> std::process::Output {
             ),
         ),
     ];
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+    let mut cmd = Command::new(common::kubbi_bin());
     cmd.args(["serve", "--check-config"])
         .env_clear()
         .env("HOSTNAME", host);
@@ -161,6 +161,11 @@ impl Compose {
 
 impl Drop for Compose {
     fn drop(&mut self) {
+        // Every container's log, for scripts/scan-test-logs.
+        if let Ok(out) = self.cmd().args(["logs", "--no-color"]).output() {
+            common::logscan::save_output("compose", &out.stdout);
+            common::logscan::save_output("compose", &out.stderr);
+        }
         let _ = self.cmd().args(["down", "-v", "--remove-orphans"]).output();
         let _ = Command::new("docker")
             .args(["rmi", "-f", &self.tag])
@@ -188,11 +193,20 @@ async fn compose_cluster_serves_across_containers_and_survives_a_leader_stop() {
     };
     run(Command::new(deploy.join("build-image")).args([
         "--bin",
-        env!("CARGO_BIN_EXE_kubbi"),
+        &common::kubbi_bin(),
         "--tag",
         &compose.tag,
     ]));
     run(&mut Command::new(deploy.join("compose/make-secrets")));
+    let secrets = deploy.join("compose/secrets");
+    for (kind, file) in [
+        ("cluster-secret", "cluster-secret"),
+        ("admin-token", "admin-token"),
+    ] {
+        let text = std::fs::read_to_string(secrets.join(file)).expect("secret");
+        common::logscan::record(kind, text.trim());
+    }
+    common::logscan::record_key_file(&secrets.join("node-keys.json"));
     run(compose.cmd().args(["up", "-d"]));
     let admin = std::fs::read_to_string(deploy.join("compose/secrets/admin-token"))
         .expect("admin token")

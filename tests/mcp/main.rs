@@ -19,14 +19,17 @@ async fn an_mcp_client_hands_off_and_claims_through_kubbi() {
     let n = TestNode::start().await;
     let base = n.api.base.clone();
     let key = n.key.clone();
-    let transport = TokioChildProcess::new(
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_kubbi")).configure(|cmd| {
+    let log = common::logscan::child_log("mcp");
+    let (transport, _) = TokioChildProcess::builder(
+        tokio::process::Command::new(common::kubbi_bin()).configure(|cmd| {
             cmd.arg("mcp")
                 .env("KUBBI_URL", &base)
                 .env("KUBBI_API_KEY", &key)
-                .env("KUBBI_LOG", "error");
+                .env("KUBBI_LOG", common::logscan::level());
         }),
     )
+    .stderr(common::logscan::append(&log))
+    .spawn()
     .expect("spawn kubbi mcp");
     let client = ().serve(transport).await.expect("MCP handshake");
     let info = client.peer_info().expect("server info");
@@ -60,13 +63,19 @@ async fn an_mcp_client_hands_off_and_claims_through_kubbi() {
         assert!(props.get(p).is_some(), "kubbi_send lacks {p}: {props}");
     }
 
+    // Tool calls and results carry payloads and claim URLs past the `Api` helper.
     let call = |name: &'static str, a: Value| {
         let client = &client;
         async move {
-            client
+            common::logscan::record_json(&a);
+            let r = client
                 .call_tool(CallToolRequestParams::new(name).with_arguments(args(a)))
                 .await
-                .expect("tool call")
+                .expect("tool call");
+            if let Some(s) = &r.structured_content {
+                common::logscan::record_json(s);
+            }
+            r
         }
     };
     let sent = call("kubbi_send", json!({"content": "api-token-42", "contentType": "text/plain", "ttlSeconds": 300, "maxRetrievals": 1, "metadata": {"for": "agent-b"}})).await;
@@ -119,4 +128,14 @@ async fn an_mcp_client_hands_off_and_claims_through_kubbi() {
     assert!(format!("{:?}", bad.content).contains("ttl_seconds"));
     client.cancel().await.expect("close");
     n.stop().await;
+    // `kubbi mcp` ran at the test log level (trace): no claim URL or payload in its log, though
+    // rmcp prints every message at debug.
+    let text = std::fs::read_to_string(&log).expect("mcp log");
+    assert!(
+        !text.is_empty() || common::logscan::level() == "off",
+        "kubbi mcp logged nothing, which proves nothing"
+    );
+    for secret in [url.as_str(), "api-token-42"] {
+        assert!(!text.contains(secret), "kubbi mcp logged a secret");
+    }
 }

@@ -127,7 +127,15 @@ async fn https_api_reload_and_key_permissions() {
     let mut config = common::fast_config(data.path());
     config.tls_cert = Some(dir.join("server.pem"));
     config.tls_key = Some(dir.join("server.key"));
+    let key_file = config.node_key_path();
+    common::logscan::init();
     let node = kubbi::node::start(config).await.expect("node starts");
+    common::logscan::record_key_file(&key_file);
+    common::logscan::record("admin-token", node.admin_token.as_str());
+    let pem = std::fs::read_to_string(dir.join("server.key")).expect("key");
+    for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+        common::logscan::record("tls-key", line);
+    }
     let port = node.http_addr.port();
     let base = format!("https://127.0.0.1:{port}");
     assert!(node.public_url.starts_with("https://"));
@@ -147,6 +155,7 @@ async fn https_api_reload_and_key_permissions() {
     assert_eq!(code, 201, "{body}");
     let key: Value = serde_json::from_str(&body).expect("json");
     let key = key["api_key"].as_str().expect("api_key").to_string();
+    common::logscan::record("api-key", &key);
 
     // The whole API over HTTPS (HTTP/2 by ALPN, and HTTP/1.1).
     let (code, _) = curl(&dir, &[&format!("{base}/health")]);
@@ -169,6 +178,8 @@ async fn https_api_reload_and_key_permissions() {
     assert_eq!(code, 201, "{body}");
     let created: Value = serde_json::from_str(&body).expect("json");
     let url = created["claim_url"].as_str().expect("claim_url");
+    common::logscan::record_json(&created);
+    common::logscan::record("payload", "over tls");
     assert!(url.starts_with(&format!("{base}/r/")), "{url}");
     let (code, body) = curl(&dir, &["-X", "POST", &format!("{url}/claim")]);
     assert_eq!(code, 200, "{body}");
