@@ -541,7 +541,7 @@ async fn partial_internal_tls_flags_and_open_internal_keys_are_refused_at_start(
     let secret = dir.join("cluster-secret");
     kubbi::config::write_secret_file(&secret, b"0123456789abcdef0123456789abcdef").expect("secret");
     let serve = |data: &Path| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kubbi"));
+        let mut cmd = Command::new(common::kubbi_bin());
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(data)
