@@ -6,7 +6,7 @@
 
 mod dto;
 mod error;
-mod extract;
+pub(crate) mod extract;
 pub mod internal;
 pub mod openapi;
 mod page;
