@@ -26,11 +26,41 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes a whole buffer; trailing bytes are an error.
 ///
+/// A string or byte buffer may not declare more bytes than the input's size class holds (see
+/// [`decode_limited`]): a few bytes cannot make the decoder allocate gigabytes.
+///
 /// # Errors
 /// When the bytes are not a valid encoding of `T`.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| DecodeError {
+    const KIB: usize = 1 << 10;
+    const MIB: usize = 1 << 20;
+    const GIB: usize = 1 << 30;
+    let standard = bincode::config::standard();
+    // A valid encoding never claims more than its own length (only strings and byte buffers
+    // claim, and their bytes are in the input), so the limit of the input's size class never
+    // refuses one. Three classes bound the allocation by the class without instantiating the
+    // decoder for every size.
+    if bytes.len() <= 64 * KIB {
+        decode_limited(what, bytes, standard.with_limit::<{ 64 * KIB }>())
+    } else if bytes.len() <= 64 * MIB {
+        decode_limited(what, bytes, standard.with_limit::<{ 64 * MIB }>())
+    } else {
+        decode_limited(what, bytes, standard.with_limit::<{ 4 * GIB }>())
+    }
+}
+
+/// Decodes with `config`, whose limit caps the bytes that strings and byte buffers may claim.
+///
+/// bincode 2 allocates a string or byte buffer at its declared length *before* reading it, so
+/// without a limit a length prefix near `u64::MAX` makes the allocation fail and aborts the
+/// process (found by the `log_entry` and `internal_messages` fuzz targets).
+fn decode_limited<T: DeserializeOwned, C: bincode::config::Config>(
+    what: &'static str,
+    bytes: &[u8],
+    config: C,
+) -> Result<T, DecodeError> {
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, config).map_err(|e| DecodeError {
             what,
             reason: e.to_string(),
         })?;
@@ -68,5 +98,37 @@ mod tests {
         long.push(0);
         assert!(decode::<Sample>("sample", &long).is_err());
         assert!(decode::<Sample>("sample", &bytes[..bytes.len() - 1]).is_err());
+    }
+
+    /// A length prefix far beyond the input used to make bincode allocate that much first (an
+    /// abort for lengths the allocator refuses). Fuzz regression: `log_entry`, `internal_messages`.
+    #[test]
+    fn a_huge_declared_length_is_an_error_not_an_allocation() {
+        // varint 0xfd: a u64 follows.
+        let mut huge = vec![0xfd];
+        huge.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(decode::<String>("string", &huge).is_err());
+        assert!(decode::<serde_bytes::ByteBuf>("bytes", &huge).is_err());
+        let mut sample = vec![44]; // a = 44
+        sample.extend_from_slice(&huge); // b claims 2^60 bytes
+        assert!(decode::<Sample>("sample", &sample).is_err());
+        // Lengths that fit the limit but not the input fail as before.
+        let mut short = vec![0xfb];
+        short.extend_from_slice(&60_000u16.to_le_bytes());
+        short.extend_from_slice(&[b'x'; 10]);
+        assert!(decode::<String>("string", &short).is_err());
+    }
+
+    #[test]
+    fn values_at_the_size_class_edges_decode() {
+        for n in [0, 64 * 1024 - 9, 64 * 1024, 64 * 1024 + 1, 3 << 20] {
+            let s = Sample {
+                a: n as u64,
+                b: vec![7; n],
+                c: Some("x".repeat(n % 1000)),
+            };
+            let bytes = encode(&s);
+            assert_eq!(decode::<Sample>("sample", &bytes).expect("decodes"), s);
+        }
     }
 }

@@ -28,3 +28,9 @@ pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod transport;
+
+/// What the cargo-fuzz targets in `fuzz/` call that is otherwise private; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::http::extract::{bearer, idempotency_key, json_body};
+}

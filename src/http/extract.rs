@@ -15,7 +15,9 @@ use crate::crypto;
 use crate::error::{ApiError, ErrorCode};
 use crate::service::Producer;
 
-fn bearer(parts: &Parts) -> Option<&str> {
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, token
+/// trimmed, never empty).
+pub fn bearer(parts: &Parts) -> Option<&str> {
     let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme

@@ -7,7 +7,7 @@
 pub mod cors;
 mod dto;
 mod error;
-mod extract;
+pub(crate) mod extract;
 pub mod internal;
 pub mod openapi;
 mod page;

@@ -595,6 +595,18 @@ mod tests {
         assert!(err(json!({"content": "x", "metadata": [1]})).messages[0].contains("metadata"));
     }
 
+    /// Fuzz regression (`http_create`): metadata is stored re-serialized, and without exact
+    /// float parsing a large number read back as another number than the one parsed.
+    #[test]
+    fn metadata_numbers_read_back_as_parsed() {
+        let raw = br#"{"content":"x","metadata":{"a":[{"k":1844678814741910318446744073709551616232}],"f":0.1,"t":2.2250738585072011e-308}}"#;
+        let v = parse_json(raw).expect("parses");
+        let i = create_input(v.clone(), raw, &limits()).expect("valid");
+        let stored = i.metadata_json.expect("metadata");
+        let back: Value = serde_json::from_slice(&stored).expect("stored metadata is JSON");
+        assert_eq!(Some(&back), v.get("metadata"));
+    }
+
     #[test]
     fn payload_limit_at_and_past() {
         ok(json!({"content": "a".repeat(1000)}));

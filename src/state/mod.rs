@@ -455,10 +455,33 @@ pub enum Outcome {
     NodeStored(NodeRecord),
     Rejected(Rejection),
     /// This request id was applied before; what it did is given without payload bytes
-    /// (`Claimed` arrives with its parts removed).
-    Duplicate(Box<Outcome>),
+    /// (`Claimed` arrives with its parts removed). Never wraps another `Duplicate`.
+    Duplicate(#[serde(deserialize_with = "first_outcome")] Box<Outcome>),
     /// A blank or membership entry.
     None,
+}
+
+/// Deserializes what an [`Outcome::Duplicate`] wraps: the outcome of the request's first
+/// application, which is never itself a duplicate. Refusing a nested one also bounds the
+/// recursion: a few kilobytes of nested duplicates from a peer would otherwise overflow the
+/// decoding thread's stack (found by the `internal_messages` fuzz target).
+fn first_outcome<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Outcome>, D::Error> {
+    thread_local! {
+        static INSIDE_DUPLICATE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            INSIDE_DUPLICATE.set(false);
+        }
+    }
+    if INSIDE_DUPLICATE.replace(true) {
+        return Err(serde::de::Error::custom(
+            "a duplicate outcome inside another duplicate",
+        ));
+    }
+    let _leave = Leave;
+    Outcome::deserialize(d).map(Box::new)
 }
 
 /// Live totals of a shard, kept exact by `apply`.
@@ -503,5 +526,39 @@ impl OwnerEntry {
         } else {
             self.status
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    #[test]
+    fn a_duplicate_outcome_round_trips() {
+        let o = Outcome::Duplicate(Box::new(Outcome::Rejected(Rejection::NotFound)));
+        assert_eq!(
+            decode::<Outcome>("outcome", &encode(&o)).expect("decodes"),
+            o
+        );
+    }
+
+    /// Fuzz regression (`internal_messages`): a peer reply of nested duplicates recursed once
+    /// per byte and overflowed the stack.
+    #[test]
+    fn nested_duplicates_are_refused_without_deep_recursion() {
+        let once = encode(&Outcome::Duplicate(Box::new(Outcome::None)));
+        let none = encode(&Outcome::None);
+        let tag = &once[..once.len() - none.len()];
+        let twice = [tag, tag, &none].concat();
+        assert!(decode::<Outcome>("outcome", &twice).is_err());
+        let mut deep = tag.repeat(200_000);
+        deep.extend_from_slice(&none);
+        assert!(decode::<Outcome>("outcome", &deep).is_err());
+        // A refusal leaves the thread able to decode a legitimate duplicate.
+        assert_eq!(
+            decode::<Outcome>("outcome", &once).expect("decodes"),
+            Outcome::Duplicate(Box::new(Outcome::None))
+        );
     }
 }
