@@ -498,10 +498,15 @@ fn expire(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<Outcome,
     }
 }
 
-fn purge(s: &mut impl StateStore, id: &KubbiId) -> Result<(), StoreError> {
+fn purge(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<(), StoreError> {
     let Some(rec) = read_kubbi(s, id)? else {
         return Ok(());
     };
+    // The owner's usage record goes too once it holds nothing and counts no create of today.
+    let u = read_owner_usage(s, &rec.owner)?;
+    if u.active == 0 && u.bytes == 0 && u.creates_on(day_of(now)) == 0 {
+        s.delete(Table::State, keys::usage(&rec.owner));
+    }
     for k in part_keys(&rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
     }
@@ -536,7 +541,7 @@ fn sweep(s: &mut impl StateStore, now: Millis, max: u32) -> Result<Outcome, Stor
                     expired += 1;
                 }
             }
-            Timer::Purge(id) => purge(s, &id)?,
+            Timer::Purge(id) => purge(s, &id, now)?,
             Timer::DropRequest(r) => s.delete(Table::State, keys::request(&r)),
             Timer::DropClaimIdem(k) => s.delete(Table::State, keys::claim_idem(&k)),
             Timer::DropCreateIdem(k) => s.delete(Table::State, keys::create_idem(&k)),

@@ -593,14 +593,43 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         .map(|a| a.as_str().expect("arg").to_string())
         .collect();
     let again_log = common::logscan::child_log("cluster-up-node3");
-    let mut again = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .env("KUBBI_LOG", common::logscan::cluster_level())
-        .stdout(common::logscan::append(&again_log))
-        .stderr(common::logscan::append(&again_log))
-        .spawn()
-        .expect("restart");
+    // The killed process lets go of its data directory's lock only when its last thread has
+    // exited (later than it shows as a zombie on a loaded machine): a restart that finds the
+    // lock still held exits at once, and is tried again.
     let api3 = api(2);
+    let mut again = None;
+    for _ in 0..40 {
+        let mut child = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("KUBBI_LOG", common::logscan::cluster_level())
+            .stdout(common::logscan::append(&again_log))
+            .stderr(common::logscan::append(&again_log))
+            .spawn()
+            .expect("restart");
+        // Up (its port answers) or gone (the lock was still held).
+        let up = common::eventually(
+            std::time::Duration::from_secs(30),
+            "node 3 up or exited",
+            || {
+                let api3 = api3.clone();
+                let exited = child.try_wait().expect("try_wait").is_some();
+                async move {
+                    if exited {
+                        return Some(false);
+                    }
+                    let r = api3.http.get(api3.url("/health/live")).send().await.ok()?;
+                    r.status().is_success().then_some(true)
+                }
+            },
+        )
+        .await;
+        if up {
+            again = Some(child);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let mut again = again.expect("node 3 restarts once the old process has let go");
     let token = c.body["claim_token"].as_str().expect("t").to_string();
     let claimed = common::eventually(
         std::time::Duration::from_secs(60),
