@@ -8,6 +8,10 @@
 //! [`ids`], [`error`], [`crypto`], [`config`], [`codec`], [`clock`] → [`state`] (the pure core)
 //! → [`storage`] → [`raft`] → [`shard`] → [`actor`] → [`service`] → [`http`] → [`node`].
 
+// The fuzz build (nightly, sanitizer coverage) computes the layout of the deepest async
+// handlers past the default query depth.
+#![recursion_limit = "256"]
+
 pub mod actor;
 pub mod client;
 pub mod clock;
