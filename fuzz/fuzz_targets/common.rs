@@ -126,6 +126,12 @@ pub mod sample {
             label: "ci".into(),
             created_at: 1_795_867_200_000,
             revoked_at: None,
+            limits: kubbi::state::KeyLimits {
+                max_active: Some(100),
+                max_bytes: None,
+                max_creates_per_day: Some(1_000),
+                rate_per_second: Some(50),
+            },
         }
     }
 
@@ -160,6 +166,17 @@ pub mod sample {
                 body_hash: [4; 32],
                 sealed_token: vec![6; 40],
                 window_ms: 86_400_000,
+            }),
+            quota: Some(kubbi::state::QuotaCheck {
+                max_active: Some(100),
+                max_bytes: Some(1 << 20),
+                max_creates_per_day: None,
+                elsewhere: kubbi::state::OwnerUsage {
+                    active: 3,
+                    bytes: 4_096,
+                    day: 20_785,
+                    creates: 9,
+                },
             }),
         }
     }
