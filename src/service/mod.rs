@@ -62,33 +62,6 @@ struct Inner {
     key_limiter: KeyLimiter,
     /// Owner usage of shards with no replica here, as their leaders last told.
     usage_cache: std::sync::Mutex<HashMap<(GroupId, ApiKeyId), (Instant, OwnerUsage)>>,
-    /// Quota-checked creates this node has sent to a shard and not yet seen answered.
-    inflight: std::sync::Mutex<HashMap<(ApiKeyId, GroupId), OwnerUsage>>,
-}
-
-/// A create counted in [`Inner::inflight`] until it is answered (or its request is dropped).
-struct InFlight {
-    inner: Arc<Inner>,
-    at: (ApiKeyId, GroupId),
-    bytes: u64,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut m = self
-            .inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(u) = m.get_mut(&self.at) {
-            u.active = u.active.saturating_sub(1);
-            u.bytes = u.bytes.saturating_sub(self.bytes);
-            u.creates = u.creates.saturating_sub(1);
-            if u.active == 0 {
-                m.remove(&self.at);
-            }
-        }
-    }
 }
 
 /// How long a shard leader's answer about an owner's usage is reused.
@@ -169,7 +142,6 @@ impl Service {
                 key_refresh: tokio::sync::Mutex::new(None),
                 key_limiter: KeyLimiter::default(),
                 usage_cache: std::sync::Mutex::new(HashMap::new()),
-                inflight: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -355,71 +327,22 @@ impl Service {
         )
     }
 
-    /// The quota a create of `bytes` sealed bytes by `key` into `shard` must fit, if the key
-    /// has one, and the create's place among this node's creates in flight.
+    /// The quota a create by `key` into its home `shard` must fit, if the key has one.
     ///
-    /// A key with a quota creates into its home shard only, whose apply counts exactly. What
-    /// it holds in other shards (kubbis made before it had a quota, when the operator changes
-    /// the default) is summed, under one lock, from this node's replicas, the leaders of
-    /// shards with no replica here, and this node's creates in flight; this create joins those
-    /// under the same lock.
-    async fn quota_check(
-        &self,
-        key: &ApiKeyRecord,
-        shard: GroupId,
-        bytes: u64,
-    ) -> (Option<QuotaCheck>, Option<InFlight>) {
+    /// The home shard's apply counts the key exactly. What the key holds in other shards
+    /// (kubbis made before it had a quota, when the operator changes the default) is summed
+    /// from this node's replicas, or the leaders of shards with no replica here.
+    async fn quota_check(&self, key: &ApiKeyRecord, shard: GroupId) -> Option<QuotaCheck> {
         if !self.has_quota(key) {
-            return (None, None);
+            return None;
         }
         let l = self.key_limits(key);
-        let owner = key.id;
-        let day = day_of(self.now());
-        let exec = self.inner.router.executor();
-        let others: Vec<GroupId> = (0..self.inner.shards).filter(|g| *g != shard).collect();
-        let remote = others.iter().filter(|g| exec.group(**g).is_none());
-        let remote = futures::future::join_all(remote.map(|g| self.usage_in(*g, &owner))).await;
-        let mut elsewhere = remote.into_iter().fold(
-            OwnerUsage {
-                day,
-                ..OwnerUsage::default()
-            },
-            |sum, u| sum.plus(u, day),
-        );
-        let mut inflight = self
-            .inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for g in &others {
-            if let Some(u) = exec.local_usage(*g, &owner) {
-                elsewhere = elsewhere.plus(u, day);
-            }
-            if let Some(u) = inflight.get(&(owner, *g)) {
-                elsewhere = elsewhere.plus(*u, day);
-            }
-        }
-        let mine = inflight.entry((owner, shard)).or_insert(OwnerUsage {
-            day,
-            ..OwnerUsage::default()
-        });
-        mine.active += 1;
-        mine.bytes += bytes;
-        mine.creates = mine.creates_on(day) + 1;
-        mine.day = day;
-        drop(inflight);
-        let check = QuotaCheck {
+        Some(QuotaCheck {
             max_active: l.max_active,
             max_bytes: l.max_bytes,
             max_creates_per_day: l.max_creates_per_day,
-            elsewhere,
-        };
-        let guard = InFlight {
-            inner: self.inner.clone(),
-            at: (owner, shard),
-            bytes,
-        };
-        (Some(check), Some(guard))
+            elsewhere: self.usage(&key.id, Some(shard)).await,
+        })
     }
 
     fn quota_error(&self, kind: QuotaKind, q: Option<&QuotaCheck>) -> ApiError {
@@ -522,9 +445,7 @@ impl Service {
                 }
                 _ => None,
             };
-            let stored_bytes = sealed.parts.iter().map(|p| p.0.len() as u64).sum::<u64>()
-                + sealed.manifest.as_ref().map_or(0, |m| m.0.len() as u64);
-            let (quota, _in_flight) = self.quota_check(&producer.key, shard, stored_bytes).await;
+            let quota = self.quota_check(&producer.key, shard).await;
             let create = Box::new(Create {
                 id,
                 owner: producer.key.id,
