@@ -3,7 +3,8 @@
 //! Starts a fresh node (the `kubbi` binary of this build, data in a temp dir) unless `--url` is
 //! given, then for each concurrency level runs each workload for `--seconds` and reports ops/s
 //! and latency percentiles (HDR histograms). Optionally measures the node's RSS while it holds
-//! `--rss N` active kubbis.
+//! `--rss N` active kubbis. `--prefill N` creates N active kubbis (untimed) before the
+//! workloads, so they run against a node that holds them; `preview` then reads random ones.
 //!
 //! ```text
 //! cargo bench --bench loadgen -- --clients 1,16,64 --seconds 10 --payload 1024 --rss 100000
@@ -47,6 +48,9 @@ struct Opts {
     payload: usize,
     workloads: Vec<String>,
     rss: Option<usize>,
+    /// Active kubbis created (untimed) before the workloads run; `preview` then reads tokens
+    /// drawn at random from them.
+    prefill: usize,
     out: Option<PathBuf>,
     /// `kubbi` (default), `redis` or `etcd`, with the address of the latter two.
     target: String,
@@ -69,6 +73,7 @@ fn parse_opts() -> Opts {
         payload: 1024,
         workloads: vec!["create".into(), "claim".into(), "preview".into()],
         rss: None,
+        prefill: 0,
         out: None,
         target: "kubbi".into(),
         target_addr: String::new(),
@@ -88,6 +93,7 @@ fn parse_opts() -> Opts {
             "--payload" => o.payload = val(i).parse().unwrap_or(1024),
             "--workloads" => o.workloads = val(i).split(',').map(String::from).collect(),
             "--rss" => o.rss = val(i).parse().ok(),
+            "--prefill" => o.prefill = val(i).parse().unwrap_or(0),
             "--out" => o.out = Some(PathBuf::from(val(i))),
             "--target" => {
                 o.target = val(i);
@@ -574,15 +580,19 @@ async fn run_level(
     seconds: u64,
     pool_n: usize,
     pids: &[u32],
+    prefilled: &Arc<Vec<String>>,
 ) -> Result1 {
     let run: u64 = rand::random();
     // Claims and previews need items made beforehand (not timed).
     let t_setup = Instant::now();
-    let pool: Arc<Vec<String>> = Arc::new(match workload {
-        "claim" | "claim-once" | "preview" => target.setup(pool_n, 1, run).await,
-        "claim-n" => target.setup(pool_n, 3, run).await,
-        _ => Vec::new(),
-    });
+    let pool: Arc<Vec<String>> = match workload {
+        "preview" if !prefilled.is_empty() => prefilled.clone(),
+        w => Arc::new(match w {
+            "claim" | "claim-once" | "preview" => target.setup(pool_n, 1, run).await,
+            "claim-n" => target.setup(pool_n, 3, run).await,
+            _ => Vec::new(),
+        }),
+    };
     let setup_secs = t_setup.elapsed().as_secs_f64();
     let needs_pool = matches!(workload, "claim" | "claim-once" | "claim-n" | "preview");
     let mut conns = Vec::with_capacity(clients);
@@ -603,6 +613,7 @@ async fn run_level(
         let pool = pool.clone();
         let cursor = cursor.clone();
         let workload = workload.to_string();
+        let prefilled = prefilled.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
@@ -638,7 +649,14 @@ async fn run_level(
                         }
                         client.claim_n(&pool[n % pool.len()]).await
                     }
-                    "preview" => client.preview(&pool[i as usize % pool.len()]).await,
+                    "preview" => {
+                        let n = if prefilled.is_empty() {
+                            i as usize
+                        } else {
+                            rand::random_range(0..pool.len())
+                        };
+                        client.preview(&pool[n % pool.len()]).await
+                    }
                     _ => client.mixed().await,
                 };
                 if ok {
@@ -871,12 +889,45 @@ async fn main() {
     );
     println!("| workload | clients | ops/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let node_pid = node.as_ref().and_then(|n| n.child.as_ref().map(Child::id));
+    let mut prefill = Value::Null;
+    let prefilled = Arc::new(match &target {
+        Target::Kubbi { .. } if opts.prefill > 0 => {
+            let before = node_pid.and_then(rss_kib);
+            let t0 = Instant::now();
+            let tokens = target.setup(opts.prefill, 2, 0).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let after = node_pid.and_then(rss_kib);
+            println!(
+                "prefill: {} active kubbis of {} B in {:.1} s ({:.0}/s); node RSS {} -> {} MiB",
+                tokens.len(),
+                opts.payload,
+                secs,
+                tokens.len() as f64 / secs,
+                before.map_or(0, |k| k / 1024),
+                after.map_or(0, |k| k / 1024),
+            );
+            prefill = json!({"kubbis": tokens.len(), "seconds": secs,
+                             "rss_before_kib": before, "rss_after_kib": after});
+            tokens
+        }
+        _ => Vec::new(),
+    });
     let mut rows = Vec::new();
     let mut rates = std::collections::HashMap::new();
     for w in &opts.workloads {
         for &c in &opts.clients {
             let pool_n = pool_size(&opts, &rates, w, c);
-            let r = run_level(&target, w, c, opts.seconds, pool_n, &opts.server_pids).await;
+            let r = run_level(
+                &target,
+                w,
+                c,
+                opts.seconds,
+                pool_n,
+                &opts.server_pids,
+                &prefilled,
+            )
+            .await;
             let rate = r.ops as f64 / r.secs;
             rates.insert((w.clone(), c), rate);
             println!(
@@ -984,7 +1035,9 @@ async fn main() {
     if let Some(out) = opts.out {
         let doc = json!({"target": target.name(), "endpoints": urls, "label": opts.label,
                          "payload_bytes": opts.payload, "seconds": opts.seconds,
-                         "server_pids": opts.server_pids, "results": rows, "rss": rss});
+                         "server_pids": opts.server_pids, "results": rows, "rss": rss,
+                         "prefill": prefill,
+                         "rss_end_kib": node_pid.and_then(rss_kib)});
         std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .expect("write results");
         println!("wrote {}", out.display());

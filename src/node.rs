@@ -286,12 +286,24 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
     }
 }
 
+/// openraft's `heartbeat_min_interval`: one heartbeat interval, if a heartbeat delayed by it
+/// (plus one tick) still arrives before the shortest election timeout.
+fn heartbeat_suppression(config: &Config) -> Option<u64> {
+    let hb = config.raft.heartbeat_ms;
+    let tick = hb * 13 / 64 + 1;
+    (hb + hb + tick < config.raft.election_timeout_min_ms).then_some(hb)
+}
+
 fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
     let c = openraft::Config {
         cluster_name: "kubbi".into(),
         heartbeat_interval: config.raft.heartbeat_ms,
         election_timeout_min: config.raft.election_timeout_min_ms,
         election_timeout_max: config.raft.election_timeout_max_ms,
+        // Under load, replication already proves the leader alive: no separate heartbeat to a
+        // follower that acknowledged an RPC within the last interval (when the election timeout
+        // leaves room for it; see openraft's rule for this setting).
+        heartbeat_min_interval: heartbeat_suppression(config),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
             config.raft.snapshot_every_entries,
         ),

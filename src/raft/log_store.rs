@@ -4,11 +4,17 @@
 //! disk before they return; appended entries are readable when `append` returns and durable when
 //! its callback fires. The callback fires from the group-commit syncer, so concurrent appends of
 //! all groups share fsyncs.
+//!
+//! The newest entries are also kept in memory ([`TailCache`]): the leader reads each entry back
+//! once per follower to replicate it and once more to apply it, and a follower once to apply
+//! it, all within moments of the append. Serving those reads from memory spares a RocksDB
+//! iterator and a decode each time; anything older is read from RocksDB.
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
@@ -24,16 +30,107 @@ const META_VOTE: &[u8] = b"vote";
 const META_PURGED: &[u8] = b"purged";
 const META_COMMITTED: &[u8] = b"committed";
 
+/// How many bytes (encoded) of the newest entries each group keeps in memory.
+const TAIL_CACHE_BYTES: usize = 2 << 20;
+
+/// The newest entries of one group's log, contiguous by index, in memory. It only ever holds
+/// entries already written to RocksDB, and follows every append, truncation and purge.
+#[derive(Default)]
+struct TailCache {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl TailCache {
+    fn first(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.index())
+    }
+
+    fn next(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.index() + 1)
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let index = entry.index();
+        match self.next() {
+            Some(next) if index < next => self.truncate_from(index),
+            Some(next) if index > next => self.clear(),
+            _ => {}
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.bytes > TAIL_CACHE_BYTES {
+            match self.entries.pop_front() {
+                Some((_, n)) => self.bytes -= n,
+                None => break,
+            }
+        }
+    }
+
+    /// Drops entries at `index` and after.
+    fn truncate_from(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.index() >= index) {
+            if let Some((_, n)) = self.entries.pop_back() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Drops entries up to and including `index`.
+    fn purge_to(&mut self, index: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.index() <= index)
+        {
+            if let Some((_, n)) = self.entries.pop_front() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Entries `start..end` (`end` `None`: to the last), if all of them are here.
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let (first, next) = (self.first()?, self.next()?);
+        let end = end.unwrap_or(next);
+        if start < first || end > next {
+            return None;
+        }
+        let from = usize::try_from(start - first).ok()?;
+        let to = usize::try_from(end - first).ok()?;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
 /// The log store of one group.
 #[derive(Clone)]
 pub struct LogStore {
     storage: Arc<Storage>,
     group: GroupId,
+    tail: Arc<Mutex<TailCache>>,
 }
 
 impl LogStore {
     pub fn new(storage: Arc<Storage>, group: GroupId) -> Self {
-        Self { storage, group }
+        Self {
+            storage,
+            group,
+            tail: Arc::default(),
+        }
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, TailCache> {
+        self.tail.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn key(&self, index: u64) -> Vec<u8> {
@@ -93,6 +190,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         if end.is_some_and(|e| e <= start) {
             return Ok(Vec::new());
+        }
+        if let Some(hit) = self.tail().get(start, end) {
+            return Ok(hit);
         }
         let upper = match end {
             Some(e) => self.key(e),
@@ -203,11 +303,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let started = std::time::Instant::now();
         let cf = self.storage.cf(CF_RAFT_LOG);
         let mut batch = WriteBatch::default();
+        let mut written: Vec<(Entry, usize)> = Vec::new();
         for entry in entries {
-            batch.put_cf(cf, self.key(entry.index()), encode(&entry));
+            if written.is_empty() {
+                // Whatever the cache holds from here on is about to be overwritten.
+                self.tail().truncate_from(entry.index());
+            }
+            let bytes = encode(&entry);
+            batch.put_cf(cf, self.key(entry.index()), &bytes);
+            written.push((entry, bytes.len()));
         }
         // Written (readable) now; durable once the group-commit fsync that covers it completes.
         self.storage.db().write(batch).map_err(io_err)?;
+        {
+            let mut tail = self.tail();
+            for (entry, size) in written {
+                tail.push(entry, size);
+            }
+        }
         let latency = self.storage.append_latency.clone();
         self.storage.syncer().after_sync(move |r| {
             latency.observe(started.elapsed().as_secs_f64());
@@ -220,6 +333,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.storage.cf(CF_RAFT_LOG), self.key(from), self.end_key());
+        // The cache first: it must never hold an entry the database no longer has.
+        self.tail().truncate_from(from);
         self.storage.db().write(batch).map_err(io_err)?;
         // Truncated entries must not reappear after a crash: sync before returning.
         self.storage.sync().await
@@ -237,8 +352,71 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.key(0),
             self.key(log_id.index() + 1),
         );
+        self.tail().purge_to(log_id.index());
         self.storage.db().write(batch).map_err(io_err)?;
         // The purge record must be durable before openraft forgets the purged entries.
         self.storage.sync().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ent(index: u64) -> Entry {
+        openraft::testing::blank_ent::<TypeConfig>(1, 1, index)
+    }
+
+    fn indexes(v: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        v.map(|v| v.iter().map(RaftEntry::index).collect())
+    }
+
+    #[test]
+    fn tail_cache_serves_only_ranges_it_holds_whole() {
+        let mut c = TailCache::default();
+        assert_eq!(indexes(c.get(0, None)), None);
+        for i in 5..10 {
+            c.push(ent(i), 10);
+        }
+        assert_eq!(indexes(c.get(5, Some(10))), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(c.get(7, None)), Some(vec![7, 8, 9]));
+        assert_eq!(indexes(c.get(10, None)), Some(vec![]));
+        // Partly outside: the caller reads the database instead.
+        assert_eq!(indexes(c.get(4, Some(7))), None);
+        assert_eq!(indexes(c.get(8, Some(11))), None);
+    }
+
+    #[test]
+    fn tail_cache_follows_truncation_overwrite_purge_and_gaps() {
+        let mut c = TailCache::default();
+        for i in 1..=6 {
+            c.push(ent(i), 10);
+        }
+        c.truncate_from(5);
+        assert_eq!(indexes(c.get(1, None)), Some(vec![1, 2, 3, 4]));
+        // An entry overwriting index 3 drops 3 and everything after it first.
+        c.push(ent(3), 10);
+        assert_eq!(indexes(c.get(1, None)), Some(vec![1, 2, 3]));
+        assert_eq!(c.bytes, 30);
+        c.purge_to(2);
+        assert_eq!(indexes(c.get(3, None)), Some(vec![3]));
+        assert_eq!(indexes(c.get(2, None)), None);
+        // A gap (entries appended elsewhere, e.g. after a snapshot): start over.
+        c.push(ent(9), 10);
+        assert_eq!(indexes(c.get(9, None)), Some(vec![9]));
+        assert_eq!(indexes(c.get(3, None)), None);
+        assert_eq!(c.bytes, 10);
+    }
+
+    #[test]
+    fn tail_cache_stays_within_its_byte_budget() {
+        let mut c = TailCache::default();
+        let size = TAIL_CACHE_BYTES / 4;
+        for i in 1..=10 {
+            c.push(ent(i), size);
+        }
+        assert!(c.bytes <= TAIL_CACHE_BYTES);
+        assert_eq!(indexes(c.get(7, None)), Some(vec![7, 8, 9, 10]));
+        assert_eq!(indexes(c.get(6, None)), None);
     }
 }
