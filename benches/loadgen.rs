@@ -595,6 +595,8 @@ async fn run_level(
     };
     let setup_secs = t_setup.elapsed().as_secs_f64();
     let needs_pool = matches!(workload, "claim" | "claim-once" | "claim-n" | "preview");
+    // Previews of prefilled kubbis read random ones; otherwise each client walks the pool.
+    let random_preview = !prefilled.is_empty();
     let mut conns = Vec::with_capacity(clients);
     for c in 0..clients {
         conns.push(target.client(c).await);
@@ -613,7 +615,6 @@ async fn run_level(
         let pool = pool.clone();
         let cursor = cursor.clone();
         let workload = workload.to_string();
-        let prefilled = prefilled.clone();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
             let mut errors = 0u64;
@@ -650,10 +651,10 @@ async fn run_level(
                         client.claim_n(&pool[n % pool.len()]).await
                     }
                     "preview" => {
-                        let n = if prefilled.is_empty() {
-                            i as usize
-                        } else {
+                        let n = if random_preview {
                             rand::random_range(0..pool.len())
+                        } else {
+                            i as usize
                         };
                         client.preview(&pool[n % pool.len()]).await
                     }
@@ -960,11 +961,7 @@ async fn main() {
     }
 
     let mut rss = Value::Null;
-    if let (Some(n), Some(pid), Target::Kubbi { ctx, .. }) = (
-        opts.rss,
-        node.as_ref().and_then(|n| n.child.as_ref().map(Child::id)),
-        &target,
-    ) {
+    if let (Some(n), Some(pid), Target::Kubbi { ctx, .. }) = (opts.rss, node_pid, &target) {
         let before = rss_kib(pid);
         // Fill: n active kubbis (2 reads each, 2 h TTL). A fresh kubbi with a far deadline
         // starts passive: no actor until its first request.

@@ -85,19 +85,22 @@ impl Storage {
         // One block cache for every family, so memory stays bounded however many kubbis a node
         // holds; bloom filters so that looking up a key that is not there (request dedup, id and
         // token collision checks: three per create) skips the SSTs, and memtable blooms so it
-        // skips the memtable's skiplist too.
+        // skips the memtable's skiplist too. The raft log is only ever scanned by range: no
+        // filters there.
         let cache = rocksdb::Cache::new_lru_cache(64 << 20);
-        let table = || {
+        let table = |bloom: bool| {
             let mut t = rocksdb::BlockBasedOptions::default();
             t.set_block_cache(&cache);
-            t.set_bloom_filter(10.0, false);
-            t.set_whole_key_filtering(true);
-            t.set_cache_index_and_filter_blocks(true);
-            t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if bloom {
+                t.set_bloom_filter(10.0, false);
+                t.set_whole_key_filtering(true);
+                t.set_cache_index_and_filter_blocks(true);
+                t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            }
             t
         };
         let point_lookups = |o: &mut Options| {
-            o.set_block_based_table_factory(&table());
+            o.set_block_based_table_factory(&table(true));
             o.set_memtable_prefix_bloom_ratio(0.05);
             o.set_memtable_whole_key_filtering(true);
         };
@@ -105,7 +108,7 @@ impl Storage {
         let mut log_opts = Options::default();
         log_opts.set_compression_type(rocksdb::DBCompressionType::None);
         log_opts.set_write_buffer_size(32 << 20);
-        log_opts.set_block_based_table_factory(&table());
+        log_opts.set_block_based_table_factory(&table(false));
         let mut blob_opts = Options::default();
         point_lookups(&mut blob_opts);
         // Large sealed payloads go to blob files instead of being rewritten by every compaction.
@@ -116,7 +119,7 @@ impl Storage {
         state_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         point_lookups(&mut state_opts);
         let mut meta_opts = Options::default();
-        meta_opts.set_block_based_table_factory(&table());
+        meta_opts.set_block_based_table_factory(&table(true));
 
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_RAFT_LOG, log_opts),
