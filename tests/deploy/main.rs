@@ -234,6 +234,19 @@ async fn compose_cluster_serves_across_containers_and_survives_a_leader_stop() {
         }
     })
     .await;
+    // Every node, not only the first, must know a leader for every group before the test
+    // sends it work (a node still starting answers 503, as it should).
+    for api in &apis {
+        let api = api.clone();
+        common::eventually(Duration::from_secs(120), "every node ready", || {
+            let api = api.clone();
+            async move {
+                let r = api.http.get(api.url("/health/ready")).send().await.ok()?;
+                (r.status() == StatusCode::OK).then_some(())
+            }
+        })
+        .await;
+    }
 
     let (key, _) = apis[0].new_api_key(&admin, "compose").await;
     let c = apis[0]
@@ -245,6 +258,7 @@ async fn compose_cluster_serves_across_containers_and_survives_a_leader_stop() {
     assert_eq!(c.status, StatusCode::CREATED, "{:?}", c.body);
     let token = c.body["claim_token"].as_str().expect("t").to_string();
     let first = apis[1].claim(&token).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
     assert_eq!(first.body["content"], "across containers");
     assert_eq!(first.body["retrieval_count"], 1);
 
