@@ -8,6 +8,11 @@ use clap::{Parser, Subcommand};
 use kubbi::client::{Client, ClientError};
 use kubbi::config::ServeArgs;
 
+/// mimalloc instead of glibc's malloc for everything Rust allocates (RocksDB's C++ keeps its
+/// own): per-request buffers, futures and messages are many small short-lived allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "kubbi", version, about = "Self-hosted claim-check service")]
 struct Cli {
