@@ -726,8 +726,9 @@ fn pool_size(
     workload: &str,
     clients: usize,
 ) -> usize {
+    // Previews do not consume: 1,000 kubbis, or what fits in 1.5 GiB of payloads.
     if workload == "preview" {
-        return 1_000;
+        return ((1536usize << 20) / opts.payload.max(1)).clamp(clients.min(1_000), 1_000);
     }
     if let Some(p) = opts.pool {
         return p;
