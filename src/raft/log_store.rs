@@ -59,33 +59,32 @@ impl TailCache {
         }
         self.entries.push_back((entry, size));
         self.bytes += size;
-        while self.bytes > TAIL_CACHE_BYTES {
-            match self.entries.pop_front() {
-                Some((_, n)) => self.bytes -= n,
-                None => break,
-            }
+        while self.bytes > TAIL_CACHE_BYTES && self.pop_oldest() {}
+    }
+
+    /// Drops the oldest entry; `false` when there is none.
+    fn pop_oldest(&mut self) -> bool {
+        let popped = self.entries.pop_front();
+        if let Some((_, n)) = &popped {
+            self.bytes -= n;
         }
+        popped.is_some()
     }
 
     /// Drops entries at `index` and after.
     fn truncate_from(&mut self, index: u64) {
-        while self.entries.back().is_some_and(|(e, _)| e.index() >= index) {
-            if let Some((_, n)) = self.entries.pop_back() {
-                self.bytes -= n;
-            }
+        while let Some((e, n)) = self.entries.back()
+            && e.index() >= index
+        {
+            self.bytes -= n;
+            self.entries.pop_back();
         }
     }
 
     /// Drops entries up to and including `index`.
     fn purge_to(&mut self, index: u64) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|(e, _)| e.index() <= index)
-        {
-            if let Some((_, n)) = self.entries.pop_front() {
-                self.bytes -= n;
-            }
+        while self.first().is_some_and(|first| first <= index) {
+            self.pop_oldest();
         }
     }
 
