@@ -23,6 +23,7 @@
 //! `targets/`. `--server-pids` adds the CPU time the servers, the load generator and everything
 //! else used during each timed window.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -202,6 +203,11 @@ impl Ctx {
     }
 
     async fn create(&self, max: Option<u32>, ttl: u64) -> Option<String> {
+        self.try_create(max, ttl).await.ok()
+    }
+
+    /// A create; on failure, what kind of failure it was (see [`failure`]).
+    async fn try_create(&self, max: Option<u32>, ttl: u64) -> Result<String, String> {
         let r = self
             .http
             .post(format!("{}/api/v1/kubbis", self.url))
@@ -209,36 +215,73 @@ impl Ctx {
             .json(&json!({"content": self.payload, "max_retrievals": max, "ttl_seconds": ttl}))
             .send()
             .await
-            .ok()?;
-        if r.status().as_u16() != 201 {
-            return None;
-        }
-        let v: Value = r.json().await.ok()?;
-        v["claim_token"].as_str().map(String::from)
+            .map_err(|e| transport_failure(&e))?;
+        let body = expect_status(r, 201).await?;
+        let v: Value = serde_json::from_slice(&body).map_err(|_| "create: body not JSON")?;
+        v["claim_token"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| "create: no claim_token".into())
     }
 
-    async fn claim(&self, token: &str) -> bool {
-        match self
+    async fn claim(&self, token: &str) -> Op {
+        let r = self
             .http
             .post(format!("{}/r/{token}/claim", self.url))
             .send()
             .await
-        {
-            Ok(r) => r.status().as_u16() == 200 && r.bytes().await.is_ok(),
-            Err(_) => false,
-        }
+            .map_err(|e| transport_failure(&e))?;
+        expect_status(r, 200).await.map(drop)
     }
 
-    async fn preview(&self, token: &str) -> bool {
-        match self
+    async fn preview(&self, token: &str) -> Op {
+        let r = self
             .http
             .get(format!("{}/r/{token}", self.url))
             .send()
             .await
-        {
-            Ok(r) => r.status().as_u16() == 200 && r.bytes().await.is_ok(),
-            Err(_) => false,
-        }
+            .map_err(|e| transport_failure(&e))?;
+        expect_status(r, 200).await.map(drop)
+    }
+}
+
+/// The outcome of one timed operation: on failure, its kind (an HTTP status with the error
+/// envelope's `error` code, a transport failure, or a target's own reason). Kinds are counted
+/// per level, so a run shows why operations failed, not only how many.
+type Op = Result<(), String>;
+
+/// The body of a response with the expected status; otherwise the failure kind.
+async fn expect_status(r: reqwest::Response, want: u16) -> Result<bytes::Bytes, String> {
+    let status = r.status().as_u16();
+    let body = r.bytes().await.map_err(|e| transport_failure(&e))?;
+    if status == want {
+        return Ok(body);
+    }
+    let code = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(String::from))
+        .unwrap_or_else(|| "-".into());
+    Err(format!("http {status} {code}"))
+}
+
+fn transport_failure(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout".into()
+    } else if e.is_connect() {
+        "connect".into()
+    } else if e.is_body() || e.is_decode() {
+        "body".into()
+    } else {
+        "transport".into()
+    }
+}
+
+/// A target whose client reports success as a bool.
+fn failure(ok: bool, what: &str) -> Op {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{what} failed"))
     }
 }
 
@@ -285,63 +328,76 @@ fn key(run: u64, c: usize, i: u64) -> String {
 }
 
 impl Client {
-    async fn create(&mut self, key: &str) -> bool {
+    async fn create(&mut self, key: &str) -> Op {
         match self {
-            Client::Kubbi(ctx) => ctx.create(Some(1), 3600).await.is_some(),
-            Client::Redis { conn, payload, .. } => matches!(
-                conn.cmd(&[b"SET", key.as_bytes(), payload, b"EX", b"3600"])
-                    .await,
-                Ok(redis::Reply::Simple(_))
+            Client::Kubbi(ctx) => ctx.try_create(Some(1), 3600).await.map(drop),
+            Client::Redis { conn, payload, .. } => failure(
+                matches!(
+                    conn.cmd(&[b"SET", key.as_bytes(), payload, b"EX", b"3600"])
+                        .await,
+                    Ok(redis::Reply::Simple(_))
+                ),
+                "SET",
             ),
-            Client::Etcd(e) => e.create(key).await,
-            Client::EtcdGrpc(e) => e.create(key).await,
+            Client::Etcd(e) => failure(e.create(key).await, "put"),
+            Client::EtcdGrpc(e) => failure(e.create(key).await, "put"),
         }
     }
 
-    async fn claim(&mut self, token: &str) -> bool {
-        match self {
-            Client::Kubbi(ctx) => ctx.claim(token).await,
-            Client::Redis { conn, .. } => matches!(
-                conn.cmd(&[b"GETDEL", token.as_bytes()]).await,
-                Ok(redis::Reply::Bulk(_))
-            ),
-            Client::Etcd(e) => e.claim(token).await,
-            Client::EtcdGrpc(e) => e.claim(token).await,
-        }
-    }
-
-    async fn claim_n(&mut self, token: &str) -> bool {
+    async fn claim(&mut self, token: &str) -> Op {
         match self {
             Client::Kubbi(ctx) => ctx.claim(token).await,
-            Client::Redis { conn, sha, .. } => matches!(
-                conn.cmd(&[b"EVALSHA", sha.as_bytes(), b"1", token.as_bytes()])
-                    .await,
-                Ok(redis::Reply::Array(_))
+            Client::Redis { conn, .. } => failure(
+                matches!(
+                    conn.cmd(&[b"GETDEL", token.as_bytes()]).await,
+                    Ok(redis::Reply::Bulk(_))
+                ),
+                "GETDEL",
             ),
-            Client::Etcd(e) => e.claim_n(token).await,
-            Client::EtcdGrpc(e) => e.claim_n(token).await,
+            Client::Etcd(e) => failure(e.claim(token).await, "txn"),
+            Client::EtcdGrpc(e) => failure(e.claim(token).await, "txn"),
         }
     }
 
-    async fn preview(&mut self, token: &str) -> bool {
+    async fn claim_n(&mut self, token: &str) -> Op {
+        match self {
+            Client::Kubbi(ctx) => ctx.claim(token).await,
+            Client::Redis { conn, sha, .. } => failure(
+                matches!(
+                    conn.cmd(&[b"EVALSHA", sha.as_bytes(), b"1", token.as_bytes()])
+                        .await,
+                    Ok(redis::Reply::Array(_))
+                ),
+                "EVALSHA",
+            ),
+            Client::Etcd(e) => failure(e.claim_n(token).await, "cas"),
+            Client::EtcdGrpc(e) => failure(e.claim_n(token).await, "cas"),
+        }
+    }
+
+    async fn preview(&mut self, token: &str) -> Op {
         match self {
             Client::Kubbi(ctx) => ctx.preview(token).await,
-            Client::Redis { conn, .. } => matches!(
-                conn.cmd(&[b"GET", token.as_bytes()]).await,
-                Ok(redis::Reply::Bulk(_))
+            Client::Redis { conn, .. } => failure(
+                matches!(
+                    conn.cmd(&[b"GET", token.as_bytes()]).await,
+                    Ok(redis::Reply::Bulk(_))
+                ),
+                "GET",
             ),
-            Client::Etcd(e) => e.preview(token).await,
-            Client::EtcdGrpc(e) => e.preview(token).await,
+            Client::Etcd(e) => failure(e.preview(token).await, "range"),
+            Client::EtcdGrpc(e) => failure(e.preview(token).await, "range"),
         }
     }
 
-    async fn mixed(&mut self) -> bool {
+    async fn mixed(&mut self) -> Op {
         match self {
-            Client::Kubbi(ctx) => match ctx.create(Some(1), 3600).await {
-                Some(t) => ctx.preview(&t).await && ctx.claim(&t).await,
-                None => false,
-            },
-            _ => false,
+            Client::Kubbi(ctx) => {
+                let t = ctx.try_create(Some(1), 3600).await?;
+                ctx.preview(&t).await?;
+                ctx.claim(&t).await
+            }
+            _ => Err("mixed: kubbi only".into()),
         }
     }
 }
@@ -563,7 +619,8 @@ struct Result1 {
     workload: String,
     clients: usize,
     ops: u64,
-    errors: u64,
+    /// Failed operations by kind (see [`Op`]).
+    errors: BTreeMap<String, u64>,
     secs: f64,
     hist: Histogram<u64>,
     pool: usize,
@@ -607,6 +664,8 @@ async fn run_level(
     let cursor = Arc::new(AtomicUsize::new(0));
     let load = loadavg();
     let cpu0 = cpu_snapshot(pids);
+    // benches/profile starts sampling at this line (claim pools are made before it, untimed).
+    eprintln!("loadgen: timed window starts: {workload} at {clients} clients");
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (c, conn) in conns.into_iter().enumerate() {
@@ -617,9 +676,10 @@ async fn run_level(
         let workload = workload.to_string();
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-            let mut errors = 0u64;
+            let mut errors = BTreeMap::<String, u64>::new();
             let Some(mut client) = conn else {
-                return (h, 1);
+                errors.insert("no connection".into(), 1);
+                return (h, errors);
             };
             let mut i = c as u64;
             let run_out = || {
@@ -629,7 +689,7 @@ async fn run_level(
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let t0 = Instant::now();
-                let ok = match workload.as_str() {
+                let r = match workload.as_str() {
                     "create" => client.create(&key(run, c, i)).await,
                     "claim" | "claim-once" => {
                         let n = cursor.fetch_add(1, Ordering::Relaxed);
@@ -660,10 +720,11 @@ async fn run_level(
                     }
                     _ => client.mixed().await,
                 };
-                if ok {
-                    let _ = h.record(t0.elapsed().as_micros() as u64);
-                } else {
-                    errors += 1;
+                match r {
+                    Ok(()) => {
+                        let _ = h.record(t0.elapsed().as_micros() as u64);
+                    }
+                    Err(kind) => *errors.entry(kind).or_default() += 1,
                 }
             }
             (h, errors)
@@ -675,11 +736,13 @@ async fn run_level(
     }
     stop.store(true, Ordering::Relaxed);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    let mut errors = 0;
+    let mut errors = BTreeMap::<String, u64>::new();
     for t in tasks {
         if let Ok((h, e)) = t.await {
             let _ = hist.add(&h);
-            errors += e;
+            for (kind, n) in e {
+                *errors.entry(kind).or_default() += n;
+            }
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -711,6 +774,16 @@ async fn run_level(
         conflicts,
         cpu,
     }
+}
+
+/// `0`, or the count followed by each kind: `3 (http 503 unavailable: 2, timeout: 1)`.
+fn error_summary(errors: &BTreeMap<String, u64>) -> String {
+    let n: u64 = errors.values().sum();
+    if n == 0 {
+        return "0".into();
+    }
+    let kinds: Vec<String> = errors.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!("{n} ({})", kinds.join(", "))
 }
 
 fn ms(us: u64) -> f64 {
@@ -941,7 +1014,7 @@ async fn main() {
                 ms(r.hist.value_at_quantile(0.9)),
                 ms(r.hist.value_at_quantile(0.99)),
                 ms(r.hist.value_at_quantile(0.999)),
-                r.errors,
+                error_summary(&r.errors),
                 if r.pool_exhausted {
                     format!(" pool of {} ran out after {:.1} s", r.pool, r.secs)
                 } else {
@@ -951,7 +1024,7 @@ async fn main() {
             rows.push(json!({
                 "target": target.name(), "workload": r.workload, "clients": r.clients,
                 "ops": r.ops, "seconds": r.secs,
-                "ops_per_sec": rate, "errors": r.errors,
+                "ops_per_sec": rate, "errors": r.errors.values().sum::<u64>(), "error_kinds": r.errors,
                 "p50_ms": ms(r.hist.value_at_quantile(0.5)), "p90_ms": ms(r.hist.value_at_quantile(0.9)),
                 "p99_ms": ms(r.hist.value_at_quantile(0.99)), "p999_ms": ms(r.hist.value_at_quantile(0.999)),
                 "max_ms": ms(r.hist.max()), "mean_ms": r.hist.mean() / 1000.0,
@@ -999,7 +1072,7 @@ async fn main() {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(t) = tokens.get(i) else { break };
-                    ctx.claim(t).await;
+                    let _ = ctx.claim(t).await;
                 }
             }));
         }

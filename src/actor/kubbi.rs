@@ -4,7 +4,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::concurrency::JoinHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef, MessagingErr};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -116,6 +117,9 @@ pub struct KubbiState {
     last_activity: Instant,
     expire_proposed: bool,
     passivating: bool,
+    /// The pending wake; aborted when re-armed or stopped, so that a stopped actor's cell
+    /// (its mailboxes) is freed at once instead of when the timer would have fired.
+    timer: Option<JoinHandle<Result<(), MessagingErr<KubbiMsg>>>>,
 }
 
 /// The actor of one kubbi. Stateless itself; everything lives in [`KubbiState`].
@@ -175,6 +179,36 @@ impl KubbiState {
         tokio::spawn(tracing::Instrument::instrument(fut, span));
     }
 
+    /// A claim of the existing kubbi `k`: proposed now, refused (ended), or queued.
+    fn claim(
+        &mut self,
+        myself: &ActorRef<KubbiMsg>,
+        k: Known,
+        request_id: RequestId,
+        idempotency: Option<ClaimIdempotency>,
+        reply: KubbiReply,
+        span: tracing::Span,
+    ) {
+        if idempotency.is_some() {
+            // A retry must get its remembered result even after the kubbi ended.
+            let cmd = Command::Claim {
+                token_hash: k.token_hash,
+                idempotency,
+            };
+            self.propose(myself, request_id, cmd, Some(reply), &span);
+        } else if let Some(s) = self.terminal() {
+            let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
+        } else if self.has_capacity() && self.waiting.is_empty() {
+            let cmd = Command::Claim {
+                token_hash: k.token_hash,
+                idempotency: None,
+            };
+            self.propose(myself, request_id, cmd, Some(reply), &span);
+        } else {
+            self.waiting.push_back((request_id, reply, span));
+        }
+    }
+
     /// Starts queued claims while there is capacity; rejects them all once the kubbi has ended.
     fn drain(&mut self, myself: &ActorRef<KubbiMsg>) {
         while let Some((request_id, reply, span)) = self.waiting.pop_front() {
@@ -198,7 +232,26 @@ impl KubbiState {
         }
     }
 
-    fn arm(&self, myself: &ActorRef<KubbiMsg>) {
+    /// Asks the shard to forget and stop this actor (it answers with [`KubbiMsg::Stop`]).
+    fn passivate(&mut self, myself: &ActorRef<KubbiMsg>) {
+        self.passivating = true;
+        let _ = self.shard.send_message(ShardMsg::Passivate {
+            id: self.id,
+            actor: myself.get_id(),
+        });
+    }
+
+    /// Whether the kubbi has ended (or does not exist) and nothing is left to answer: later
+    /// requests are refused as well by a fresh actor reading the record, so this one need not
+    /// wait out `idle`.
+    fn done_for_good(&self) -> bool {
+        (self.known.is_none() || self.terminal().is_some())
+            && self.in_flight == 0
+            && self.waiting.is_empty()
+            && !self.passivating
+    }
+
+    fn arm(&mut self, myself: &ActorRef<KubbiMsg>) {
         let mut delay =
             (self.last_activity + self.ctx.idle).saturating_duration_since(Instant::now());
         if let Some(k) = self.known
@@ -208,7 +261,11 @@ impl KubbiState {
             let until_expiry = k.expires_at.saturating_sub(self.ctx.clock.now());
             delay = delay.min(Duration::from_millis(until_expiry));
         }
-        myself.send_after(delay.max(Duration::from_millis(1)), || KubbiMsg::Wake);
+        if let Some(t) = self.timer.take() {
+            t.abort();
+        }
+        self.timer =
+            Some(myself.send_after(delay.max(Duration::from_millis(1)), || KubbiMsg::Wake));
     }
 }
 
@@ -229,7 +286,7 @@ impl Actor for KubbiActor {
                 read_kubbi(&view, &args.id)?
             }
         };
-        let state = KubbiState {
+        let mut state = KubbiState {
             id: args.id,
             ctx: args.ctx,
             shard: args.shard,
@@ -239,9 +296,21 @@ impl Actor for KubbiActor {
             last_activity: Instant::now(),
             expire_proposed: false,
             passivating: false,
+            timer: None,
         };
         state.arm(&myself);
         Ok(state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<KubbiMsg>,
+        st: &mut KubbiState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = st.timer.take() {
+            t.abort();
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -250,6 +319,11 @@ impl Actor for KubbiActor {
         msg: KubbiMsg,
         st: &mut KubbiState,
     ) -> Result<(), ActorProcessingErr> {
+        // Whether this message may leave the actor with nothing more to do.
+        let may_settle = matches!(
+            msg,
+            KubbiMsg::Claim { .. } | KubbiMsg::Delete { .. } | KubbiMsg::Done(_)
+        );
         match msg {
             KubbiMsg::Claim {
                 request_id,
@@ -258,27 +332,10 @@ impl Actor for KubbiActor {
                 span,
             } => {
                 st.last_activity = Instant::now();
-                let Some(k) = st.known else {
-                    let _ = reply.send(Ok(Outcome::Rejected(Rejection::NotFound)));
-                    return Ok(());
-                };
-                if idempotency.is_some() {
-                    // A retry must get its remembered result even after the kubbi ended.
-                    let cmd = Command::Claim {
-                        token_hash: k.token_hash,
-                        idempotency,
-                    };
-                    st.propose(&myself, request_id, cmd, Some(reply), &span);
-                } else if let Some(s) = st.terminal() {
-                    let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
-                } else if st.has_capacity() && st.waiting.is_empty() {
-                    let cmd = Command::Claim {
-                        token_hash: k.token_hash,
-                        idempotency: None,
-                    };
-                    st.propose(&myself, request_id, cmd, Some(reply), &span);
+                if let Some(k) = st.known {
+                    st.claim(&myself, k, request_id, idempotency, reply, span);
                 } else {
-                    st.waiting.push_back((request_id, reply, span));
+                    let _ = reply.send(Ok(Outcome::Rejected(Rejection::NotFound)));
                 }
             }
             KubbiMsg::Delete {
@@ -320,11 +377,7 @@ impl Actor for KubbiActor {
                 }
                 let idle = st.last_activity.elapsed() >= st.ctx.idle;
                 if idle && st.in_flight == 0 && st.waiting.is_empty() {
-                    st.passivating = true;
-                    let _ = st.shard.send_message(ShardMsg::Passivate {
-                        id: st.id,
-                        actor: myself.get_id(),
-                    });
+                    st.passivate(&myself);
                 } else {
                     st.arm(&myself);
                 }
@@ -347,6 +400,11 @@ impl Actor for KubbiActor {
                 }
                 myself.stop(None);
             }
+        }
+        if may_settle && st.done_for_good() {
+            // Burned, deleted or expired: free the actor now (a burn-after-read workload would
+            // otherwise keep one live actor per claim for `idle`).
+            st.passivate(&myself);
         }
         Ok(())
     }

@@ -12,8 +12,13 @@ use crate::state::KubbiRecord;
 
 /// Messages of a [`ShardActor`].
 pub enum ShardMsg {
-    /// Deliver `msg` to the actor of `id`, activating it if needed.
-    Route { id: KubbiId, msg: KubbiMsg },
+    /// Deliver `msg` to the actor of `id`, activating it if needed. `record`: the kubbi as
+    /// the router just read it from this replica, so that a fresh actor need not read it again.
+    Route {
+        id: KubbiId,
+        msg: KubbiMsg,
+        record: Option<KubbiRecord>,
+    },
     /// A kubbi was just created: activate its actor with the record in hand.
     Activate { record: KubbiRecord },
     /// The actor `actor` of `id` has been idle: forget it and stop it.
@@ -87,15 +92,15 @@ impl Actor for ShardActor {
         st: &mut ShardState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMsg::Route { id, msg } => {
-                let actor = match st.live.get(&id) {
-                    Some(a) => a.clone(),
-                    None => st.spawn(&myself, id, None)?,
+            ShardMsg::Route { id, msg, record } => {
+                let (actor, record) = match st.live.get(&id) {
+                    Some(a) => (a.clone(), record),
+                    None => (st.spawn(&myself, id, record)?, None),
                 };
                 if let Err(ractor::MessagingErr::SendErr(msg)) = actor.send_message(msg) {
                     // It stopped before its termination reached us: replace it.
                     st.forget(&id, actor.get_id());
-                    let fresh = st.spawn(&myself, id, None)?;
+                    let fresh = st.spawn(&myself, id, record)?;
                     if fresh.send_message(msg).is_err() {
                         tracing::warn!(
                             shard = st.ctx.group,

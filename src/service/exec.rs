@@ -19,8 +19,8 @@ use crate::raft::client::{self, RaftClientError};
 use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
-    Blob, Command, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError, Table, keys,
-    read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage,
+    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError,
+    Table, keys, read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage,
 };
 use crate::storage::Storage;
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -152,7 +152,7 @@ impl Executor {
                 let Some(record) = record else {
                     return Ok(ShardReply::Outcome(Outcome::Rejected(Rejection::NotFound)));
                 };
-                self.route(lg, record.id, |reply| KubbiMsg::Claim {
+                self.route(lg, record.id, Some(record), |reply| KubbiMsg::Claim {
                     request_id,
                     idempotency,
                     reply,
@@ -166,7 +166,7 @@ impl Executor {
                 owner,
             } => {
                 self.must_lead(raft)?;
-                self.route(lg, id, |reply| KubbiMsg::Delete {
+                self.route(lg, id, None, |reply| KubbiMsg::Delete {
                     request_id,
                     owner,
                     reply,
@@ -301,14 +301,21 @@ impl Executor {
         &self,
         lg: &LocalGroup,
         id: KubbiId,
+        record: Option<KubbiRecord>,
         make: impl Fn(crate::actor::KubbiReply) -> KubbiMsg,
     ) -> Result<ShardReply, ExecError> {
         let actor = lg.actor.as_ref().ok_or(ExecError::NoSuchGroup)?;
-        // A reply port dropped unanswered means the actor stopped mid-way: route once more.
+        // A reply port dropped unanswered means the actor stopped mid-way: route once more
+        // (then the fresh actor reads the record itself: this one may be out of date).
+        let mut record = record;
         for _ in 0..2 {
             let (tx, rx) = oneshot::channel();
             actor
-                .send_message(ShardMsg::Route { id, msg: make(tx) })
+                .send_message(ShardMsg::Route {
+                    id,
+                    msg: make(tx),
+                    record: record.take(),
+                })
                 .map_err(|_| ExecError::Unavailable("the shard actor is not running".into()))?;
             if let Ok(r) = rx.await {
                 return r.map(ShardReply::Outcome).map_err(from_raft);

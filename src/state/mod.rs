@@ -370,6 +370,17 @@ pub enum Command {
 }
 
 impl Command {
+    /// Bytes of sealed payload the command carries (what makes a raft entry big).
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Self::Create(c) => {
+                c.parts.iter().map(|p| p.0.len()).sum::<usize>()
+                    + c.manifest.as_ref().map_or(0, |m| m.0.len())
+            }
+            _ => 0,
+        }
+    }
+
     /// The command's name, for logs and spans.
     pub fn name(&self) -> &'static str {
         match self {

@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use openraft::EntryPayload;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
@@ -17,7 +18,7 @@ use serde::de::DeserializeOwned;
 use super::messages::SnapshotPart;
 use super::{Peers, TransportError};
 use crate::ids::GroupId;
-use crate::raft::{NodeId, NodeInfo, Snapshot, SnapshotData, TypeConfig, Vote};
+use crate::raft::{Entry, NodeId, NodeInfo, Snapshot, SnapshotData, TypeConfig, Vote};
 
 /// Creates connections for one group. Without peers (a single node), every connection reports
 /// its target unreachable.
@@ -68,6 +69,34 @@ fn rpc_error(e: TransportError) -> RPCError<TypeConfig> {
     }
 }
 
+/// Payload bytes one AppendEntries carries at most, unless its first entry alone is bigger.
+const APPEND_BATCH_BYTES: usize = 8 << 20;
+
+/// Extra time an AppendEntries gets per MiB of payload, on top of openraft's timeout (a fraction
+/// of the heartbeat interval, sized for small entries): the transfer and the follower's write
+/// and fsync of a large batch take longer, and timing it out would only resend it.
+const APPEND_TIME_PER_MIB: Duration = Duration::from_millis(100);
+
+/// How many of `entries` go in one request and their payload bytes.
+fn batch_prefix(entries: &[Entry]) -> (usize, usize) {
+    let mut bytes = 0;
+    for (i, e) in entries.iter().enumerate() {
+        let b = match &e.payload {
+            EntryPayload::Normal(req) => req.cmd.payload_bytes(),
+            _ => 0,
+        };
+        if i > 0 && bytes + b > APPEND_BATCH_BYTES {
+            return (i, bytes);
+        }
+        bytes += b;
+    }
+    (entries.len(), bytes)
+}
+
+fn append_timeout(base: Duration, bytes: usize) -> Duration {
+    base + APPEND_TIME_PER_MIB * u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX)
+}
+
 impl Connection {
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -96,10 +125,25 @@ impl RaftNetworkV2<TypeConfig> for Connection {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("append", &rpc, option.soft_ttl()).await
+        // openraft bounds a batch by entries only (300): with large payloads that is hundreds
+        // of MiB, over the peer's body limit and its time budget, and replication would retry
+        // the same batch for ever. Send a prefix of at most APPEND_BATCH_BYTES (always at least
+        // one entry) and report how far it got; openraft sends the rest next.
+        let (keep, bytes) = batch_prefix(&rpc.entries);
+        let partial = keep < rpc.entries.len();
+        rpc.entries.truncate(keep);
+        let last = rpc.entries.last().map(|e| e.log_id);
+        let timeout = append_timeout(option.soft_ttl(), bytes);
+        let resp: AppendEntriesResponse<TypeConfig> = self.call("append", &rpc, timeout).await?;
+        Ok(match resp {
+            AppendEntriesResponse::Success if partial => {
+                AppendEntriesResponse::PartialSuccess(last)
+            }
+            other => other,
+        })
     }
 
     async fn vote(
@@ -173,5 +217,74 @@ impl RaftNetworkV2<TypeConfig> for Connection {
             closed = cancel => Err(StreamingError::Closed(closed)),
             r = send => r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ApiKeyId, KubbiId, RequestId, TokenHash};
+    use crate::state::{Blob, Body, Command, Create, Request};
+
+    const MIB: usize = 1 << 20;
+
+    fn blank(index: u64) -> Entry {
+        openraft::testing::blank_ent::<TypeConfig>(1, 1, index)
+    }
+
+    /// An entry creating a kubbi with `payload` bytes of sealed content.
+    fn create(index: u64, payload: usize) -> Entry {
+        let mut e = blank(index);
+        e.payload = EntryPayload::Normal(Request {
+            request_id: RequestId::random(),
+            now: 0,
+            cmd: Command::Create(Box::new(Create {
+                id: KubbiId::new_in_shard(0),
+                owner: ApiKeyId([1; 16]),
+                token_hash: TokenHash([2; 32]),
+                ttl_ms: 60_000,
+                max_retrievals: Some(1),
+                body: Body::Single {
+                    content_type: "text/plain".into(),
+                },
+                metadata: None,
+                parts: vec![Blob(vec![0; payload])],
+                manifest: None,
+                retention_ms: 0,
+                idempotency: None,
+                quota: None,
+            })),
+        });
+        e
+    }
+
+    #[test]
+    fn a_batch_stops_before_the_byte_budget_but_always_carries_one_entry() {
+        // Small entries: all of them.
+        let small: Vec<Entry> = (1..=300).map(|i| create(i, 1024)).collect();
+        assert_eq!(batch_prefix(&small), (300, 300 * 1024));
+        // 16 MiB entries: one per request, however many are waiting.
+        let big: Vec<Entry> = (1..=5).map(|i| create(i, 16 * MIB)).collect();
+        assert_eq!(batch_prefix(&big), (1, 16 * MIB));
+        // Up to the budget exactly, and not one byte past it; blank entries weigh nothing.
+        let mixed = vec![
+            create(1, 5 * MIB),
+            blank(2),
+            create(3, 3 * MIB),
+            create(4, 1),
+        ];
+        assert_eq!(batch_prefix(&mixed), (3, 8 * MIB));
+        assert_eq!(batch_prefix(&[]), (0, 0));
+    }
+
+    #[test]
+    fn a_big_batch_gets_time_for_its_bytes() {
+        let base = Duration::from_millis(75);
+        assert_eq!(append_timeout(base, 0), base);
+        assert_eq!(append_timeout(base, 1), base + APPEND_TIME_PER_MIB);
+        assert_eq!(
+            append_timeout(base, 8 * MIB),
+            base + APPEND_TIME_PER_MIB * 8
+        );
     }
 }

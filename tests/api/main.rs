@@ -489,6 +489,69 @@ async fn unknown_and_malformed_tokens_are_not_found() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_kubbis_actor_stops_without_waiting_for_idle() {
+    // Idle is far away: only ending (burn, delete) may free these actors within the test.
+    let n = TestNode::start_with(|c| c.actor_idle = std::time::Duration::from_secs(300)).await;
+    let make = |max: u32| {
+        let api = n.api.clone();
+        let key = n.key.clone();
+        async move {
+            let c = api
+                .create(
+                    &key,
+                    json!({"content": "v", "max_retrievals": max, "ttl_seconds": 3600}),
+                )
+                .await;
+            assert_eq!(c.status, StatusCode::CREATED);
+            (
+                token_of(&c.body),
+                c.body["id"].as_str().expect("id").to_string(),
+            )
+        }
+    };
+    let mut burned = Vec::new();
+    for _ in 0..5 {
+        let (t, _) = make(1).await;
+        assert_eq!(n.api.claim(&t).await.body["burned"], true);
+        burned.push(t);
+    }
+    for _ in 0..3 {
+        let (t, _) = make(3).await;
+        assert_eq!(n.api.claim(&t).await.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        let (t, id) = make(3).await;
+        assert_eq!(n.api.claim(&t).await.status, StatusCode::OK);
+        assert_eq!(n.api.delete(&n.key, &id).await.status, StatusCode::OK);
+    }
+    let svc = n.handle().service.clone();
+    let live = || {
+        let svc = svc.clone();
+        async move { (svc.live_actors().await == 3).then_some(()) }
+    };
+    // The three multi-read kubbis keep their actors; the burned and deleted ones do not.
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "ended actors stop",
+        live,
+    )
+    .await;
+    // A later claim of a burned kubbi is still refused, by a fresh actor that stops as well.
+    for t in &burned {
+        let r = n.api.claim(t).await;
+        assert_eq!(r.status, StatusCode::GONE);
+        assert_eq!(r.body["status"], "burned");
+    }
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "refusing actors stop",
+        live,
+    )
+    .await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_activate_on_demand_and_passivate_when_idle() {
     let n = TestNode::start_with(|c| c.actor_idle = std::time::Duration::from_millis(1500)).await;
     let mut tokens = Vec::new();
