@@ -276,6 +276,14 @@ fn transport_failure(e: &reqwest::Error) -> String {
     }
 }
 
+/// One Redis command, successful when `ok` accepts its reply; a failure is named after it.
+async fn redis_op(conn: &mut redis::Conn, args: &[&[u8]], ok: fn(&redis::Reply) -> bool) -> Op {
+    match conn.cmd(args).await {
+        Ok(r) if ok(&r) => Ok(()),
+        _ => Err(format!("{} failed", String::from_utf8_lossy(args[0]))),
+    }
+}
+
 /// A target whose client reports success as a bool.
 fn failure(ok: bool, what: &str) -> Op {
     if ok {
@@ -331,14 +339,14 @@ impl Client {
     async fn create(&mut self, key: &str) -> Op {
         match self {
             Client::Kubbi(ctx) => ctx.try_create(Some(1), 3600).await.map(drop),
-            Client::Redis { conn, payload, .. } => failure(
-                matches!(
-                    conn.cmd(&[b"SET", key.as_bytes(), payload, b"EX", b"3600"])
-                        .await,
-                    Ok(redis::Reply::Simple(_))
-                ),
-                "SET",
-            ),
+            Client::Redis { conn, payload, .. } => {
+                redis_op(
+                    conn,
+                    &[b"SET", key.as_bytes(), payload, b"EX", b"3600"],
+                    |r| matches!(r, redis::Reply::Simple(_)),
+                )
+                .await
+            }
             Client::Etcd(e) => failure(e.create(key).await, "put"),
             Client::EtcdGrpc(e) => failure(e.create(key).await, "put"),
         }
@@ -347,13 +355,12 @@ impl Client {
     async fn claim(&mut self, token: &str) -> Op {
         match self {
             Client::Kubbi(ctx) => ctx.claim(token).await,
-            Client::Redis { conn, .. } => failure(
-                matches!(
-                    conn.cmd(&[b"GETDEL", token.as_bytes()]).await,
-                    Ok(redis::Reply::Bulk(_))
-                ),
-                "GETDEL",
-            ),
+            Client::Redis { conn, .. } => {
+                redis_op(conn, &[b"GETDEL", token.as_bytes()], |r| {
+                    matches!(r, redis::Reply::Bulk(_))
+                })
+                .await
+            }
             Client::Etcd(e) => failure(e.claim(token).await, "txn"),
             Client::EtcdGrpc(e) => failure(e.claim(token).await, "txn"),
         }
@@ -362,14 +369,14 @@ impl Client {
     async fn claim_n(&mut self, token: &str) -> Op {
         match self {
             Client::Kubbi(ctx) => ctx.claim(token).await,
-            Client::Redis { conn, sha, .. } => failure(
-                matches!(
-                    conn.cmd(&[b"EVALSHA", sha.as_bytes(), b"1", token.as_bytes()])
-                        .await,
-                    Ok(redis::Reply::Array(_))
-                ),
-                "EVALSHA",
-            ),
+            Client::Redis { conn, sha, .. } => {
+                redis_op(
+                    conn,
+                    &[b"EVALSHA", sha.as_bytes(), b"1", token.as_bytes()],
+                    |r| matches!(r, redis::Reply::Array(_)),
+                )
+                .await
+            }
             Client::Etcd(e) => failure(e.claim_n(token).await, "cas"),
             Client::EtcdGrpc(e) => failure(e.claim_n(token).await, "cas"),
         }
@@ -378,13 +385,12 @@ impl Client {
     async fn preview(&mut self, token: &str) -> Op {
         match self {
             Client::Kubbi(ctx) => ctx.preview(token).await,
-            Client::Redis { conn, .. } => failure(
-                matches!(
-                    conn.cmd(&[b"GET", token.as_bytes()]).await,
-                    Ok(redis::Reply::Bulk(_))
-                ),
-                "GET",
-            ),
+            Client::Redis { conn, .. } => {
+                redis_op(conn, &[b"GET", token.as_bytes()], |r| {
+                    matches!(r, redis::Reply::Bulk(_))
+                })
+                .await
+            }
             Client::Etcd(e) => failure(e.preview(token).await, "range"),
             Client::EtcdGrpc(e) => failure(e.preview(token).await, "range"),
         }

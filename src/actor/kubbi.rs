@@ -179,6 +179,22 @@ impl KubbiState {
         tokio::spawn(tracing::Instrument::instrument(fut, span));
     }
 
+    fn propose_claim(
+        &mut self,
+        myself: &ActorRef<KubbiMsg>,
+        k: Known,
+        idempotency: Option<ClaimIdempotency>,
+        request_id: RequestId,
+        reply: KubbiReply,
+        span: &tracing::Span,
+    ) {
+        let cmd = Command::Claim {
+            token_hash: k.token_hash,
+            idempotency,
+        };
+        self.propose(myself, request_id, cmd, Some(reply), span);
+    }
+
     /// A claim of the existing kubbi `k`: proposed now, refused (ended), or queued.
     fn claim(
         &mut self,
@@ -191,19 +207,11 @@ impl KubbiState {
     ) {
         if idempotency.is_some() {
             // A retry must get its remembered result even after the kubbi ended.
-            let cmd = Command::Claim {
-                token_hash: k.token_hash,
-                idempotency,
-            };
-            self.propose(myself, request_id, cmd, Some(reply), &span);
+            self.propose_claim(myself, k, idempotency, request_id, reply, &span);
         } else if let Some(s) = self.terminal() {
             let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
         } else if self.has_capacity() && self.waiting.is_empty() {
-            let cmd = Command::Claim {
-                token_hash: k.token_hash,
-                idempotency: None,
-            };
-            self.propose(myself, request_id, cmd, Some(reply), &span);
+            self.propose_claim(myself, k, None, request_id, reply, &span);
         } else {
             self.waiting.push_back((request_id, reply, span));
         }
@@ -224,11 +232,7 @@ impl KubbiState {
                 let _ = reply.send(Ok(Outcome::Rejected(Rejection::NotFound)));
                 continue;
             };
-            let cmd = Command::Claim {
-                token_hash: k.token_hash,
-                idempotency: None,
-            };
-            self.propose(myself, request_id, cmd, Some(reply), &span);
+            self.propose_claim(myself, k, None, request_id, reply, &span);
         }
     }
 
@@ -386,13 +390,7 @@ impl Actor for KubbiActor {
                 // Queued claims still deserve an answer: propose them (the state machine decides).
                 while let Some((request_id, reply, span)) = st.waiting.pop_front() {
                     match st.known {
-                        Some(k) => {
-                            let cmd = Command::Claim {
-                                token_hash: k.token_hash,
-                                idempotency: None,
-                            };
-                            st.propose(&myself, request_id, cmd, Some(reply), &span);
-                        }
+                        Some(k) => st.propose_claim(&myself, k, None, request_id, reply, &span),
                         None => {
                             let _ = reply.send(Ok(Outcome::Rejected(Rejection::NotFound)));
                         }

@@ -301,13 +301,12 @@ impl Executor {
         &self,
         lg: &LocalGroup,
         id: KubbiId,
-        record: Option<KubbiRecord>,
+        mut record: Option<KubbiRecord>,
         make: impl Fn(crate::actor::KubbiReply) -> KubbiMsg,
     ) -> Result<ShardReply, ExecError> {
         let actor = lg.actor.as_ref().ok_or(ExecError::NoSuchGroup)?;
         // A reply port dropped unanswered means the actor stopped mid-way: route once more
         // (then the fresh actor reads the record itself: this one may be out of date).
-        let mut record = record;
         for _ in 0..2 {
             let (tx, rx) = oneshot::channel();
             actor
