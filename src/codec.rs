@@ -36,18 +36,26 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     const MIB: usize = 1 << 20;
     const GIB: usize = 1 << 30;
     let standard = bincode::config::standard();
-    // A valid encoding never claims more than its own length (only strings and byte buffers
-    // claim, and their bytes are in the input), so the limit of the input's size class never
-    // refuses one. Three classes bound the allocation by the class without instantiating the
-    // decoder for every size.
-    if bytes.len() <= 64 * KIB {
+    // bincode's limit counts what decoding claims: the length of every string and byte buffer,
+    // and the in-memory size of every integer and length prefix however few bytes its varint
+    // took (a u64 claims 8 for one byte, a u128 16). So a valid encoding claims at most
+    // CLAIMS_PER_BYTE times its own length, and the class of that bound never refuses one.
+    // Three classes bound the allocation by the class without instantiating the decoder for
+    // every size.
+    let claims = bytes.len().saturating_mul(CLAIMS_PER_BYTE);
+    if claims <= 64 * KIB {
         decode_limited(what, bytes, standard.with_limit::<{ 64 * KIB }>())
-    } else if bytes.len() <= 64 * MIB {
+    } else if claims <= 64 * MIB {
         decode_limited(what, bytes, standard.with_limit::<{ 64 * MIB }>())
     } else {
         decode_limited(what, bytes, standard.with_limit::<{ 4 * GIB }>())
     }
 }
+
+/// The most bytes bincode claims toward its limit per encoded byte (a u128 in a one-byte
+/// varint). Inputs above 4 GiB / 16 = 256 MiB could exceed the largest class; none of ours
+/// comes near (internal bodies stop at 64 MiB).
+const CLAIMS_PER_BYTE: usize = 16;
 
 /// Decodes with `config`, whose limit caps the bytes that strings and byte buffers may claim.
 ///
@@ -117,6 +125,32 @@ mod tests {
         short.extend_from_slice(&60_000u16.to_le_bytes());
         short.extend_from_slice(&[b'x'; 10]);
         assert!(decode::<String>("string", &short).is_err());
+    }
+
+    /// Small integers claim their in-memory size: 60 KB of one-byte u64s claims 480 KB, and
+    /// was refused as over the 64 KiB class (raft batches of small entries near 64 KiB were
+    /// refused by every follower, for ever).
+    #[test]
+    fn encodings_of_many_small_integers_decode_at_every_size() {
+        for n in [
+            1,
+            4 * 1024 - 1,
+            4 * 1024,
+            4 * 1024 + 1,
+            60_000,
+            64 * 1024,
+            300_000,
+        ] {
+            let v: Vec<u64> = (0..n as u64).map(|i| i % 100).collect();
+            let bytes = encode(&v);
+            assert_eq!(decode::<Vec<u64>>("u64s", &bytes).expect("u64s decode"), v);
+            let w: Vec<u128> = vec![1; n];
+            let bytes = encode(&w);
+            assert_eq!(
+                decode::<Vec<u128>>("u128s", &bytes).expect("u128s decode"),
+                w
+            );
+        }
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub struct RaftTuning {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log behind it) after this many entries.
     pub snapshot_every_entries: u64,
+    /// ... or after a group's log took in this many bytes, whichever comes first: 20,000
+    /// entries of 1 MiB payloads would hold 20 GB of log.
+    pub snapshot_every_bytes: u64,
 }
 
 impl Default for RaftTuning {
@@ -81,6 +84,7 @@ impl Default for RaftTuning {
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
             snapshot_every_entries: 20_000,
+            snapshot_every_bytes: 128 << 20,
         }
     }
 }
@@ -516,6 +520,9 @@ pub struct ServeArgs {
     /// Build a snapshot of a group (and purge its log behind it) every this many entries.
     #[arg(long, env = "KUBBI_RAFT_SNAPSHOT_EVERY", default_value_t = 20_000)]
     pub raft_snapshot_every: u64,
+    /// ... or once its log took in this many MiB, whichever comes first.
+    #[arg(long, env = "KUBBI_RAFT_SNAPSHOT_EVERY_MIB", default_value_t = 128)]
+    pub raft_snapshot_every_mib: u64,
 }
 
 impl ServeArgs {
@@ -584,6 +591,7 @@ impl ServeArgs {
         c.raft.election_timeout_min_ms = self.raft_heartbeat_ms * 5;
         c.raft.election_timeout_max_ms = self.raft_heartbeat_ms * 10;
         c.raft.snapshot_every_entries = self.raft_snapshot_every.max(1);
+        c.raft.snapshot_every_bytes = self.raft_snapshot_every_mib.max(1).saturating_mul(1 << 20);
         c.cluster = ClusterConfig {
             internal_addr: self.internal_addr,
             advertise_internal: self.advertise_internal,

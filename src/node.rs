@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,32 +103,8 @@ impl NodeHandle {
     /// # Errors
     /// When a group cannot snapshot or purge within 30 s, or RocksDB fails.
     pub async fn compact(&self) -> Result<(), NodeError> {
-        let timeout = Some(Duration::from_secs(30));
         for r in &self.rafts {
-            let applied = r.metrics().borrow_watched().last_applied;
-            let Some(applied) = applied else { continue };
-            r.trigger()
-                .snapshot()
-                .await
-                .map_err(|e| NodeError::Cluster(format!("snapshot: {e}")))?;
-            r.wait(timeout)
-                .metrics(
-                    |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
-                    "snapshot covers what was applied",
-                )
-                .await
-                .map_err(|e| NodeError::Cluster(format!("snapshot: {e}")))?;
-            r.trigger()
-                .purge_log(applied.index)
-                .await
-                .map_err(|e| NodeError::Cluster(format!("purge: {e}")))?;
-            r.wait(timeout)
-                .metrics(
-                    |m| m.purged.is_some_and(|p| p.index >= applied.index),
-                    "log purged up to the snapshot",
-                )
-                .await
-                .map_err(|e| NodeError::Cluster(format!("purge: {e}")))?;
+            snapshot_and_purge(r, Duration::from_secs(30), true).await?;
         }
         // The snapshots just built pin views from before their purges; release them (and any
         // other unread pin) so the compaction may drop what was deleted.
@@ -481,6 +458,79 @@ async fn key_lease_loop(service: Service) {
         tokio::time::sleep(crate::service::keys::KEY_RENEW_EVERY).await;
     }
 }
+
+/// Snapshots a group up to what it applied, then purges its log up to there, waiting at most
+/// `patience` for each step. A leader purges only what no replication still reads, so without
+/// `wait_for_purge` the purge is scheduled rather than waited for.
+async fn snapshot_and_purge(
+    r: &Raft,
+    patience: Duration,
+    wait_for_purge: bool,
+) -> Result<(), NodeError> {
+    let timeout = Some(patience);
+    let applied = r.metrics().borrow_watched().last_applied;
+    let Some(applied) = applied else {
+        return Ok(());
+    };
+    r.trigger()
+        .snapshot()
+        .await
+        .map_err(|e| NodeError::Cluster(format!("snapshot: {e}")))?;
+    r.wait(timeout)
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+            "snapshot covers what was applied",
+        )
+        .await
+        .map_err(|e| NodeError::Cluster(format!("snapshot: {e}")))?;
+    r.trigger()
+        .purge_log(applied.index)
+        .await
+        .map_err(|e| NodeError::Cluster(format!("purge: {e}")))?;
+    if !wait_for_purge {
+        return Ok(());
+    }
+    r.wait(timeout)
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= applied.index),
+            "log purged up to the snapshot",
+        )
+        .await
+        .map_err(|e| NodeError::Cluster(format!("purge: {e}")))?;
+    Ok(())
+}
+
+/// Bounds each group's raft log by bytes as well as by entries (openraft's policy): a group
+/// whose log took in `budget` bytes since its last compaction here is snapshotted and purged.
+/// A follower that still needed the purged entries catches up from the snapshot.
+async fn log_budget_loop(groups: Vec<(GroupId, Raft, Arc<AtomicU64>)>, budget: u64) {
+    let mut marks = vec![0u64; groups.len()];
+    loop {
+        tokio::time::sleep(LOG_BUDGET_CHECK_EVERY).await;
+        for ((g, raft, appended), mark) in groups.iter().zip(marks.iter_mut()) {
+            let now = appended.load(Ordering::Relaxed);
+            if now.saturating_sub(*mark) < budget {
+                continue;
+            }
+            match snapshot_and_purge(raft, Duration::from_secs(30), false).await {
+                Ok(()) => {
+                    *mark = now;
+                    tracing::debug!(
+                        group = g,
+                        bytes = now,
+                        "raft log over its byte budget: snapshotted and purged"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(group = g, error = %e, "cannot compact a raft log over its byte budget")
+                }
+            }
+        }
+    }
+}
+
+/// How often [`log_budget_loop`] looks at the logs.
+const LOG_BUDGET_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Releases raft snapshot pins nobody reads from: a pinned RocksDB snapshot keeps deleted
 /// ciphertext of every group in the files (see `raft::snapshot`).
@@ -842,16 +892,20 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
 
     let groups: Vec<GroupId> = (0..shards).chain(std::iter::once(SYSTEM_GROUP)).collect();
     let mut rafts = Vec::with_capacity(groups.len());
+    let mut log_bytes = Vec::with_capacity(groups.len());
     for &g in &groups {
+        let log = LogStore::new(storage.clone(), g);
+        let appended = log.appended_bytes();
         let raft = Raft::new(
             config.node_id,
             rcfg.clone(),
             NetworkFactory::new(g, peers.clone()),
-            LogStore::new(storage.clone(), g),
+            log,
             StateMachine::new(storage.clone(), g, observer.clone()),
         )
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+        log_bytes.push((g, raft.clone(), appended));
         rafts.push(raft);
     }
 
@@ -1126,6 +1180,10 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         )));
     }
     tasks.push(tokio::spawn(release_pins_loop(storage.clone())));
+    tasks.push(tokio::spawn(log_budget_loop(
+        log_bytes,
+        config.raft.snapshot_every_bytes,
+    )));
     tasks.push(tokio::spawn(key_lease_loop(service.clone())));
     tasks.push(tokio::spawn(rebalance_loop(
         service.clone(),
@@ -1170,6 +1228,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
 /// How long a peer may take to complete the internal port's TLS handshake.
 const INTERNAL_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// HTTP/2 flow-control windows and frame size of the internal port.
+const INTERNAL_STREAM_WINDOW: u32 = 16 << 20;
+const INTERNAL_CONNECTION_WINDOW: u32 = 64 << 20;
+const INTERNAL_MAX_FRAME: u32 = 1 << 20;
+
 /// The internal port: HTTP/2, plaintext or (with `tls`) mutual TLS, tuned for many multiplexed
 /// raft streams per peer (a peer's timed-out requests reset their streams; hyper's default
 /// tolerance of 20 pending resets would drop the whole connection under load). A connection
@@ -1203,9 +1266,15 @@ fn serve_internal(
             let acceptor = tls.as_ref().map(|t| t.acceptor());
             tokio::spawn(async move {
                 let mut b = Builder::new(TokioExecutor::new());
+                // Windows sized for payload bodies (hyper's default is 1 MiB for the whole
+                // connection, which turns an 8 MiB append into eight round trips of window
+                // updates); peers are authenticated and a body is capped at 64 MiB anyway.
                 b.http2()
                     .max_pending_accept_reset_streams(Some(4096))
-                    .max_concurrent_streams(Some(4096));
+                    .max_concurrent_streams(Some(4096))
+                    .initial_stream_window_size(Some(INTERNAL_STREAM_WINDOW))
+                    .initial_connection_window_size(Some(INTERNAL_CONNECTION_WINDOW))
+                    .max_frame_size(Some(INTERNAL_MAX_FRAME));
                 let r = match acceptor {
                     None => {
                         tokio::select! {

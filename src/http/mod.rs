@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod validate;
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -286,6 +287,19 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "kubbi_raft_applied_index{{group=\"{g}\"}} {}",
             st.last_applied.unwrap_or(0)
         );
+        let (snapshot, purged) = {
+            let m = lg.raft.metrics();
+            let m = m.borrow_watched();
+            (
+                m.snapshot.as_ref().map_or(0, |l| l.index),
+                m.purged.as_ref().map_or(0, |l| l.index),
+            )
+        };
+        let _ = writeln!(
+            raft,
+            "kubbi_raft_snapshot_index{{group=\"{g}\"}} {snapshot}"
+        );
+        let _ = writeln!(raft, "kubbi_raft_purged_index{{group=\"{g}\"}} {purged}");
         if leader
             && lg.group != crate::ids::SYSTEM_GROUP
             && let Ok(s) = crate::state::read_stats(&app.storage.read_view(lg.group))
@@ -298,6 +312,8 @@ async fn metrics(State(app): State<AppState>) -> Response {
     out.push_str("# HELP kubbi_raft_term Current raft term of the group on this node.\n# TYPE kubbi_raft_term gauge\n");
     out.push_str("# HELP kubbi_raft_last_log_index Last log index of the group on this node.\n# TYPE kubbi_raft_last_log_index gauge\n");
     out.push_str("# HELP kubbi_raft_applied_index Last applied index of the group on this node.\n# TYPE kubbi_raft_applied_index gauge\n");
+    out.push_str("# HELP kubbi_raft_snapshot_index Last log index the group's newest snapshot on this node covers.\n# TYPE kubbi_raft_snapshot_index gauge\n");
+    out.push_str("# HELP kubbi_raft_purged_index Last log index purged from the group's log on this node.\n# TYPE kubbi_raft_purged_index gauge\n");
     out.push_str(&raft);
     gauge(
         &mut out,

@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::entry::RaftEntry;
@@ -117,6 +118,8 @@ pub struct LogStore {
     storage: Arc<Storage>,
     group: GroupId,
     tail: Arc<Mutex<TailCache>>,
+    /// Encoded bytes appended since this store was opened (see [`LogStore::appended_bytes`]).
+    appended: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -125,7 +128,15 @@ impl LogStore {
             storage,
             group,
             tail: Arc::default(),
+            appended: Arc::default(),
         }
+    }
+
+    /// A counter of the encoded bytes appended to this log since it was opened. openraft
+    /// snapshots (and so purges) by entry count; with large payloads that count stands for
+    /// gigabytes, so the node also compacts a log by the bytes it took in (`node`).
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.appended.clone()
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, TailCache> {
@@ -314,6 +325,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         // Written (readable) now; durable once the group-commit fsync that covers it completes.
         self.storage.db().write(batch).map_err(io_err)?;
+        let bytes: usize = written.iter().map(|(_, n)| n).sum();
+        self.appended
+            .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
         {
             let mut tail = self.tail();
             for (entry, size) in written {

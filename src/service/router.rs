@@ -22,7 +22,7 @@ use crate::ids::{GroupId, SYSTEM_GROUP};
 use crate::shard::{Candidate, replicas};
 use crate::state::{NodeRecord, NodeState};
 use crate::transport::messages::{ExecError, ShardOp, ShardReply};
-use crate::transport::{Peers, TransportError};
+use crate::transport::{Lane, Peers, TransportError};
 
 /// How long one operation keeps looking for its leader (elections take about a second).
 const ROUTE_PATIENCE: Duration = Duration::from_secs(8);
@@ -194,15 +194,22 @@ impl Router {
             let result = match &self.peers {
                 Some(peers) if target != self.me => {
                     let body = encoded.get_or_insert_with(|| encode(&op)).clone();
-                    match peers
+                    let path = format!("/internal/v1/shard/{g}");
+                    let lane = if op.replies_with_payload() {
+                        Lane::Bulk
+                    } else {
+                        Lane::BySize
+                    };
+                    let sent = peers
                         .post_bytes::<Result<ShardReply, ExecError>>(
                             target,
-                            &format!("/internal/v1/shard/{g}"),
+                            &path,
                             body,
                             FORWARD_TIMEOUT,
+                            lane,
                         )
-                        .await
-                    {
+                        .await;
+                    match sent {
                         Ok(r) => r,
                         Err(TransportError::Refused {
                             status: 409,

@@ -34,6 +34,10 @@ pub const CF_RAFT_META: &str = "raft_meta";
 pub const CF_STATE: &str = "state";
 pub const CF_BLOB: &str = "blob";
 
+/// Values at least this large (sealed payload parts, raft entries carrying them) are kept in
+/// RocksDB's blob files instead of its SSTs.
+const LARGE_VALUE_BYTES: u64 = 4096;
+
 /// Opening or using the database failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -105,16 +109,27 @@ impl Storage {
             o.set_memtable_whole_key_filtering(true);
         };
 
+        // Families holding payloads (sealed parts, raft entries carrying them) keep large values
+        // in blob files: a flush writes them once, and compactions move only the small keys
+        // until a delete or purge drops them. And a few MiB-sized values fill a memtable: with
+        // RocksDB's default of two memtables the next write would wait for a flush, and a raft
+        // append waiting on a flush holds up its group's heartbeats and votes. Room for more
+        // memtables (their total still bounded by the write buffer size above) turns that wait
+        // into a background flush.
+        let large_values = |o: &mut Options| {
+            o.set_enable_blob_files(true);
+            o.set_min_blob_size(LARGE_VALUE_BYTES);
+            o.set_enable_blob_gc(true);
+            o.set_max_write_buffer_number(6);
+        };
         let mut log_opts = Options::default();
         log_opts.set_compression_type(rocksdb::DBCompressionType::None);
         log_opts.set_write_buffer_size(32 << 20);
         log_opts.set_block_based_table_factory(&table(false));
+        large_values(&mut log_opts);
         let mut blob_opts = Options::default();
         point_lookups(&mut blob_opts);
-        // Large sealed payloads go to blob files instead of being rewritten by every compaction.
-        blob_opts.set_enable_blob_files(true);
-        blob_opts.set_min_blob_size(4096);
-        blob_opts.set_enable_blob_gc(true);
+        large_values(&mut blob_opts);
         let mut state_opts = Options::default();
         state_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         point_lookups(&mut state_opts);

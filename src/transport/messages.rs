@@ -57,6 +57,12 @@ pub enum ShardOp {
 }
 
 impl ShardOp {
+    /// Whether the reply may carry a payload (a claim's content): such a call goes over the
+    /// peer's bulk connection whatever the size of its request.
+    pub fn replies_with_payload(&self) -> bool {
+        matches!(self, Self::Claim { .. })
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Create { .. } => "create",

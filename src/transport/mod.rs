@@ -1,6 +1,9 @@
-//! Node-to-node RPC: raft messages and forwarded operations, over HTTP/2 (one multiplexed
-//! connection per peer) with bincode bodies: plaintext h2c, or mutual TLS when the node has
-//! `--internal-tls-*` (see `tls`).
+//! Node-to-node RPC: raft messages and forwarded operations, over HTTP/2 with bincode bodies:
+//! plaintext h2c, or mutual TLS when the node has `--internal-tls-*` (see `tls`). Each peer gets
+//! two multiplexed connections: one for small messages (votes, heartbeats, appends of small
+//! entries, forwarded operations) and one for bodies of [`BULK_BODY_BYTES`] or more (appends of
+//! large payloads, snapshot chunks), so a vote or heartbeat never queues in a TCP buffer behind
+//! megabytes of payload.
 //!
 //! ```text
 //!   node A                                   node B (internal port)
@@ -43,6 +46,18 @@ pub const H_TO_INCARNATION: &str = "x-kubbi-to-incarnation";
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.
 pub const KEYS_REFRESH_PATH: &str = "/internal/v1/keys/refresh";
+
+/// Bodies this large or larger go over the peer's bulk connection.
+pub const BULK_BODY_BYTES: usize = 256 << 10;
+
+/// Which of a peer's two connections a request takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// The bulk connection for a body of [`BULK_BODY_BYTES`] or more, else the other.
+    BySize,
+    /// The bulk connection: for a request whose reply may be large.
+    Bulk,
+}
 
 /// Why a request to a peer failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -182,6 +197,9 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Clone)]
 pub struct Peers {
     http: Http,
+    /// A second client, so a second connection per peer: for bodies of [`BULK_BODY_BYTES`] or
+    /// more.
+    bulk: Http,
     secret: Arc<Zeroizing<String>>,
     me: Identity,
     book: Arc<AddressBook>,
@@ -197,6 +215,7 @@ impl Peers {
         tls: Option<rustls::ClientConfig>,
     ) -> Self {
         Self {
+            bulk: Http::new(tls.clone()),
             http: Http::new(tls),
             secret: Arc::new(secret),
             me,
@@ -223,10 +242,12 @@ impl Peers {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        self.post_bytes(to, path, encode(body), timeout).await
+        self.post_bytes(to, path, encode(body), timeout, Lane::BySize)
+            .await
     }
 
-    /// Like [`Peers::post`] with a body already encoded (retries reuse it).
+    /// Like [`Peers::post`] with a body already encoded (retries reuse it), over the connection
+    /// `lane` picks.
     ///
     /// # Errors
     /// See [`TransportError`].
@@ -236,9 +257,11 @@ impl Peers {
         path: &str,
         body: Vec<u8>,
         timeout: Duration,
+        lane: Lane,
     ) -> Result<Resp, TransportError> {
         let (addr, incarnation) = self.book.get(to).ok_or(TransportError::NoAddress(to))?;
-        self.post_addr(to, &addr, incarnation, path, body, timeout)
+        let bulk = lane == Lane::Bulk || body.len() >= BULK_BODY_BYTES;
+        self.send(to, &addr, incarnation, path, body, timeout, bulk)
             .await
     }
 
@@ -255,7 +278,24 @@ impl Peers {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        let mut req = http::Request::post(format!("{}://{addr}{path}", self.http.scheme()))
+        let bulk = body.len() >= BULK_BODY_BYTES;
+        self.send(to, addr, incarnation, path, body, timeout, bulk)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send<Resp: DeserializeOwned>(
+        &self,
+        to: u64,
+        addr: &str,
+        incarnation: u64,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+        bulk: bool,
+    ) -> Result<Resp, TransportError> {
+        let client = if bulk { &self.bulk } else { &self.http };
+        let mut req = http::Request::post(format!("{}://{addr}{path}", client.scheme()))
             .header(
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.secret.as_str()),
@@ -269,8 +309,7 @@ impl Peers {
             .map_err(|e| TransportError::Unreachable(to, format!("bad address {addr}: {e}")))?;
         crate::telemetry::inject(req.headers_mut());
         let exchange = async {
-            let resp = self
-                .http
+            let resp = client
                 .request(req)
                 .await
                 .map_err(|e| TransportError::Unreachable(to, chain(&e)))?;

@@ -93,8 +93,18 @@ fn batch_prefix(entries: &[Entry]) -> (usize, usize) {
     (entries.len(), bytes)
 }
 
-fn append_timeout(base: Duration, bytes: usize) -> Duration {
-    base + APPEND_TIME_PER_MIB * u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX)
+/// The least time an AppendEntries carrying entries gets. A follower answers only once the
+/// entries are on disk, and an fsync behind megabytes of other writes can outlast openraft's
+/// timeout (a fraction of the heartbeat interval): timing out then means sending the same
+/// entries again, and writing them again, to a disk that is already the bottleneck.
+const APPEND_MIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn append_timeout(base: Duration, entries: usize, bytes: usize) -> Duration {
+    if entries == 0 {
+        return base;
+    }
+    let t = base + APPEND_TIME_PER_MIB * u32::try_from(bytes.div_ceil(1 << 20)).unwrap_or(u32::MAX);
+    t.max(APPEND_MIN_TIMEOUT)
 }
 
 impl Connection {
@@ -136,7 +146,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         let partial = keep < rpc.entries.len();
         rpc.entries.truncate(keep);
         let last = rpc.entries.last().map(|e| e.log_id);
-        let timeout = append_timeout(option.soft_ttl(), bytes);
+        let timeout = append_timeout(option.soft_ttl(), keep, bytes);
         let resp: AppendEntriesResponse<TypeConfig> = self.call("append", &rpc, timeout).await?;
         Ok(match resp {
             AppendEntriesResponse::Success if partial => {
@@ -277,14 +287,40 @@ mod tests {
         assert_eq!(batch_prefix(&[]), (0, 0));
     }
 
+    /// Batches of small entries whose encoding lands just under a decoder size class (64 KiB)
+    /// used to be refused by the follower as over the limit, and resent for ever.
+    #[test]
+    fn batches_of_every_size_decode_on_the_follower() {
+        for n in (1..=300).step_by(7) {
+            for payload in [0, 1000] {
+                let rpc = AppendEntriesRequest::<TypeConfig> {
+                    vote: openraft::Vote::new(1, 1),
+                    prev_log_id: None,
+                    leader_commit: None,
+                    entries: (1..=n).map(|i| create(i, payload)).collect(),
+                };
+                let bytes = crate::codec::encode(&rpc);
+                let back: AppendEntriesRequest<TypeConfig> = crate::codec::decode("append", &bytes)
+                    .unwrap_or_else(|e| {
+                        panic!("{n} entries of {payload} B ({} B): {e}", bytes.len())
+                    });
+                assert_eq!(back.entries.len(), rpc.entries.len());
+            }
+        }
+    }
+
     #[test]
     fn a_big_batch_gets_time_for_its_bytes() {
         let base = Duration::from_millis(75);
-        assert_eq!(append_timeout(base, 0), base);
-        assert_eq!(append_timeout(base, 1), base + APPEND_TIME_PER_MIB);
+        // A heartbeat keeps openraft's timeout; entries get at least the floor.
+        assert_eq!(append_timeout(base, 0, 0), base);
+        assert_eq!(append_timeout(base, 1, 0), APPEND_MIN_TIMEOUT);
+        assert_eq!(append_timeout(base, 1, 1), APPEND_MIN_TIMEOUT);
         assert_eq!(
-            append_timeout(base, 8 * MIB),
-            base + APPEND_TIME_PER_MIB * 8
+            append_timeout(base, 1, 16 * MIB),
+            base + APPEND_TIME_PER_MIB * 16
         );
+        let long = Duration::from_secs(2);
+        assert_eq!(append_timeout(long, 3, 1), long + APPEND_TIME_PER_MIB);
     }
 }
