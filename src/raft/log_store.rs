@@ -324,7 +324,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             written.push((entry, bytes.len()));
         }
         // Written (readable) now; durable once the group-commit fsync that covers it completes.
-        self.storage.db().write(batch).map_err(io_err)?;
+        self.storage.write(batch).map_err(io_err)?;
         let bytes: usize = written.iter().map(|(_, n)| n).sum();
         self.appended
             .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);

@@ -206,7 +206,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             batch.put_cf(cf, self.meta_key(META_MEMBERSHIP), encode(m));
         }
         // One batch: state, dedup records, timers and the applied index land together.
-        storage.db().write(batch).map_err(io_err)?;
+        storage.write(batch).map_err(io_err)?;
 
         for (responder, outcome) in results {
             self.observer
@@ -272,7 +272,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             encode(&meta.last_membership),
         );
         batch.put_cf(cf, self.meta_key(META_SNAPSHOT), encode(meta));
-        storage.db().write(batch).map_err(io_err)?;
+        storage.write(batch).map_err(io_err)?;
         // An installed snapshot replaces log entries: it must be durable before it is reported.
         storage.sync().await?;
         let data = SnapshotData::pin(storage.db_arc(), self.group)?;

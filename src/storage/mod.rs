@@ -38,6 +38,9 @@ pub const CF_BLOB: &str = "blob";
 /// RocksDB's blob files instead of its SSTs.
 const LARGE_VALUE_BYTES: u64 = 4096;
 
+/// Writes at least this large leave the async worker first (see [`Storage::write`]).
+const LARGE_WRITE_BYTES: usize = 1 << 20;
+
 /// Opening or using the database failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -86,6 +89,10 @@ impl Storage {
         // Bound memtable memory across all column families: the node's RSS must not grow with
         // write volume (kubbis themselves live on disk).
         opts.set_db_write_buffer_size(128 << 20);
+        // A WAL file is deleted only once every family flushed what it holds; past this size
+        // RocksDB flushes the families that pin the oldest one. Left to its default (four times
+        // all possible memtables) the WAL grew to 3.5 GB per node under MiB payloads.
+        opts.set_max_total_wal_size(512 << 20);
         // One block cache for every family, so memory stays bounded however many kubbis a node
         // holds; bloom filters so that looking up a key that is not there (request dedup, id and
         // token collision checks: three per create) skips the SSTs, and memtable blooms so it
@@ -174,6 +181,23 @@ impl Storage {
 
     pub fn db(&self) -> &DB {
         &self.db
+    }
+
+    /// Writes `batch` (not synced: see [`Syncer`]). A batch of [`LARGE_WRITE_BYTES`] or more
+    /// (a raft entry or a sealed payload of megabytes: copied into the memtable, checksummed,
+    /// written to the WAL) first hands the async worker's other tasks to another thread, so
+    /// heartbeats and votes of every group on that worker do not wait for it.
+    ///
+    /// # Errors
+    /// When RocksDB refuses the write.
+    pub fn write(&self, batch: rocksdb::WriteBatch) -> Result<(), rocksdb::Error> {
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if multi_thread && batch.size_in_bytes() >= LARGE_WRITE_BYTES {
+            tokio::task::block_in_place(|| self.db.write(batch))
+        } else {
+            self.db.write(batch)
+        }
     }
 
     /// Flushes every column family and compacts each down to the bottom level, dropping
