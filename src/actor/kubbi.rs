@@ -209,7 +209,7 @@ impl KubbiState {
             // A retry must get its remembered result even after the kubbi ended.
             self.propose_claim(myself, k, idempotency, request_id, reply, &span);
         } else if let Some(s) = self.terminal() {
-            let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
+            let _ = reply.send(Ok(self.refusal(&request_id, s)));
         } else if self.has_capacity() && self.waiting.is_empty() {
             self.propose_claim(myself, k, None, request_id, reply, &span);
         } else {
@@ -217,11 +217,26 @@ impl KubbiState {
         }
     }
 
+    /// The answer to a claim of the ended kubbi: the remembered result when this very request
+    /// was applied already (the router retrying after a failover: the claim counted, and may
+    /// have burned the kubbi, but its reply was lost), else "ended".
+    fn refusal(&self, request_id: &RequestId, s: Status) -> Outcome {
+        let view = self.ctx.storage.read_view(self.ctx.group);
+        match crate::state::remembered(&view, request_id) {
+            Ok(Some(o)) => o,
+            Ok(None) => Outcome::Rejected(Rejection::Ended(s)),
+            Err(e) => {
+                tracing::error!(error = %e, "reading a request's dedup record failed");
+                Outcome::Rejected(Rejection::Ended(s))
+            }
+        }
+    }
+
     /// Starts queued claims while there is capacity; rejects them all once the kubbi has ended.
     fn drain(&mut self, myself: &ActorRef<KubbiMsg>) {
         while let Some((request_id, reply, span)) = self.waiting.pop_front() {
             if let Some(s) = self.terminal() {
-                let _ = reply.send(Ok(Outcome::Rejected(Rejection::Ended(s))));
+                let _ = reply.send(Ok(self.refusal(&request_id, s)));
                 continue;
             }
             if !self.has_capacity() {

@@ -164,6 +164,21 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
     Ok(outcome)
 }
 
+/// The remembered outcome of request `id` if it was applied within the dedup window, as
+/// [`apply`] would answer a duplicate of it.
+///
+/// # Errors
+/// On I/O failure or a dedup record that does not decode.
+pub fn remembered(
+    s: &impl StateRead,
+    id: &crate::ids::RequestId,
+) -> Result<Option<Outcome>, StoreError> {
+    Ok(
+        get_decoded::<Dedup>(s, "request dedup", &keys::request(id))?
+            .map(|d| Outcome::Duplicate(Box::new(d.outcome))),
+    )
+}
+
 /// The outcome as remembered for request-id dedup: without payload bytes.
 fn strip_payload(o: &Outcome) -> Outcome {
     match o {

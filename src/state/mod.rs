@@ -18,7 +18,7 @@ pub mod keys;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
-    read_kubbi_by_token, read_nodes, read_owner_usage, read_stats,
+    read_kubbi_by_token, read_nodes, read_owner_usage, read_stats, remembered,
 };
 
 use std::fmt;
