@@ -260,8 +260,7 @@ impl Peers {
         lane: Lane,
     ) -> Result<Resp, TransportError> {
         let (addr, incarnation) = self.book.get(to).ok_or(TransportError::NoAddress(to))?;
-        let bulk = lane == Lane::Bulk || body.len() >= BULK_BODY_BYTES;
-        self.send(to, &addr, incarnation, path, body, timeout, bulk)
+        self.send(to, &addr, incarnation, path, body, timeout, lane)
             .await
     }
 
@@ -278,8 +277,7 @@ impl Peers {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        let bulk = body.len() >= BULK_BODY_BYTES;
-        self.send(to, addr, incarnation, path, body, timeout, bulk)
+        self.send(to, addr, incarnation, path, body, timeout, Lane::BySize)
             .await
     }
 
@@ -292,9 +290,13 @@ impl Peers {
         path: &str,
         body: Vec<u8>,
         timeout: Duration,
-        bulk: bool,
+        lane: Lane,
     ) -> Result<Resp, TransportError> {
-        let client = if bulk { &self.bulk } else { &self.http };
+        let client = if lane == Lane::Bulk || body.len() >= BULK_BODY_BYTES {
+            &self.bulk
+        } else {
+            &self.http
+        };
         let mut req = http::Request::post(format!("{}://{addr}{path}", client.scheme()))
             .header(
                 http::header::AUTHORIZATION,
