@@ -40,13 +40,15 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     // and the in-memory size of every integer and length prefix however few bytes its varint
     // took (a u64 claims 8 for one byte, a u128 16). So a valid encoding claims at most
     // CLAIMS_PER_BYTE times its own length, and the class of that bound never refuses one.
-    // Three classes bound the allocation by the class without instantiating the decoder for
-    // every size.
+    // A few classes bound the allocation by the class without instantiating the decoder for
+    // every size; the largest internal body (64 MiB) stays in the 1 GiB class.
     let claims = bytes.len().saturating_mul(CLAIMS_PER_BYTE);
     if claims <= 64 * KIB {
         decode_limited(what, bytes, standard.with_limit::<{ 64 * KIB }>())
     } else if claims <= 64 * MIB {
         decode_limited(what, bytes, standard.with_limit::<{ 64 * MIB }>())
+    } else if claims <= GIB {
+        decode_limited(what, bytes, standard.with_limit::<{ GIB }>())
     } else {
         decode_limited(what, bytes, standard.with_limit::<{ 4 * GIB }>())
     }
@@ -155,7 +157,16 @@ mod tests {
 
     #[test]
     fn values_at_the_size_class_edges_decode() {
-        for n in [0, 64 * 1024 - 9, 64 * 1024, 64 * 1024 + 1, 3 << 20] {
+        // 64 KiB and 64 MiB of input are where the 64 MiB and 1 GiB classes begin.
+        for n in [
+            0,
+            64 * 1024 - 9,
+            64 * 1024,
+            64 * 1024 + 1,
+            3 << 20,
+            (64 << 20) - 16,
+            (64 << 20) + 1,
+        ] {
             let s = Sample {
                 a: n as u64,
                 b: vec![7; n],
