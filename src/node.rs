@@ -281,6 +281,10 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
         // follower that acknowledged an RPC within the last interval (when the election timeout
         // leaves room for it; see openraft's rule for this setting).
         heartbeat_min_interval: heartbeat_suppression(config),
+        // A node whose election timer fired asks first whether it could win: while the others
+        // still hear from a leader (a node that was partitioned, paused, or whose own raft
+        // core fell behind), it does not raise the term and depose that leader.
+        enable_pre_vote: Some(true),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
             config.raft.snapshot_every_entries,
         ),

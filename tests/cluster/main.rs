@@ -1019,3 +1019,88 @@ async fn a_raft_log_is_purged_by_bytes_as_well_as_by_entries() {
         }
     }
 }
+
+/// Terms of the groups led by a node other than `not`, as member `i` sees them.
+async fn terms_not_led_by(c: &Cluster, i: usize, not: u64) -> Vec<(Value, u64)> {
+    let st = c.status(i).await;
+    let mut out: Vec<(Value, u64)> = st["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .filter(|s| s["leader"].as_u64().is_some_and(|l| l != not))
+        .map(|s| (s["id"].clone(), s["term"].as_u64().expect("term")))
+        .collect();
+    out.sort_by_key(|(id, _)| id.to_string());
+    out
+}
+
+/// A follower frozen past its election timeout (SIGSTOP: a long GC-like pause, or a raft core
+/// that fell behind) wakes with every election timer expired. With Pre-Vote it first asks
+/// whether it could win, the others still hear from their leaders and say no, and no group it
+/// did not lead changes term or leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_waking_from_a_pause_does_not_depose_healthy_leaders() {
+    let c = Cluster::start(3).await;
+    c.wait_all_led().await;
+    let frozen = 2;
+    let frozen_id = c.members[frozen].id;
+    // Leadership settles first (the rebalancer moves leaders to their preferred nodes).
+    let before = common::eventually(Duration::from_secs(60), "stable leaders", || {
+        let c = &c;
+        async move {
+            let a = terms_not_led_by(c, 0, frozen_id).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let b = terms_not_led_by(c, 0, frozen_id).await;
+            (a == b && !a.is_empty()).then_some(a)
+        }
+    })
+    .await;
+    let pid = c.members[frozen]
+        .child
+        .as_ref()
+        .expect("child")
+        .id()
+        .to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    // Three election timeouts (1 s at most each) frozen: every timer of the node expires.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    signal("-CONT");
+    // Awake and following again: it reports the same leader as member 0 for every group.
+    common::eventually(Duration::from_secs(60), "the woken node follows", || {
+        let c = &c;
+        async move {
+            let mine = c.status(frozen).await;
+            let theirs = c.status(0).await;
+            let leaders = |v: &Value| -> Option<Vec<Value>> {
+                Some(
+                    v["shards"]
+                        .as_array()?
+                        .iter()
+                        .map(|s| s["leader"].clone())
+                        .collect(),
+                )
+            };
+            let (m, t) = (leaders(&mine)?, leaders(&theirs)?);
+            (m == t && m.iter().all(Value::is_u64)).then_some(())
+        }
+    })
+    .await;
+    let after = terms_not_led_by(&c, 0, frozen_id).await;
+    for (id, term) in &before {
+        let now = after.iter().find(|(g, _)| g == id).map(|(_, t)| *t);
+        assert_eq!(
+            now,
+            Some(*term),
+            "group {id} changed term or leader after node {frozen_id} woke\n{}",
+            c.logs_tail()
+        );
+    }
+}
