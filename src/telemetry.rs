@@ -19,8 +19,13 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// The default filter: our own info, dependencies' warnings.
-pub const DEFAULT_FILTER: &str = "info,openraft=warn,ractor=warn,h2=warn,hyper=warn";
+/// The default filter: our own info, dependencies' warnings, except openraft's heartbeat
+/// warnings. openraft gives a heartbeat one heartbeat interval (100 ms) and a follower answers
+/// it only after its fsync, so under megabyte payloads every heartbeat "fails" (hundreds of
+/// lines a second per node) while the cluster is healthy; a peer that is really unreachable
+/// shows in replication and vote warnings, which stay.
+pub const DEFAULT_FILTER: &str =
+    "info,openraft=warn,openraft::core::heartbeat=error,ractor=warn,h2=warn,hyper=warn";
 
 /// Targets whose verbose events carry whole messages, and the most they may log.
 pub const SECRET_BEARING: &[(&str, tracing::Level)] = &[("rmcp", tracing::Level::ERROR)];
@@ -196,5 +201,28 @@ mod tests {
         }
         assert!(passes("trace", "kubbi::node", tracing::Level::TRACE));
         assert!(passes("trace", "openraft::core", tracing::Level::TRACE));
+    }
+
+    #[test]
+    fn the_default_filter_drops_heartbeat_noise_but_keeps_replication_warnings() {
+        let hb = "openraft::core::heartbeat::worker";
+        assert!(!passes(DEFAULT_FILTER, hb, tracing::Level::WARN));
+        assert!(passes(DEFAULT_FILTER, hb, tracing::Level::ERROR));
+        assert!(passes(
+            DEFAULT_FILTER,
+            "openraft::replication",
+            tracing::Level::WARN
+        ));
+        assert!(passes(
+            DEFAULT_FILTER,
+            "openraft::core::raft_core",
+            tracing::Level::WARN
+        ));
+        assert!(!passes(
+            DEFAULT_FILTER,
+            "openraft::core::raft_core",
+            tracing::Level::INFO
+        ));
+        assert!(passes(DEFAULT_FILTER, "kubbi::node", tracing::Level::INFO));
     }
 }
