@@ -71,9 +71,25 @@ struct ChunkRequest {
 }
 
 /// A pinned point-in-time view of one group, served by its own thread.
+///
+/// The thread holds a reference to the database; dropping the holder ends the thread and waits
+/// for it, so the last reference is never released on a detached thread. (It was: a node or test
+/// process exiting while that thread closed the database aborted in RocksDB, whose statics were
+/// already torn down: "pthread lock: Invalid argument".)
 struct Holder {
-    tx: mpsc::Sender<ChunkRequest>,
+    tx: Option<mpsc::Sender<ChunkRequest>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     pinned_at: std::time::Instant,
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn read_chunk(
@@ -137,7 +153,7 @@ impl Holder {
     fn start(db: Arc<DB>, group: GroupId) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<ChunkRequest>();
         let (ready_tx, ready_rx) = mpsc::channel::<()>();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("kubbi-snap-{group}"))
             .spawn(move || {
                 let snap = db.snapshot();
@@ -152,7 +168,8 @@ impl Holder {
             .recv()
             .map_err(|_| std::io::Error::other("snapshot thread died"))?;
         Ok(Self {
-            tx,
+            tx: Some(tx),
+            thread: Some(thread),
             pinned_at: std::time::Instant::now(),
         })
     }
@@ -220,12 +237,14 @@ impl SnapshotData {
         match &self.source {
             Source::Pinned(h) => {
                 let (reply, rx) = tokio::sync::oneshot::channel();
-                h.tx.send(ChunkRequest {
-                    from,
-                    max_bytes: CHUNK_BYTES,
-                    reply,
-                })
-                .map_err(|_| std::io::Error::other("snapshot holder stopped"))?;
+                h.tx.as_ref()
+                    .ok_or_else(|| std::io::Error::other("snapshot holder stopped"))?
+                    .send(ChunkRequest {
+                        from,
+                        max_bytes: CHUNK_BYTES,
+                        reply,
+                    })
+                    .map_err(|_| std::io::Error::other("snapshot holder stopped"))?;
                 rx.await
                     .map_err(|_| std::io::Error::other("snapshot holder stopped"))?
                     .map_err(std::io::Error::other)
