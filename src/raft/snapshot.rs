@@ -77,15 +77,15 @@ struct ChunkRequest {
 /// process exiting while that thread closed the database aborted in RocksDB, whose statics were
 /// already torn down: "pthread lock: Invalid argument".)
 struct Holder {
-    tx: Option<mpsc::Sender<ChunkRequest>>,
+    tx: mpsc::Sender<ChunkRequest>,
     thread: Option<std::thread::JoinHandle<()>>,
     pinned_at: std::time::Instant,
 }
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        // Closing the channel ends the thread's loop.
-        self.tx = None;
+        // Dropping the only sender closes the channel, which ends the thread's loop.
+        drop(std::mem::replace(&mut self.tx, mpsc::channel().0));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -168,7 +168,7 @@ impl Holder {
             .recv()
             .map_err(|_| std::io::Error::other("snapshot thread died"))?;
         Ok(Self {
-            tx: Some(tx),
+            tx,
             thread: Some(thread),
             pinned_at: std::time::Instant::now(),
         })
@@ -237,14 +237,12 @@ impl SnapshotData {
         match &self.source {
             Source::Pinned(h) => {
                 let (reply, rx) = tokio::sync::oneshot::channel();
-                h.tx.as_ref()
-                    .ok_or_else(|| std::io::Error::other("snapshot holder stopped"))?
-                    .send(ChunkRequest {
-                        from,
-                        max_bytes: CHUNK_BYTES,
-                        reply,
-                    })
-                    .map_err(|_| std::io::Error::other("snapshot holder stopped"))?;
+                h.tx.send(ChunkRequest {
+                    from,
+                    max_bytes: CHUNK_BYTES,
+                    reply,
+                })
+                .map_err(|_| std::io::Error::other("snapshot holder stopped"))?;
                 rx.await
                     .map_err(|_| std::io::Error::other("snapshot holder stopped"))?
                     .map_err(std::io::Error::other)

@@ -129,9 +129,8 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
         _ => {}
     }
 
-    let dedup_key = keys::request(&req.request_id);
-    if let Some(prev) = get_decoded::<Dedup>(s, "request dedup", &dedup_key)? {
-        return Ok(Outcome::Duplicate(Box::new(prev.outcome)));
+    if let Some(duplicate) = remembered(s, &req.request_id)? {
+        return Ok(duplicate);
     }
 
     let outcome = match &req.cmd {
@@ -154,7 +153,11 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
     let remembered = Dedup {
         outcome: strip_payload(&outcome),
     };
-    s.put(Table::State, dedup_key, encode(&remembered));
+    s.put(
+        Table::State,
+        keys::request(&req.request_id),
+        encode(&remembered),
+    );
     let due = now.saturating_add(REQUEST_DEDUP_WINDOW_MS);
     s.put(
         Table::State,
