@@ -59,6 +59,9 @@ struct Opts {
     /// Untimed setup size for claim workloads (default: from the create rate measured at the
     /// same concurrency in this run).
     pool: Option<usize>,
+    /// Claimable items made before a claim level, as a multiple of what the measured create
+    /// rate would claim in `--seconds` (default 2.5; `benches/ab --quick` uses less).
+    pool_headroom: f64,
     /// Server processes whose CPU time is reported per level.
     server_pids: Vec<u32>,
     /// Free-form label copied into the JSON output.
@@ -79,6 +82,7 @@ fn parse_opts() -> Opts {
         target: "kubbi".into(),
         target_addr: String::new(),
         pool: None,
+        pool_headroom: 2.5,
         server_pids: Vec::new(),
         label: String::new(),
     };
@@ -104,6 +108,7 @@ fn parse_opts() -> Opts {
                 }
             }
             "--pool" => o.pool = val(i).parse().ok(),
+            "--pool-headroom" => o.pool_headroom = val(i).parse().unwrap_or(2.5),
             "--server-pids" => {
                 o.server_pids = val(i).split(',').filter_map(|p| p.parse().ok()).collect()
             }
@@ -572,6 +577,8 @@ impl Target {
 #[derive(Clone, Copy, Default)]
 struct Cpu {
     servers: u64,
+    /// Each server process's ticks, in `--server-pids` order.
+    each: Vec<u64>,
     me: u64,
     busy: u64,
     total: u64,
@@ -607,8 +614,10 @@ fn cpu_snapshot(pids: &[u32]) -> Cpu {
         total = f.iter().sum();
         busy = total - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0);
     }
+    let each: Vec<u64> = pids.iter().map(|p| proc_ticks(&p.to_string())).collect();
     Cpu {
-        servers: pids.iter().map(|p| proc_ticks(&p.to_string())).sum(),
+        servers: each.iter().sum(),
+        each,
         me: proc_ticks("self"),
         busy,
         total,
@@ -758,8 +767,15 @@ async fn run_level(
     let me = tick(cpu1.me.saturating_sub(cpu0.me));
     let busy = tick(cpu1.busy.saturating_sub(cpu0.busy));
     let total = tick(cpu1.total.saturating_sub(cpu0.total));
+    let each: Vec<f64> = cpu1
+        .each
+        .iter()
+        .zip(&cpu0.each)
+        .map(|(b, a)| tick(b.saturating_sub(*a)))
+        .collect();
     let cpu = json!({
         "servers_cpu_s": if pids.is_empty() { Value::Null } else { json!(servers) },
+        "server_cpu_s_each": each,
         "loadgen_cpu_s": me,
         "machine_busy_cpu_s": busy,
         "machine_total_cpu_s": total,
@@ -819,8 +835,10 @@ fn pool_size(
         _ => rate("create"),
     };
     let ops = match measured {
-        // Claims can run faster than creates: 2.5x headroom, at least 2,000.
-        Some(r) => ((r * opts.seconds as f64 * 2.5) as usize + clients * 8).max(2_000),
+        // Claims can run faster than creates: 2.5x headroom by default, at least 2,000.
+        Some(r) => {
+            ((r * opts.seconds as f64 * opts.pool_headroom) as usize + clients * 8).max(2_000)
+        }
         None => (clients * 2_000).clamp(20_000, 200_000),
     };
     let cap = ((1536usize << 20) / opts.payload.max(1)).max(clients * 4);
