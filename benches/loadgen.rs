@@ -574,7 +574,7 @@ impl Target {
 
 /// CPU time in clock ticks (USER_HZ, 100 on Linux): the given servers, this process, and the
 /// whole machine (busy and total).
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct Cpu {
     servers: u64,
     /// Each server process's ticks, in `--server-pids` order.
