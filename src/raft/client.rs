@@ -114,9 +114,24 @@ async fn propose_inner(
 /// Confirms this node leads the group and waits until its state machine has applied everything
 /// committed before the call, so a following read of local state is linearizable.
 ///
+/// A leader whose lease is valid (a quorum acknowledged it within the last maximum election
+/// timeout, on its monotonic clock) confirms without a message: no other node can have been
+/// elected meanwhile, because every voter that acknowledged it refuses to vote for another
+/// candidate until that long after hearing from it (openraft's leader lease; wall-clock skew
+/// does not matter, only the rate at which monotonic clocks advance). A leader without a valid
+/// lease, or on the first error, falls back to a read-index round with a quorum.
+///
 /// # Errors
 /// `NotLeader`, `NoQuorum` or `Stopped`.
 pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
+    // A lease read never waits for a quorum (its wait is zero); it may wait for the local
+    // apply to reach what the leader committed, which the attempt timeout bounds.
+    if let Ok(Ok(_)) =
+        tokio::time::timeout(ATTEMPT_TIMEOUT, raft.ensure_linearizable(ReadPolicy::LeaseRead))
+            .await
+    {
+        return Ok(());
+    }
     let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
     let mut backoff = Duration::from_millis(10);
     loop {

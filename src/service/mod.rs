@@ -4,7 +4,7 @@
 //!   http handler ── validated input ──▶ Service
 //!                                          │ create: pick shard, generate id + token, seal
 //!                                          │ claim/delete: through the kubbi's actor
-//!                                          │ preview/get/list: read index, then local state
+//!                                          │ preview/get/list: lease or read index, then local state
 //!                                          ▼
 //!                                     shard raft group ──▶ outcome ──▶ open with the token
 //! ```
