@@ -126,9 +126,11 @@ async fn propose_inner(
 pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
     // A lease read never waits for a quorum (its wait is zero); it may wait for the local
     // apply to reach what the leader committed, which the attempt timeout bounds.
-    if let Ok(Ok(_)) =
-        tokio::time::timeout(ATTEMPT_TIMEOUT, raft.ensure_linearizable(ReadPolicy::LeaseRead))
-            .await
+    if let Ok(Ok(_)) = tokio::time::timeout(
+        ATTEMPT_TIMEOUT,
+        raft.ensure_linearizable(ReadPolicy::LeaseRead),
+    )
+    .await
     {
         return Ok(());
     }
