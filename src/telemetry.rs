@@ -6,6 +6,11 @@
 //! router, the shard executor, the kubbi actor and the raft proposal, and trace context
 //! carried across forwards to other nodes (W3C `traceparent`).
 //!
+//! kubbi's own spans are at `debug`: with the default filter they are not even created (a span
+//! costs its fields' formatting and an entry and exit per poll, on every request, for a log
+//! that shows them only as context), unless an exporter is on, whose layer takes them whatever
+//! the log filter says. `KUBBI_LOG=kubbi=debug` shows them in the log too.
+//!
 //! Nothing secret is ever a field or attribute: tokens, keys and payloads are wrapped in types
 //! whose `Debug` redacts, and spans carry route templates, group ids and node ids only. Libraries
 //! that log whole messages are capped whatever the filter asks for ([`SECRET_BEARING`]): rmcp
@@ -15,7 +20,8 @@ use std::io::IsTerminal;
 
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{FilterExt as _, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -85,39 +91,57 @@ fn otlp() -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
     )
 }
 
+/// What an exporter takes: whatever the log filter `log` passes, and kubbi's own spans (at
+/// `debug`) whatever it says.
+fn exported<S>(log: EnvFilter) -> impl tracing_subscriber::layer::Filter<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    log.or(filter_fn(|m| {
+        m.is_span() && m.target().starts_with("kubbi") && *m.level() <= tracing::Level::DEBUG
+    }))
+}
+
+/// The log on stderr: one JSON object per line, or text.
+fn log_layer<S>(json: bool, ansi: bool) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        Box::new(layer.json())
+    } else {
+        Box::new(layer.with_ansi(ansi))
+    }
+}
+
 /// Installs the global subscriber (stderr, plus OTLP when configured). Call once per process.
 pub fn init() -> Telemetry {
-    let filter = std::env::var("KUBBI_LOG")
+    let spec = std::env::var("KUBBI_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| DEFAULT_FILTER.to_string());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = || EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let json = std::env::var("KUBBI_LOG_FORMAT").is_ok_and(|f| f == "json");
     let ansi = std::io::stderr().is_terminal();
     let provider = otlp();
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("kubbi")));
-    let registry = tracing_subscriber::registry()
-        .with(filter)
-        .with(secret_cap())
-        .with(otel);
-    let result = if json {
-        registry
+    let registry = tracing_subscriber::registry().with(secret_cap());
+    let result = match provider.as_ref() {
+        // One global filter, as before: with per-layer filters only (no exporter), three
+        // nodes spent 1.18x the CPU per create and 1.25x idle (benches/README.md, "Spans at
+        // debug"); a callsite a global filter disables is skipped at its static check.
+        None => registry
+            .with(filter())
+            .with(log_layer(json, ansi))
+            .try_init(),
+        Some(p) => registry
             .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
+                tracing_opentelemetry::layer()
+                    .with_tracer(p.tracer("kubbi"))
+                    .with_filter(exported(filter())),
             )
-            .try_init()
-    } else {
-        registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_writer(std::io::stderr),
-            )
-            .try_init()
+            .with(log_layer(json, ansi).with_filter(filter()))
+            .try_init(),
     };
     if result.is_err() {
         eprintln!("kubbi: a tracing subscriber was already installed");
@@ -201,6 +225,24 @@ mod tests {
         }
         assert!(passes("trace", "kubbi::node", tracing::Level::TRACE));
         assert!(passes("trace", "openraft::core", tracing::Level::TRACE));
+    }
+
+    #[test]
+    fn kubbi_spans_are_not_created_for_the_log_alone_but_reach_an_exporter() {
+        let log = || EnvFilter::new(DEFAULT_FILTER);
+        let sink = || tracing_subscriber::fmt::layer().with_writer(std::io::sink);
+        let plain = tracing_subscriber::registry().with(sink().with_filter(log()));
+        tracing::subscriber::with_default(plain, || {
+            assert!(tracing::debug_span!("kubbi.test").is_disabled());
+            assert!(!tracing::info_span!("kubbi.test").is_disabled());
+        });
+        let exporting = tracing_subscriber::registry()
+            .with(sink().with_filter(log()))
+            .with(sink().with_filter(exported(log())));
+        tracing::subscriber::with_default(exporting, || {
+            assert!(!tracing::debug_span!("kubbi.test").is_disabled());
+            assert!(tracing::trace_span!("kubbi.test").is_disabled());
+        });
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl KubbiState {
         self.in_flight += 1;
         let ctx = self.ctx.clone();
         let me = myself.clone();
-        let span = tracing::info_span!(parent: parent, "kubbi.actor", kubbi.id = %self.id, kubbi.in_flight = self.in_flight);
+        let span = tracing::debug_span!(parent: parent, "kubbi.actor", kubbi.id = %self.id, kubbi.in_flight = self.in_flight);
         let fut = async move {
             let r = client::propose(&ctx.raft, &*ctx.clock, request_id, cmd).await;
             let learned = r.as_ref().ok().map(Learned::from_outcome);
@@ -385,7 +385,7 @@ impl Actor for KubbiActor {
                     && !st.expire_proposed
                 {
                     st.expire_proposed = true;
-                    let span = tracing::info_span!("kubbi.expire_timer");
+                    let span = tracing::debug_span!("kubbi.expire_timer");
                     st.propose(
                         &myself,
                         RequestId::random(),

@@ -212,7 +212,7 @@ async fn shard(
         Ok(op) => op,
         Err(r) => return r.into_response(),
     };
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "kubbi.forwarded",
         otel.kind = "server",
         kubbi.group = group,

@@ -226,7 +226,7 @@ async fn record_request(State(app): State<AppState>, req: Request, next: Next) -
         _ => "OTHER",
     };
     let started = std::time::Instant::now();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "http.request",
         otel.name = %format!("{method} {route}"),
         otel.kind = "server",

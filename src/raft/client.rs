@@ -54,7 +54,7 @@ pub async fn propose(
     request_id: RequestId,
     cmd: Command,
 ) -> Result<Outcome, RaftClientError> {
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "raft.propose",
         raft.command = cmd.name(),
         raft.log_index = tracing::field::Empty

@@ -109,7 +109,7 @@ impl Executor {
     /// # Errors
     /// See [`ExecError`].
     pub async fn execute(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ExecError> {
-        let span = tracing::info_span!("kubbi.execute", kubbi.group = g, kubbi.op = op.name());
+        let span = tracing::debug_span!("kubbi.execute", kubbi.group = g, kubbi.op = op.name());
         tracing::Instrument::instrument(self.execute_inner(g, op), span).await
     }
 

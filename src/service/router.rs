@@ -170,7 +170,7 @@ impl Router {
     /// # Errors
     /// `503` when no leader answered within the routing patience, `500` for an internal error.
     pub async fn call(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
-        let span = tracing::info_span!("kubbi.route", kubbi.group = g, kubbi.op = op.name());
+        let span = tracing::debug_span!("kubbi.route", kubbi.group = g, kubbi.op = op.name());
         tracing::Instrument::instrument(self.call_inner(g, op), span).await
     }
 
