@@ -229,20 +229,39 @@ mod tests {
 
     #[test]
     fn kubbi_spans_are_not_created_for_the_log_alone_but_reach_an_exporter() {
+        // Each check in a thread of its own: per-layer filters keep per-thread state.
+        fn check(
+            subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+        ) -> (bool, bool, bool) {
+            std::thread::spawn(move || {
+                tracing::subscriber::with_default(subscriber, || {
+                    (
+                        !tracing::info_span!("kubbi.test").is_disabled(),
+                        !tracing::debug_span!("kubbi.test").is_disabled(),
+                        !tracing::trace_span!("kubbi.test").is_disabled(),
+                    )
+                })
+            })
+            .join()
+            .expect("check thread")
+        }
         let log = || EnvFilter::new(DEFAULT_FILTER);
-        let sink = || tracing_subscriber::fmt::layer().with_writer(std::io::sink);
-        let plain = tracing_subscriber::registry().with(sink().with_filter(log()));
-        tracing::subscriber::with_default(plain, || {
-            assert!(tracing::debug_span!("kubbi.test").is_disabled());
-            assert!(!tracing::info_span!("kubbi.test").is_disabled());
-        });
+        let plain = tracing_subscriber::registry()
+            .with(log())
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::sink));
+        assert_eq!(check(plain), (true, false, false));
         let exporting = tracing_subscriber::registry()
-            .with(sink().with_filter(log()))
-            .with(sink().with_filter(exported(log())));
-        tracing::subscriber::with_default(exporting, || {
-            assert!(!tracing::debug_span!("kubbi.test").is_disabled());
-            assert!(tracing::trace_span!("kubbi.test").is_disabled());
-        });
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(exported(log())),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::sink)
+                    .with_filter(log()),
+            );
+        assert_eq!(check(exporting), (true, true, false));
     }
 
     #[test]
