@@ -576,7 +576,6 @@ impl Target {
 /// whole machine (busy and total).
 #[derive(Clone, Default)]
 struct Cpu {
-    servers: u64,
     /// Each server process's ticks, in `--server-pids` order.
     each: Vec<u64>,
     me: u64,
@@ -614,10 +613,8 @@ fn cpu_snapshot(pids: &[u32]) -> Cpu {
         total = f.iter().sum();
         busy = total - f.get(3).unwrap_or(&0) - f.get(4).unwrap_or(&0);
     }
-    let each: Vec<u64> = pids.iter().map(|p| proc_ticks(&p.to_string())).collect();
     Cpu {
-        servers: each.iter().sum(),
-        each,
+        each: pids.iter().map(|p| proc_ticks(&p.to_string())).collect(),
         me: proc_ticks("self"),
         busy,
         total,
@@ -763,16 +760,16 @@ async fn run_level(
     let secs = started.elapsed().as_secs_f64();
     let cpu1 = cpu_snapshot(pids);
     let tick = |t: u64| t as f64 / 100.0;
-    let servers = tick(cpu1.servers.saturating_sub(cpu0.servers));
-    let me = tick(cpu1.me.saturating_sub(cpu0.me));
-    let busy = tick(cpu1.busy.saturating_sub(cpu0.busy));
-    let total = tick(cpu1.total.saturating_sub(cpu0.total));
     let each: Vec<f64> = cpu1
         .each
         .iter()
         .zip(&cpu0.each)
         .map(|(b, a)| tick(b.saturating_sub(*a)))
         .collect();
+    let servers: f64 = each.iter().sum();
+    let me = tick(cpu1.me.saturating_sub(cpu0.me));
+    let busy = tick(cpu1.busy.saturating_sub(cpu0.busy));
+    let total = tick(cpu1.total.saturating_sub(cpu0.total));
     let cpu = json!({
         "servers_cpu_s": if pids.is_empty() { Value::Null } else { json!(servers) },
         "server_cpu_s_each": each,

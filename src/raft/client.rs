@@ -124,35 +124,33 @@ async fn propose_inner(
 /// # Errors
 /// `NotLeader`, `NoQuorum` or `Stopped`.
 pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
-    // A lease read never waits for a quorum (its wait is zero); it may wait for the local
-    // apply to reach what the leader committed, which the attempt timeout bounds.
-    if let Ok(Ok(_)) = tokio::time::timeout(
-        ATTEMPT_TIMEOUT,
-        raft.ensure_linearizable(ReadPolicy::LeaseRead),
-    )
-    .await
-    {
-        return Ok(());
-    }
     let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
     let mut backoff = Duration::from_millis(10);
+    // A lease read never waits for a quorum (its wait is zero); it may wait for the local
+    // apply to reach what the leader committed, which the attempt timeout bounds.
+    let mut policy = ReadPolicy::LeaseRead;
     loop {
-        let r = tokio::time::timeout(
-            ATTEMPT_TIMEOUT,
-            raft.ensure_linearizable(ReadPolicy::ReadIndex),
-        )
-        .await;
+        let r =
+            tokio::time::timeout(ATTEMPT_TIMEOUT, raft.ensure_linearizable(policy.clone())).await;
         let err = match r {
-            Err(_) => return Err(RaftClientError::NoQuorum("read index timed out".into())),
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(RaftError::Fatal(f))) => return Err(RaftClientError::Stopped(f.to_string())),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                match f.leader_id {
-                    Some(l) if l != *raft.node_id() => {
-                        return Err(RaftClientError::NotLeader { leader: Some(l) });
-                    }
-                    _ => RaftClientError::NotLeader { leader: None },
-                }
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))))
+                if f.leader_id.as_ref().is_some_and(|l| l != raft.node_id()) =>
+            {
+                return Err(RaftClientError::NotLeader {
+                    leader: f.leader_id,
+                });
+            }
+            // No valid lease, or the attempt failed otherwise: a read-index round, at once.
+            _ if policy == ReadPolicy::LeaseRead => {
+                policy = ReadPolicy::ReadIndex;
+                continue;
+            }
+            Err(_) => return Err(RaftClientError::NoQuorum("read index timed out".into())),
+            // Between leaders, or this node is about to lead: wait and retry.
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => {
+                RaftClientError::NotLeader { leader: None }
             }
             Ok(Err(RaftError::APIError(e))) => RaftClientError::NoQuorum(e.to_string()),
         };
