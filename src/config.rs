@@ -234,6 +234,9 @@ pub struct Config {
     /// TLS certificate chain and private key (PEM) of the public port; both or neither.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Milliseconds added to this node's wall clock. For tests only: data made at another
+    /// time (a fixture of an older data directory) can be served as if no time had passed.
+    pub clock_offset_ms: i64,
 }
 
 /// Per-client-address rate limits (see `http::ratelimit`). Loopback peers are not limited
@@ -281,6 +284,7 @@ impl Config {
             cors_origins: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            clock_offset_ms: 0,
             cluster: ClusterConfig {
                 zone: DEFAULT_ZONE.into(),
                 replication_factor: 3,
@@ -475,6 +479,15 @@ pub struct ServeArgs {
     /// Idle time after which a kubbi actor is passivated, in milliseconds.
     #[arg(long, env = "KUBBI_ACTOR_IDLE_MS", default_value_t = 10_000)]
     pub actor_idle_ms: u64,
+    /// Shifts this node's wall clock by this many milliseconds (tests only).
+    #[arg(
+        long,
+        env = "KUBBI_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        hide = true
+    )]
+    pub clock_offset_ms: i64,
     /// Internal (node-to-node) listen address; enables cluster mode.
     #[arg(long, env = "KUBBI_INTERNAL_ADDR")]
     pub internal_addr: Option<String>,
@@ -571,6 +584,7 @@ impl ServeArgs {
             .collect::<Result<_, String>>()?;
         c.tls_cert = self.tls_cert;
         c.tls_key = self.tls_key;
+        c.clock_offset_ms = self.clock_offset_ms;
         c.client_limits = ClientLimits {
             link_rate: rate(self.ip_link_rate, "--ip-link-rate")?,
             link_burst: rate(self.ip_link_burst, "--ip-link-burst")?.max(1.0),

@@ -24,6 +24,14 @@ use zeroize::Zeroizing;
 /// A raft group on a node: the kubbi shards `0..shard_count` and the system group.
 pub type GroupId = u16;
 
+/// A logical shard: the routing field of every id and token. Every kubbi keeps its shard for
+/// life, and every key of its state names it (see `state::keys`), so a range of shards can move
+/// from one raft group to another. Today shard `s` is held by group `s`.
+pub type Shard = u16;
+
+/// How many logical shards there are: every value of [`Shard`].
+pub const SHARD_SPACE: u32 = 1 << 16;
+
 /// The group that holds cluster-wide records (API keys); it is not a kubbi shard.
 pub const SYSTEM_GROUP: GroupId = u16::MAX;
 
@@ -113,7 +121,7 @@ uuid_id!(
 
 impl KubbiId {
     /// A fresh random id placed in `shard`.
-    pub fn new_in_shard(shard: GroupId) -> Self {
+    pub fn new_in_shard(shard: Shard) -> Self {
         let mut b: [u8; 16] = random_bytes();
         b[0..2].copy_from_slice(&shard.to_be_bytes());
         b[6] = (b[6] & 0x0f) | 0x40;
@@ -122,7 +130,7 @@ impl KubbiId {
     }
 
     /// The shard this id was created in (not range-checked against the shard count).
-    pub fn shard(&self) -> GroupId {
+    pub fn shard(&self) -> Shard {
         u16::from_be_bytes([self.0[0], self.0[1]])
     }
 }
@@ -184,7 +192,7 @@ pub struct ClaimToken {
 
 impl ClaimToken {
     /// A fresh token routed to `shard`, with 256 bits of entropy.
-    pub fn generate(shard: GroupId) -> Self {
+    pub fn generate(shard: Shard) -> Self {
         let mut raw = Zeroizing::new([0u8; TOKEN_RAW_LEN]);
         raw[0..2].copy_from_slice(&shard.to_be_bytes());
         rand::rng().fill_bytes(&mut raw[2..]);
@@ -207,7 +215,7 @@ impl ClaimToken {
     }
 
     /// The shard this token routes to.
-    pub fn shard(&self) -> GroupId {
+    pub fn shard(&self) -> Shard {
         u16::from_be_bytes([self.raw[0], self.raw[1]])
     }
 

@@ -232,9 +232,21 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
         .map_err(|e| NodeError::Storage(e.into()))?;
     match stored {
         Some(b) => {
-            let (node_id, shards, incarnation): (u64, u16, u64) =
-                crate::codec::decode("node identity", &b)
-                    .map_err(|e| NodeError::Config(e.to_string()))?;
+            use crate::storage::layout::{LAYOUT, upgrade_to_v2};
+            // (node id, shard count, incarnation, key layout); layout 1 wrote no layout field.
+            let (node_id, shards, incarnation, layout) =
+                match crate::codec::decode::<(u64, u16, u64, u32)>("node identity", &b) {
+                    Ok(v) => v,
+                    Err(e) => crate::codec::decode::<(u64, u16, u64)>("node identity", &b)
+                        .map(|(n, s, i)| (n, s, i, 1))
+                        .map_err(|_| NodeError::Config(e.to_string()))?,
+                };
+            if layout > LAYOUT {
+                return Err(NodeError::Config(format!(
+                    "this data directory has key layout {layout}, written by a newer kubbi; \
+                     this build reads layout {LAYOUT} and older"
+                )));
+            }
             if node_id != config.node_id {
                 return Err(NodeError::Config(format!(
                     "this data directory belongs to node {node_id}, not node {}",
@@ -248,6 +260,28 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
                     "the shard count is fixed at initialisation; using the stored count"
                 );
             }
+            if layout < LAYOUT {
+                tracing::info!(
+                    from = layout,
+                    to = LAYOUT,
+                    "upgrading the data directory's key layout (once; every node of the \
+                     cluster must run this build before it serves again)"
+                );
+                let started = std::time::Instant::now();
+                let keys = upgrade_to_v2(storage).map_err(|e| NodeError::Storage(e.into()))?;
+                db.put_cf(
+                    cf,
+                    &key,
+                    crate::codec::encode(&(node_id, shards, incarnation, LAYOUT)),
+                )
+                .and_then(|()| db.flush_wal(true))
+                .map_err(|e| NodeError::Storage(e.into()))?;
+                tracing::info!(
+                    keys,
+                    ms = started.elapsed().as_millis() as u64,
+                    "data directory upgraded"
+                );
+            }
             Ok((shards, incarnation))
         }
         None => {
@@ -255,7 +289,12 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
             db.put_cf(
                 cf,
                 &key,
-                crate::codec::encode(&(config.node_id, config.shards, incarnation)),
+                crate::codec::encode(&(
+                    config.node_id,
+                    config.shards,
+                    incarnation,
+                    crate::storage::layout::LAYOUT,
+                )),
             )
             .map_err(|e| NodeError::Storage(e.into()))?;
             Ok((config.shards, incarnation))
@@ -818,6 +857,13 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     let storage = Storage::open(&config.db_path())?;
     let (shards, incarnation) = check_identity(&storage, &config)?;
     let clock = SystemClock::default();
+    if config.clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_ms = config.clock_offset_ms,
+            "this node's clock is shifted (--clock-offset-ms): for tests only"
+        );
+        clock.advance(config.clock_offset_ms);
+    }
     let dyn_clock: Arc<dyn Clock> = Arc::new(clock.clone());
     let cc = &config.cluster;
 

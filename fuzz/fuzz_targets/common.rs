@@ -208,6 +208,11 @@ pub mod sample {
                 id: 2,
                 state: NodeState::Leaving,
             },
+            Command::ClaimIn {
+                shard: 0x1234,
+                token_hash: TokenHash([9; 32]),
+                idempotency: None,
+            },
         ]
     }
 

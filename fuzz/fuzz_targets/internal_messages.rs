@@ -106,10 +106,12 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         },
         ShardOp::Claim {
             request_id: RequestId([2; 16]),
+            shard: 0x1234,
             token_hash: TokenHash([9; 32]),
             idempotency: None,
         },
         ShardOp::ByToken {
+            shard: 0x1234,
             token_hash: TokenHash([9; 32]),
             with_manifest: true,
         },

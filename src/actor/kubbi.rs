@@ -188,7 +188,8 @@ impl KubbiState {
         reply: KubbiReply,
         span: &tracing::Span,
     ) {
-        let cmd = Command::Claim {
+        let cmd = Command::ClaimIn {
+            shard: self.id.shard(),
             token_hash: k.token_hash,
             idempotency,
         };
@@ -222,7 +223,7 @@ impl KubbiState {
     /// have burned the kubbi, but its reply was lost), else "ended".
     fn refusal(&self, request_id: &RequestId, s: Status) -> Outcome {
         let view = self.ctx.storage.read_view(self.ctx.group);
-        match crate::state::remembered(&view, request_id) {
+        match crate::state::remembered(&view, self.id.shard(), request_id) {
             Ok(Some(o)) => o,
             Ok(None) => Outcome::Rejected(Rejection::Ended(s)),
             Err(e) => {

@@ -25,7 +25,9 @@ use crate::raft::{Snapshot, SnapshotData};
 use crate::service::{Executor, Service};
 use crate::state::{Command, NodeRecord};
 use crate::transport::messages::{NodeStatus, ShardOp, SnapshotPart};
-use crate::transport::{AddressBook, H_FROM, H_FROM_INCARNATION, H_TO, H_TO_INCARNATION, Identity};
+use crate::transport::{
+    AddressBook, H_FROM, H_FROM_INCARNATION, H_PROTOCOL, H_TO, H_TO_INCARNATION, Identity, PROTOCOL,
+};
 
 /// Snapshot uploads in progress: `(group, transfer id)` → when it started and chunks so far.
 type Uploads = Mutex<HashMap<(GroupId, u64), (Instant, Vec<Chunk>)>>;
@@ -74,6 +76,20 @@ async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -
         .unwrap_or("");
     if !crypto::ct_eq(&crypto::sha256(presented.as_bytes()), &st.secret_hash) {
         return refuse(StatusCode::UNAUTHORIZED, "bad cluster secret");
+    }
+    // Version 1 sent no header.
+    let protocol = header_u64(h, H_PROTOCOL).unwrap_or(1);
+    if protocol != u64::from(PROTOCOL) {
+        tracing::warn!(
+            peer = header_u64(h, H_FROM).unwrap_or(0),
+            peer_protocol = protocol,
+            protocol = PROTOCOL,
+            "refused a peer that speaks another internal protocol: run one kubbi build on every node"
+        );
+        return refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "this node speaks another internal protocol version: run one kubbi build on every node",
+        );
     }
     let is_join = req.uri().path() == "/internal/v1/join";
     let to = header_u64(h, H_TO).unwrap_or(0);

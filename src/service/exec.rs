@@ -136,11 +136,12 @@ impl Executor {
             }
             ShardOp::Claim {
                 request_id,
+                shard,
                 token_hash,
                 idempotency,
             } => {
                 self.must_lead(raft)?;
-                let read = || read_kubbi_by_token(&self.storage.read_view(g), &token_hash);
+                let read = || read_kubbi_by_token(&self.storage.read_view(g), shard, &token_hash);
                 let record = match read().map_err(from_store)? {
                     Some(r) => Some(r),
                     None => {
@@ -175,13 +176,14 @@ impl Executor {
                 .await
             }
             ShardOp::ByToken {
+                shard,
                 token_hash,
                 with_manifest,
             } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
                 let view = self.storage.read_view(g);
                 let Some(mut record) =
-                    read_kubbi_by_token(&view, &token_hash).map_err(from_store)?
+                    read_kubbi_by_token(&view, shard, &token_hash).map_err(from_store)?
                 else {
                     return Ok(ShardReply::Record(None));
                 };

@@ -618,6 +618,7 @@ impl Service {
     pub async fn preview(&self, token: &ClaimToken) -> Result<Preview, ApiError> {
         let g = self.shard_of(token.shard())?;
         let op = ShardOp::ByToken {
+            shard: token.shard(),
             token_hash: token.hash(),
             with_manifest: true,
         };
@@ -660,6 +661,7 @@ impl Service {
         });
         let op = ShardOp::Claim {
             request_id: RequestId::random(),
+            shard: token.shard(),
             token_hash: token.hash(),
             idempotency,
         };

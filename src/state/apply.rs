@@ -10,7 +10,7 @@ use super::{
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
-use crate::ids::{ApiKeyId, KubbiId, Millis, TokenHash};
+use crate::ids::{ApiKeyId, GroupId, KubbiId, Millis, Shard, TokenHash};
 
 /// The two key spaces of a shard: small records, and sealed payload parts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,8 +31,11 @@ pub enum StoreError {
 /// Key-value pairs returned by a scan.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// A consistent read view of one shard's state.
+/// A consistent read view of one group's state.
 pub trait StateRead {
+    /// The raft group whose state this is. Only commands of layout 1 need it (there the group
+    /// was the shard); everything else finds its shard in the command and the keys.
+    fn group(&self) -> GroupId;
     /// # Errors
     /// On I/O failure.
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
@@ -75,15 +78,16 @@ pub fn read_kubbi(s: &impl StateRead, id: &KubbiId) -> Result<Option<KubbiRecord
     get_decoded(s, "kubbi record", &keys::kubbi(id))
 }
 
-/// Resolves a token hash to its kubbi record.
+/// Resolves a token hash to its kubbi record in logical shard `shard` (the token's).
 ///
 /// # Errors
 /// On I/O failure or corrupt index entries.
 pub fn read_kubbi_by_token(
     s: &impl StateRead,
+    shard: Shard,
     token: &TokenHash,
 ) -> Result<Option<KubbiRecord>, StoreError> {
-    let key = keys::token(token);
+    let key = keys::token(shard, token);
     let Some(id) = s.get(Table::State, &key)? else {
         return Ok(None);
     };
@@ -129,7 +133,9 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
         _ => {}
     }
 
-    if let Some(duplicate) = remembered(s, &req.request_id)? {
+    // The request's dedup record lives in the shard it changes, so it moves with it.
+    let shard = req.cmd.shard().unwrap_or_else(|| s.group());
+    if let Some(duplicate) = remembered(s, shard, &req.request_id)? {
         return Ok(duplicate);
     }
 
@@ -138,7 +144,12 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
         Command::Claim {
             token_hash,
             idempotency,
-        } => claim(s, token_hash, idempotency.as_ref(), now)?,
+        }
+        | Command::ClaimIn {
+            token_hash,
+            idempotency,
+            ..
+        } => claim(s, shard, token_hash, idempotency.as_ref(), now)?,
         Command::Delete { id, owner } => delete(s, id, owner, now)?,
         Command::PutApiKey(rec) => {
             s.put(Table::State, keys::api_key(&rec.id), encode(rec));
@@ -155,29 +166,30 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
     };
     s.put(
         Table::State,
-        keys::request(&req.request_id),
+        keys::request(shard, &req.request_id),
         encode(&remembered),
     );
     let due = now.saturating_add(REQUEST_DEDUP_WINDOW_MS);
     s.put(
         Table::State,
-        keys::timer(due, &Timer::DropRequest(req.request_id)),
+        keys::timer(due, &Timer::DropRequest(shard, req.request_id)),
         Vec::new(),
     );
     Ok(outcome)
 }
 
-/// The remembered outcome of request `id` if it was applied within the dedup window, as
-/// [`apply`] would answer a duplicate of it.
+/// The remembered outcome of request `id` to logical shard `shard` if it was applied within
+/// the dedup window, as [`apply`] would answer a duplicate of it.
 ///
 /// # Errors
 /// On I/O failure or a dedup record that does not decode.
 pub fn remembered(
     s: &impl StateRead,
+    shard: Shard,
     id: &crate::ids::RequestId,
 ) -> Result<Option<Outcome>, StoreError> {
     Ok(
-        get_decoded::<Dedup>(s, "request dedup", &keys::request(id))?
+        get_decoded::<Dedup>(s, "request dedup", &keys::request(shard, id))?
             .map(|d| Outcome::Duplicate(Box::new(d.outcome))),
     )
 }
@@ -291,8 +303,9 @@ fn part_keys(rec: &KubbiRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
 }
 
 fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, StoreError> {
+    let shard = c.id.shard();
     if let Some(idem) = &c.idempotency {
-        let key = keys::create_idem(&idem.key);
+        let key = keys::create_idem(shard, &idem.key);
         if let Some(prev) = get_decoded::<CreateIdemRecord>(s, "create idempotency", &key)?
             && now < prev.until
         {
@@ -307,7 +320,8 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         }
     }
     if s.get(Table::State, &keys::kubbi(&c.id))?.is_some()
-        || s.get(Table::State, &keys::token(&c.token_hash))?.is_some()
+        || s.get(Table::State, &keys::token(shard, &c.token_hash))?
+            .is_some()
     {
         return Ok(Outcome::Rejected(Rejection::Collision));
     }
@@ -341,7 +355,11 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
     put_record(s, &rec);
     adjust_stats(s, 1, rec.stored_bytes as i64)?;
     adjust_usage(s, &rec.owner, 1, rec.stored_bytes as i64, true, now)?;
-    s.put(Table::State, keys::token(&c.token_hash), c.id.0.to_vec());
+    s.put(
+        Table::State,
+        keys::token(shard, &c.token_hash),
+        c.id.0.to_vec(),
+    );
     set_owner_status(s, &rec);
     for (i, part) in c.parts.iter().enumerate() {
         s.put(Table::Blob, keys::blob(&c.id, i as u32), part.0.clone());
@@ -363,10 +381,14 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
             sealed_token: idem.sealed_token.clone(),
             until,
         };
-        s.put(Table::State, keys::create_idem(&idem.key), encode(&first));
         s.put(
             Table::State,
-            keys::timer(until, &Timer::DropCreateIdem(idem.key)),
+            keys::create_idem(shard, &idem.key),
+            encode(&first),
+        );
+        s.put(
+            Table::State,
+            keys::timer(until, &Timer::DropCreateIdem(shard, idem.key)),
             Vec::new(),
         );
     }
@@ -406,20 +428,21 @@ fn end(
 
 fn claim(
     s: &mut impl StateStore,
+    shard: Shard,
     token_hash: &TokenHash,
     idem: Option<&super::ClaimIdempotency>,
     now: Millis,
 ) -> Result<Outcome, StoreError> {
     if let Some(idem) = idem
         && let Some(prev) =
-            get_decoded::<Dedup>(s, "claim idempotency", &keys::claim_idem(&idem.key))?
+            get_decoded::<Dedup>(s, "claim idempotency", &keys::claim_idem(shard, &idem.key))?
         && let Outcome::Claimed(mut c) = prev.outcome
     {
         c.replayed = true;
         return Ok(Outcome::Claimed(c));
     }
 
-    let Some(mut rec) = read_kubbi_by_token(s, token_hash)? else {
+    let Some(mut rec) = read_kubbi_by_token(s, shard, token_hash)? else {
         return Ok(Outcome::Rejected(Rejection::NotFound));
     };
     if rec.status.is_terminal() {
@@ -471,12 +494,12 @@ fn claim(
         };
         s.put(
             Table::State,
-            keys::claim_idem(&idem.key),
+            keys::claim_idem(shard, &idem.key),
             encode(&remembered),
         );
         s.put(
             Table::State,
-            keys::timer(until, &Timer::DropClaimIdem(idem.key)),
+            keys::timer(until, &Timer::DropClaimIdem(shard, idem.key)),
             Vec::new(),
         );
     }
@@ -528,7 +551,7 @@ fn purge(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<(), Store
     for k in part_keys(&rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
     }
-    s.delete(Table::State, keys::token(&rec.token_hash));
+    s.delete(Table::State, keys::token(id.shard(), &rec.token_hash));
     s.delete(
         Table::State,
         keys::owner(&rec.owner, rec.created_at, &rec.id),
@@ -560,9 +583,11 @@ fn sweep(s: &mut impl StateStore, now: Millis, max: u32) -> Result<Outcome, Stor
                 }
             }
             Timer::Purge(id) => purge(s, &id, now)?,
-            Timer::DropRequest(r) => s.delete(Table::State, keys::request(&r)),
-            Timer::DropClaimIdem(k) => s.delete(Table::State, keys::claim_idem(&k)),
-            Timer::DropCreateIdem(k) => s.delete(Table::State, keys::create_idem(&k)),
+            Timer::DropRequest(shard, r) => s.delete(Table::State, keys::request(shard, &r)),
+            Timer::DropClaimIdem(shard, k) => s.delete(Table::State, keys::claim_idem(shard, &k)),
+            Timer::DropCreateIdem(shard, k) => {
+                s.delete(Table::State, keys::create_idem(shard, &k));
+            }
         }
     }
     Ok(Outcome::Swept {
@@ -688,6 +713,8 @@ pub(crate) mod mem {
     #[derive(Default, Clone, PartialEq, Eq, Debug)]
     pub struct MemStore {
         pub data: BTreeMap<(Table, Vec<u8>), Vec<u8>>,
+        /// The group id `StateRead::group` reports (0 unless a test sets it).
+        pub group: u16,
     }
 
     impl MemStore {
@@ -697,6 +724,9 @@ pub(crate) mod mem {
     }
 
     impl StateRead for MemStore {
+        fn group(&self) -> u16 {
+            self.group
+        }
         fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
             Ok(self.data.get(&(table, key.to_vec())).cloned())
         }
@@ -781,7 +811,8 @@ mod tests {
             s,
             &req(
                 now,
-                Command::Claim {
+                Command::ClaimIn {
+                    shard: 0,
                     token_hash: *t,
                     idempotency: None,
                 },
@@ -1003,7 +1034,8 @@ mod tests {
                 s,
                 &req(
                     now,
-                    Command::Claim {
+                    Command::ClaimIn {
+                        shard: c.id.shard(),
                         token_hash: c.token_hash,
                         idempotency: Some(idem),
                     },
@@ -1305,5 +1337,165 @@ mod tests {
         create_one(&mut s, &new_create(None, 9_000, 1));
         create_one(&mut s, &new_create(None, 4_000, 1));
         assert_eq!(next_timer_due(&s).expect("reads"), Some(T0 + 4_000));
+    }
+
+    /// A claim of layout 1 carried no shard: it applies in its group's own shard, which is what
+    /// group and shard were in that layout.
+    #[test]
+    fn a_legacy_claim_applies_in_its_groups_shard() {
+        let mut s = MemStore {
+            group: 9,
+            ..MemStore::default()
+        };
+        let mut c = new_create(Some(1), 60_000, 1);
+        c.id = KubbiId::new_in_shard(9);
+        create_one(&mut s, &c);
+        let legacy = req(
+            T0 + 1,
+            Command::Claim {
+                token_hash: c.token_hash,
+                idempotency: None,
+            },
+        );
+        let Outcome::Claimed(first) = apply(&mut s, &legacy).expect("applies") else {
+            panic!("a legacy claim of shard 9 in group 9 claims")
+        };
+        assert!(first.burned);
+        // Its dedup record is in shard 9 too, where a retry of it looks.
+        assert!(matches!(
+            apply(&mut s, &legacy).expect("applies"),
+            Outcome::Duplicate(_)
+        ));
+        // The same token in another shard is another kubbi: not found there.
+        let elsewhere = req(
+            T0 + 2,
+            Command::ClaimIn {
+                shard: 10,
+                token_hash: c.token_hash,
+                idempotency: None,
+            },
+        );
+        assert_eq!(
+            apply(&mut s, &elsewhere).expect("applies"),
+            Outcome::Rejected(Rejection::NotFound)
+        );
+    }
+
+    /// Layout 2's promise: every key a kubbi command writes names the command's shard, so the
+    /// state of one shard can be told apart from the rest by key alone. Random histories over
+    /// two shards in one store, projected onto each shard, equal the history of that shard
+    /// applied alone; and nothing but the group-wide aggregates lacks a shard.
+    #[test]
+    fn every_key_is_attributable_and_a_shard_projects_out_exactly() {
+        use rand::{Rng, SeedableRng};
+        const SHARDS: [Shard; 2] = [3, 0xa001];
+        for seed in 0..40u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut history: Vec<Request> = Vec::new();
+            let mut made: Vec<Create> = Vec::new();
+            let mut now = T0;
+            for _ in 0..60 {
+                now += rng.random_range(0..40_000);
+                let shard = SHARDS[rng.random_range(0..2)];
+                let cmd = match rng.random_range(0..10) {
+                    0..=2 => {
+                        let mut c = new_create(
+                            [None, Some(1), Some(2)][rng.random_range(0..3)],
+                            rng.random_range(1_000..120_000),
+                            rng.random_range(1..3),
+                        );
+                        c.id = KubbiId::new_in_shard(shard);
+                        if rng.random_bool(0.4) {
+                            c.idempotency = Some(CreateIdempotency {
+                                key: [rng.random_range(0..4); 32],
+                                body_hash: [1; 32],
+                                sealed_token: vec![2; 40],
+                                window_ms: 30_000,
+                            });
+                        }
+                        made.push(c.clone());
+                        Command::Create(Box::new(c))
+                    }
+                    3..=5 if !made.is_empty() => {
+                        let c = &made[rng.random_range(0..made.len())];
+                        Command::ClaimIn {
+                            shard: c.id.shard(),
+                            token_hash: c.token_hash,
+                            idempotency: rng.random_bool(0.4).then(|| ClaimIdempotency {
+                                key: [rng.random_range(0..4); 32],
+                                window_ms: 20_000,
+                            }),
+                        }
+                    }
+                    6 if !made.is_empty() => {
+                        let c = &made[rng.random_range(0..made.len())];
+                        Command::Delete {
+                            id: c.id,
+                            owner: c.owner,
+                        }
+                    }
+                    7 if !made.is_empty() => Command::Expire {
+                        id: made[rng.random_range(0..made.len())].id,
+                    },
+                    _ => Command::Sweep { max: 10_000 },
+                };
+                let mut r = req(now, cmd);
+                // Retries: the same request id again.
+                if rng.random_bool(0.15)
+                    && let Some(prev) = history.last()
+                    && prev.cmd.shard().is_some()
+                {
+                    r.request_id = prev.request_id;
+                    r.cmd = prev.cmd.clone();
+                }
+                history.push(r);
+            }
+            // Apply the history to one store holding both shards and, in lockstep, to one
+            // store per shard holding only that shard's commands (and every sweep); after
+            // every step each shard's keys must be the same in both.
+            fn project(m: &MemStore, shard: Shard) -> MemStore {
+                MemStore {
+                    data: m
+                        .data
+                        .iter()
+                        .filter(|((t, k), _)| keys::shard_of_key(*t, k) == Some(shard))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    group: 0,
+                }
+            }
+            let mut all = MemStore::default();
+            let mut alone = [MemStore::default(), MemStore::default()];
+            for (step, r) in history.iter().enumerate() {
+                apply(&mut all, r).expect("applies");
+                for (i, shard) in SHARDS.into_iter().enumerate() {
+                    if r.cmd.shard().is_none_or(|s| s == shard) {
+                        apply(&mut alone[i], r).expect("applies");
+                    }
+                    assert_eq!(
+                        project(&all, shard),
+                        project(&alone[i], shard),
+                        "seed {seed}, step {step} ({r}), shard {shard}"
+                    );
+                    let other = alone[i]
+                        .data
+                        .keys()
+                        .filter_map(|(t, k)| keys::shard_of_key(*t, k))
+                        .find(|s| *s != shard);
+                    assert_eq!(
+                        other, None,
+                        "seed {seed}, step {step}: shard {shard} alone wrote another's keys"
+                    );
+                }
+                for (table, key) in all.data.keys() {
+                    let group_wide = *table == Table::State
+                        && matches!(key.first(), Some(&keys::STATS | &keys::USAGE));
+                    assert!(
+                        group_wide || keys::shard_of_key(*table, key).is_some(),
+                        "seed {seed}: key {key:02x?} names no shard"
+                    );
+                }
+            }
+        }
     }
 }

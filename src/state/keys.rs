@@ -1,22 +1,30 @@
-//! Key layout of a shard's state. Keys here carry no group prefix; the storage adapter adds
-//! `group (u16 BE)` in front of every key so all groups share one RocksDB.
+//! Key layout of a shard's state (layout 2). Keys here carry no group prefix; the storage
+//! adapter adds `group (u16 BE)` in front of every key so all groups share one RocksDB.
+//!
+//! Every key of a kubbi's state names its logical shard at a fixed place ([`shard_of_key`]), so
+//! the keys of a range of shards can be found, copied and dropped when the range moves to
+//! another raft group, request dedup and idempotency records included. Tables looked up by
+//! shard have it right after the table byte, so one shard range is one key range.
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `k` kubbi | `k ‖ id(16)` | [`KubbiRecord`](super::KubbiRecord) |
-//! | `t` token index | `t ‖ token_hash(32)` | `id(16)` |
+//! | `k` kubbi | `k ‖ id(16)` (the id starts with its shard) | [`KubbiRecord`](super::KubbiRecord) |
+//! | `t` token index | `t ‖ shard(2) ‖ token_hash(32)` | `id(16)` |
 //! | `o` owner index | `o ‖ owner(16) ‖ !created_at(8 BE) ‖ id(16)` | `status(1)` (newest first) |
-//! | `x` timers | `x ‖ due(8 BE) ‖ kind(1) ‖ subject` | empty |
-//! | `r` request dedup | `r ‖ request_id(16)` | [`Dedup`](super::apply) |
-//! | `c` claim idempotency | `c ‖ key(32)` | dedup with the sealed result |
-//! | `i` create idempotency | `i ‖ key(32)` | the first response, token sealed |
+//! | `x` timers | `x ‖ due(8 BE) ‖ kind(1) ‖ shard(2) ‖ subject` | empty |
+//! | `r` request dedup | `r ‖ shard(2) ‖ request_id(16)` | [`Dedup`](super::apply) |
+//! | `c` claim idempotency | `c ‖ shard(2) ‖ key(32)` | dedup with the sealed result |
+//! | `i` create idempotency | `i ‖ shard(2) ‖ key(32)` | the first response, token sealed |
 //! | `a` API keys (system group) | `a ‖ key_id(16)` | [`ApiKeyRecord`](super::ApiKeyRecord) |
 //! | `n` nodes (system group) | `n ‖ node_id(8 BE)` | [`NodeRecord`](super::NodeRecord) |
-//! | `s` stats | `s` | [`ShardStats`](super::ShardStats) |
-//! | `u` owner usage | `u ‖ owner(16)` | [`OwnerUsage`](super::OwnerUsage) |
+//! | `s` stats | `s` | [`ShardStats`](super::ShardStats) (the group's, derived) |
+//! | `u` owner usage | `u ‖ owner(16)` | [`OwnerUsage`](super::OwnerUsage) (the group's, derived) |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
+//!
+//! Layout 1 (until this layout) had no shard in `t`, `r`, `c`, `i` and the dedup timers: a data
+//! directory in that layout is refused at start (`node::check_identity`).
 
-use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
+use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, Shard, TokenHash};
 
 pub const KUBBI: u8 = b'k';
 pub const TOKEN: u8 = b't';
@@ -35,9 +43,19 @@ pub const USAGE: u8 = b'u';
 pub enum Timer {
     Expire(KubbiId),
     Purge(KubbiId),
-    DropRequest(RequestId),
-    DropClaimIdem([u8; 32]),
-    DropCreateIdem([u8; 32]),
+    DropRequest(Shard, RequestId),
+    DropClaimIdem(Shard, [u8; 32]),
+    DropCreateIdem(Shard, [u8; 32]),
+}
+
+impl Timer {
+    /// The logical shard whose state the timer belongs to.
+    pub fn shard(&self) -> Shard {
+        match self {
+            Self::Expire(id) | Self::Purge(id) => id.shard(),
+            Self::DropRequest(s, _) | Self::DropClaimIdem(s, _) | Self::DropCreateIdem(s, _) => *s,
+        }
+    }
 }
 
 fn cat(parts: &[&[u8]]) -> Vec<u8> {
@@ -52,8 +70,8 @@ pub fn kubbi(id: &KubbiId) -> Vec<u8> {
     cat(&[&[KUBBI], &id.0])
 }
 
-pub fn token(hash: &TokenHash) -> Vec<u8> {
-    cat(&[&[TOKEN], &hash.0])
+pub fn token(shard: Shard, hash: &TokenHash) -> Vec<u8> {
+    cat(&[&[TOKEN], &shard.to_be_bytes(), &hash.0])
 }
 
 pub fn owner(owner: &ApiKeyId, created_at: Millis, id: &KubbiId) -> Vec<u8> {
@@ -75,16 +93,16 @@ pub fn parse_owner(key: &[u8]) -> Option<(Millis, KubbiId)> {
     Some((!inv, id))
 }
 
-pub fn request(id: &RequestId) -> Vec<u8> {
-    cat(&[&[REQUEST], &id.0])
+pub fn request(shard: Shard, id: &RequestId) -> Vec<u8> {
+    cat(&[&[REQUEST], &shard.to_be_bytes(), &id.0])
 }
 
-pub fn claim_idem(key: &[u8; 32]) -> Vec<u8> {
-    cat(&[&[CLAIM_IDEM], key])
+pub fn claim_idem(shard: Shard, key: &[u8; 32]) -> Vec<u8> {
+    cat(&[&[CLAIM_IDEM], &shard.to_be_bytes(), key])
 }
 
-pub fn create_idem(key: &[u8; 32]) -> Vec<u8> {
-    cat(&[&[CREATE_IDEM], key])
+pub fn create_idem(shard: Shard, key: &[u8; 32]) -> Vec<u8> {
+    cat(&[&[CREATE_IDEM], &shard.to_be_bytes(), key])
 }
 
 pub fn api_key(id: &ApiKeyId) -> Vec<u8> {
@@ -110,13 +128,15 @@ pub fn blob(id: &KubbiId, part: u32) -> Vec<u8> {
 
 pub fn timer(due: Millis, t: &Timer) -> Vec<u8> {
     let due = due.to_be_bytes();
-    match t {
-        Timer::Expire(id) => cat(&[&[TIMER], &due, &[1], &id.0]),
-        Timer::Purge(id) => cat(&[&[TIMER], &due, &[2], &id.0]),
-        Timer::DropRequest(r) => cat(&[&[TIMER], &due, &[3], &r.0]),
-        Timer::DropClaimIdem(k) => cat(&[&[TIMER], &due, &[4], k]),
-        Timer::DropCreateIdem(k) => cat(&[&[TIMER], &due, &[5], k]),
-    }
+    let shard = t.shard().to_be_bytes();
+    let (kind, subject): (u8, &[u8]) = match t {
+        Timer::Expire(id) => (1, &id.0),
+        Timer::Purge(id) => (2, &id.0),
+        Timer::DropRequest(_, r) => (3, &r.0),
+        Timer::DropClaimIdem(_, k) => (4, k),
+        Timer::DropCreateIdem(_, k) => (5, k),
+    };
+    cat(&[&[TIMER], &due, &[kind], &shard, subject])
 }
 
 /// The exclusive upper bound of timer keys due at or before `now`.
@@ -131,20 +151,39 @@ pub fn timers_start() -> Vec<u8> {
 
 /// Decodes a timer key into its due time and action.
 pub fn parse_timer(key: &[u8]) -> Option<(Millis, Timer)> {
-    if key.len() < 10 || key[0] != TIMER {
+    if key.len() < 12 || key[0] != TIMER {
         return None;
     }
     let due = u64::from_be_bytes(key[1..9].try_into().ok()?);
-    let subject = &key[10..];
+    let shard = u16::from_be_bytes([key[10], key[11]]);
+    let subject = &key[12..];
     let t = match (key[9], subject.len()) {
         (1, 16) => Timer::Expire(KubbiId(subject.try_into().ok()?)),
         (2, 16) => Timer::Purge(KubbiId(subject.try_into().ok()?)),
-        (3, 16) => Timer::DropRequest(RequestId(subject.try_into().ok()?)),
-        (4, 32) => Timer::DropClaimIdem(subject.try_into().ok()?),
-        (5, 32) => Timer::DropCreateIdem(subject.try_into().ok()?),
+        (3, 16) => Timer::DropRequest(shard, RequestId(subject.try_into().ok()?)),
+        (4, 32) => Timer::DropClaimIdem(shard, subject.try_into().ok()?),
+        (5, 32) => Timer::DropCreateIdem(shard, subject.try_into().ok()?),
         _ => return None,
     };
-    Some((due, t))
+    // An expiry or purge names its kubbi's shard twice; both must agree.
+    (t.shard() == shard).then_some((due, t))
+}
+
+/// The logical shard a state-table key belongs to, read from the key's bytes alone; `None`
+/// for the group-wide keys (`s`, `u`, the system group's `a` and `n`) and for anything that is
+/// not a well-formed key of a kubbi table.
+pub fn shard_of_key(table: super::Table, key: &[u8]) -> Option<Shard> {
+    let at = |i: usize| key.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    if table == super::Table::Blob {
+        return (key.len() == 20).then(|| at(0)).flatten();
+    }
+    match (key.first()?, key.len()) {
+        (&KUBBI, 17) => at(1),
+        (&TOKEN | &CLAIM_IDEM | &CREATE_IDEM, 35) | (&REQUEST, 19) => at(1),
+        (&OWNER, 41) => at(25),
+        (&TIMER, _) => parse_timer(key).map(|(_, t)| t.shard()),
+        _ => None,
+    }
 }
 
 /// The exclusive end of a prefix range (`prefix` with its last byte incremented, carrying).
@@ -181,18 +220,58 @@ mod tests {
         let all = [
             Timer::Expire(id),
             Timer::Purge(id),
-            Timer::DropRequest(RequestId([9; 16])),
-            Timer::DropClaimIdem([3; 32]),
-            Timer::DropCreateIdem([4; 32]),
+            Timer::DropRequest(7, RequestId([9; 16])),
+            Timer::DropClaimIdem(8, [3; 32]),
+            Timer::DropCreateIdem(9, [4; 32]),
         ];
         for t in all {
             let k = timer(500, &t);
             assert_eq!(parse_timer(&k), Some((500, t)));
+            assert_eq!(
+                shard_of_key(crate::state::Table::State, &k),
+                Some(t.shard())
+            );
             assert!(k < timers_due_end(500));
             assert!(k >= timers_due_end(499));
         }
         assert!(timer(1, &all[0]) < timer(2, &all[0]));
         assert_eq!(parse_timer(b"x"), None);
+        // An expiry whose shard field disagrees with its id is not a timer of this layout.
+        let mut forged = timer(500, &all[0]);
+        forged[10] ^= 0xff;
+        assert_eq!(parse_timer(&forged), None);
+    }
+
+    #[test]
+    fn every_kubbi_key_names_its_shard_and_group_wide_keys_none() {
+        use crate::state::Table;
+        let shard = 0xbeef;
+        let id = KubbiId::new_in_shard(shard);
+        let owner_id = ApiKeyId::random();
+        let th = TokenHash([5; 32]);
+        for (table, k) in [
+            (Table::State, kubbi(&id)),
+            (Table::State, token(shard, &th)),
+            (Table::State, owner(&owner_id, 42, &id)),
+            (Table::State, request(shard, &RequestId([1; 16]))),
+            (Table::State, claim_idem(shard, &[2; 32])),
+            (Table::State, create_idem(shard, &[3; 32])),
+            (Table::State, timer(9, &Timer::Expire(id))),
+            (Table::Blob, blob(&id, 3)),
+        ] {
+            assert_eq!(shard_of_key(table, &k), Some(shard), "{k:02x?}");
+        }
+        for k in [
+            stats(),
+            usage(&owner_id),
+            api_key(&owner_id),
+            node(4),
+            vec![],
+        ] {
+            assert_eq!(shard_of_key(Table::State, &k), None, "{k:02x?}");
+        }
+        // A prefix or a longer key is not a key of the table.
+        assert_eq!(shard_of_key(Table::State, &token(shard, &th)[..20]), None);
     }
 
     #[test]

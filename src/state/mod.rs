@@ -25,7 +25,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, TokenHash};
+use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, Shard, TokenHash};
 
 /// How long a request id is remembered, so that a retried proposal applies at most once.
 /// A protocol constant: every replica must use the same value.
@@ -339,6 +339,9 @@ pub struct Create {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Create(Box<Create>),
+    /// A claim of layout 1, which had no shard in its token index; applied as [`Command::ClaimIn`]
+    /// of the group's own shard (group = shard in that layout). Never proposed now; kept so
+    /// that old log entries decode (variants are only ever appended).
     Claim {
         token_hash: TokenHash,
         idempotency: Option<ClaimIdempotency>,
@@ -367,6 +370,12 @@ pub enum Command {
         id: u64,
         state: NodeState,
     },
+    /// Claim the kubbi of `token_hash` in logical shard `shard` (the token's routing field).
+    ClaimIn {
+        shard: Shard,
+        token_hash: TokenHash,
+        idempotency: Option<ClaimIdempotency>,
+    },
 }
 
 impl Command {
@@ -385,7 +394,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Create(_) => "create",
-            Self::Claim { .. } => "claim",
+            Self::Claim { .. } | Self::ClaimIn { .. } => "claim",
             Self::Delete { .. } => "delete",
             Self::Expire { .. } => "expire",
             Self::Sweep { .. } => "sweep",
@@ -393,6 +402,22 @@ impl Command {
             Self::RevokeApiKey { .. } => "revoke_api_key",
             Self::PutNode(_) => "put_node",
             Self::SetNodeState { .. } => "set_node_state",
+        }
+    }
+
+    /// The logical shard whose state the command changes: the kubbi's for kubbi commands, 0
+    /// for the system group's; `None` for a legacy [`Command::Claim`] (its group's own shard)
+    /// and for [`Command::Sweep`], which works on every shard the group holds.
+    pub fn shard(&self) -> Option<Shard> {
+        match self {
+            Self::Create(c) => Some(c.id.shard()),
+            Self::ClaimIn { shard, .. } => Some(*shard),
+            Self::Delete { id, .. } | Self::Expire { id } => Some(id.shard()),
+            Self::PutApiKey(_)
+            | Self::RevokeApiKey { .. }
+            | Self::PutNode(_)
+            | Self::SetNodeState { .. } => Some(0),
+            Self::Claim { .. } | Self::Sweep { .. } => None,
         }
     }
 }

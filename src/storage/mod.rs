@@ -14,6 +14,7 @@
 //! (group commit). State-machine writes are not synced on their own: they ride the same WAL, and
 //! after a crash openraft re-applies from the durable log whatever the state lost.
 
+pub mod layout;
 mod syncer;
 mod view;
 

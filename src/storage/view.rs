@@ -60,6 +60,10 @@ impl<'a> ReadView<'a> {
 }
 
 impl StateRead for ReadView<'_> {
+    fn group(&self) -> GroupId {
+        self.group
+    }
+
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.snap
             .get_cf(self.storage.table_cf(table), group_key(self.group, key))
@@ -114,6 +118,10 @@ impl<'a> GroupTxn<'a> {
 }
 
 impl StateRead for GroupTxn<'_> {
+    fn group(&self) -> GroupId {
+        self.group
+    }
+
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if let Some(v) = self.overlay.get(&(table, key.to_vec())) {
             return Ok(v.clone());

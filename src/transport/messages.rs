@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ApiKeyId, GroupId, KubbiId, RequestId, TokenHash};
+use crate::ids::{ApiKeyId, GroupId, KubbiId, RequestId, Shard, TokenHash};
 use crate::raft::NodeInfo;
 use crate::raft::snapshot::Chunk;
 use crate::state::{
@@ -21,6 +21,8 @@ pub enum ShardOp {
     },
     Claim {
         request_id: RequestId,
+        /// The token's logical shard.
+        shard: Shard,
         token_hash: TokenHash,
         idempotency: Option<ClaimIdempotency>,
     },
@@ -31,6 +33,8 @@ pub enum ShardOp {
     },
     /// The record behind a token, and the sealed manifest when asked for.
     ByToken {
+        /// The token's logical shard.
+        shard: Shard,
         token_hash: TokenHash,
         with_manifest: bool,
     },

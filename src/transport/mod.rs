@@ -42,6 +42,13 @@ pub const H_FROM: &str = "x-kubbi-from";
 pub const H_FROM_INCARNATION: &str = "x-kubbi-from-incarnation";
 pub const H_TO: &str = "x-kubbi-to";
 pub const H_TO_INCARNATION: &str = "x-kubbi-to-incarnation";
+pub const H_PROTOCOL: &str = "x-kubbi-proto";
+
+/// The version of the internal protocol (raft messages, forwarded operations, their encoding).
+/// Peers must speak the same one: a node refuses requests of any other (`http::internal`), so
+/// a node left on an older build is told so instead of feeding messages it cannot decode.
+/// Version 1 sent no header; 2 added the logical shard to claims and token reads.
+pub const PROTOCOL: u32 = 2;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.
@@ -306,6 +313,7 @@ impl Peers {
             .header(H_FROM_INCARNATION, self.me.incarnation)
             .header(H_TO, to)
             .header(H_TO_INCARNATION, incarnation)
+            .header(H_PROTOCOL, PROTOCOL)
             .header(http::header::CONTENT_TYPE, "application/octet-stream")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| TransportError::Unreachable(to, format!("bad address {addr}: {e}")))?;

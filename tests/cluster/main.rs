@@ -1104,3 +1104,59 @@ async fn a_follower_waking_from_a_pause_does_not_depose_healthy_leaders() {
         );
     }
 }
+
+/// A node refuses internal requests of another protocol version (a peer left on an older
+/// build) with 426 and says why in its log, after the cluster secret was checked, and serves
+/// its own version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_another_internal_protocol_is_refused() {
+    let c = Cluster::start(1).await;
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let url = format!(
+        "http://127.0.0.1:{}/internal/v1/status",
+        c.members[0].internal_port
+    );
+    let secret = c.secret();
+    let status = |secret: String, proto: Option<&'static str>| {
+        let mut r = http
+            .post(&url)
+            .bearer_auth(secret)
+            .header(kubbi::transport::H_TO, "1")
+            .header(kubbi::transport::H_FROM, "9");
+        if let Some(p) = proto {
+            r = r.header(kubbi::transport::H_PROTOCOL, p);
+        }
+        async move { r.send().await.expect("internal port answers").status() }
+    };
+    let current = kubbi::transport::PROTOCOL.to_string().leak();
+    assert_eq!(status(secret.clone(), Some(current)).await, StatusCode::OK);
+    // Version 1 sent no header; a later one sends a number this build does not speak.
+    assert_eq!(
+        status(secret.clone(), None).await,
+        StatusCode::UPGRADE_REQUIRED
+    );
+    assert_eq!(
+        status(secret.clone(), Some("3")).await,
+        StatusCode::UPGRADE_REQUIRED
+    );
+    // Without the secret nothing else is revealed.
+    assert_eq!(status("wrong".into(), None).await, StatusCode::UNAUTHORIZED);
+    let log = c.members[0].log.clone();
+    common::eventually(
+        Duration::from_secs(10),
+        "the node logs the refused protocol",
+        || {
+            let log = log.clone();
+            async move {
+                std::fs::read_to_string(&log)
+                    .ok()?
+                    .contains("refused a peer that speaks another internal protocol")
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}

@@ -123,6 +123,14 @@ impl Cluster {
         c
     }
 
+    /// The cluster secret every member presents on the internal port.
+    pub fn secret(&self) -> String {
+        std::fs::read_to_string(&self.secret_file)
+            .expect("cluster secret")
+            .trim()
+            .to_string()
+    }
+
     fn command(&self, m: &Member, bootstrap: bool) -> Command {
         let mut cmd = Command::new(super::kubbi_bin());
         cmd.arg("serve")

@@ -436,3 +436,124 @@ async fn logs_never_contain_tokens_keys_or_payload() {
         assert!(!contains(&text, &s.as_bytes()[..20.min(s.len())]) || s.len() < 20);
     }
 }
+
+/// A data directory written by kubbi before key layout 2 (`tests/fixtures/layout1`, made by
+/// its `make.py` with the binary of that time) is upgraded in place at the first start, once,
+/// and then serves every kubbi as before: what is left to claim, idempotent creates and claims
+/// replayed, ended kubbis still ended. The node's clock is set to just after the fixture was
+/// made, so its TTLs and idempotency windows still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_1_data_directory_is_upgraded_in_place_once_and_serves_everything() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/layout1");
+    let f: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("fixture.json")).expect("fixture.json"),
+    )
+    .expect("fixture json");
+    let base = tempfile::tempdir().expect("tempdir");
+    let untar = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(fixtures.join("node.tar.gz"))
+        .arg("-C")
+        .arg(base.path())
+        .status()
+        .expect("tar runs");
+    assert!(untar.success());
+    let data = base.path().join("node");
+    let log = base.path().join("node.log");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let made_at = f["made_at_ms"].as_i64().expect("made_at_ms");
+    let offset = (made_at + 5_000 - now).to_string();
+    let env = [
+        ("KUBBI_CLOCK_OFFSET_MS", offset.as_str()),
+        ("KUBBI_CLAIM_IDEMPOTENCY_SECONDS", "86400"),
+    ];
+    let mut node = ProcessNode::start(&data, &log, &env).await;
+    let key = f["api_key"].as_str().expect("api key");
+    common::logscan::record("api-key", key);
+    let token = |name: &str| f[name]["token"].as_str().expect("token").to_string();
+    let upgrades = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("data directory upgraded")
+            .count()
+    };
+    assert_eq!(upgrades(&log), 1, "the first start upgrades");
+
+    // One retrieval of two was spent before the upgrade: one left, then burned.
+    let p = node.api.preview(&token("alpha")).await;
+    assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+    assert_eq!(p.body["remaining_reads"], 1, "{:?}", p.body);
+    let c = node.api.claim(&token("alpha")).await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.body);
+    assert_eq!(
+        (&c.body["content"], &c.body["burned"]),
+        (&json!("alpha"), &json!(true))
+    );
+
+    // The idempotent create, retried: the same kubbi and token, not a second one.
+    let again = node
+        .api
+        .send(
+            node.api
+                .http
+                .post(node.api.url("/api/v1/kubbis"))
+                .bearer_auth(key)
+                .header("Idempotency-Key", "create-beta")
+                .header("content-type", "application/json")
+                .body(
+                    f["beta"]["body_raw"]
+                        .as_str()
+                        .expect("raw body")
+                        .to_string(),
+                ),
+        )
+        .await;
+    assert!(again.status.is_success(), "{:?}", again.body);
+    assert_eq!(again.body["claim_token"], f["beta"]["token"]);
+    assert_eq!(again.body["id"], f["beta"]["id"]);
+    let c = node.api.claim(&token("beta")).await;
+    assert_eq!(c.body["content"], "beta", "{:?}", c.body);
+
+    // The claim that burned, retried with its Idempotency-Key: the payload again, counted once.
+    let r = node.api.claim_idem(&token("gamma"), "claim-gamma").await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["content"], "gamma");
+    assert_eq!(r.body["retrieval_count"], 1);
+    assert_eq!(
+        node.api.claim(&token("gamma")).await.status,
+        StatusCode::GONE
+    );
+
+    // Deleted stays deleted; untouched is there.
+    let p = node.api.preview(&token("epsilon")).await;
+    assert_eq!(p.status, StatusCode::GONE, "{:?}", p.body);
+    assert_eq!(p.body["status"], "deleted", "{:?}", p.body);
+    let c = node.api.claim(&token("delta")).await;
+    assert_eq!(c.body["content"], "delta", "{:?}", c.body);
+
+    // New kubbis live beside the old ones.
+    let made = node
+        .api
+        .create(key, json!({"content": "new", "max_retrievals": 1}))
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    let c = node
+        .api
+        .claim(made.body["claim_token"].as_str().expect("t"))
+        .await;
+    assert_eq!(c.body["content"], "new");
+
+    // A second start finds layout 2: no second upgrade, nothing lost.
+    node.terminate();
+    let node = ProcessNode::start(&data, &log, &env).await;
+    assert_eq!(upgrades(&log), 1, "upgraded once only");
+    assert_eq!(
+        node.api.claim(&token("alpha")).await.status,
+        StatusCode::GONE
+    );
+    let c = node.api.claim(&token("delta")).await;
+    assert_eq!(c.body["content"], "delta", "{:?}", c.body);
+}
