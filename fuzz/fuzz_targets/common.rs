@@ -213,6 +213,16 @@ pub mod sample {
                 token_hash: TokenHash([9; 32]),
                 idempotency: None,
             },
+            Command::Adopt {
+                ranges: vec![(0, 0x8000), (0x9000, 0x1_0000)],
+                map_version: 1,
+            },
+            Command::Split {
+                ranges: vec![(0x9000, 0x1_0000)],
+                target: 4,
+                map_version: 2,
+            },
+            Command::Release { target: 4 },
         ]
     }
 

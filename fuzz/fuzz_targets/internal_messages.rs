@@ -166,6 +166,11 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         Ok(ShardReply::Outcome(Outcome::Duplicate(Box::new(
             Outcome::Rejected(Rejection::NotFound),
         )))),
+        Ok(ShardReply::Outcome(Outcome::Moved {
+            group: 4,
+            map_version: 2,
+        })),
+        Ok(ShardReply::Outcome(Outcome::Rejected(Rejection::NotOwned))),
         Ok(ShardReply::Records(vec![sample::record()])),
         Ok(ShardReply::System {
             keys: vec![sample::api_key()],

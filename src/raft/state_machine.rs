@@ -51,6 +51,9 @@ pub struct StateMachine {
     group: GroupId,
     current: Current,
     observer: Arc<dyn ApplyObserver>,
+    /// The group's ownership record as applied so far (`None` until first read), so that
+    /// commands do not each read it.
+    ownership: Option<Option<state::Ownership>>,
 }
 
 impl StateMachine {
@@ -69,6 +72,7 @@ impl StateMachine {
             group,
             current,
             observer,
+            ownership: None,
         }
     }
 
@@ -174,7 +178,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
     {
         let storage = self.storage.clone();
-        let mut txn = GroupTxn::new(&storage, self.group);
+        let stored = match self.ownership.clone() {
+            Some(o) => o,
+            None => state::read_ownership(&storage.read_view(self.group)).map_err(io_err)?,
+        };
+        let mut txn = GroupTxn::new(&storage, self.group).with_ownership(stored.clone());
+        let mut ownership = stored;
         let mut last_applied = None;
         let mut membership = None;
         let mut results = Vec::new();
@@ -191,6 +200,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Outcome::None
                 }
             };
+            if let Outcome::Ownership(o) = &outcome {
+                ownership = Some(o.clone());
+            }
             last_applied = Some(log_id);
             results.push((responder, outcome));
         }
@@ -207,6 +219,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // One batch: state, dedup records, timers and the applied index land together.
         storage.write(batch).map_err(io_err)?;
+        self.ownership = Some(ownership);
 
         for (responder, outcome) in results {
             self.observer
@@ -273,6 +286,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         batch.put_cf(cf, self.meta_key(META_SNAPSHOT), encode(meta));
         storage.write(batch).map_err(io_err)?;
+        // Whatever ownership the snapshot brought is read again when needed.
+        self.ownership = None;
         // An installed snapshot replaces log entries: it must be durable before it is reported.
         storage.sync().await?;
         let data = SnapshotData::pin(storage.db_arc(), self.group)?;

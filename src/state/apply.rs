@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use super::keys::{self, Timer};
 use super::{
     ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, NodeRecord, NodeState, Outcome,
-    OwnerUsage, QuotaCheck, QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request, ShardStats,
-    Status, day_of,
+    OwnerUsage, Ownership, QuotaCheck, QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request,
+    Served, ShardRange, ShardStats, Status, day_of,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -44,12 +44,66 @@ pub trait StateRead {
     /// # Errors
     /// On I/O failure.
     fn scan(&self, table: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Rows, StoreError>;
+
+    /// The group's ownership record, if it has one (see [`Ownership`]). A store may answer from
+    /// a cache it keeps in step with the record.
+    ///
+    /// # Errors
+    /// On I/O failure or a record that does not decode.
+    fn ownership(&self) -> Result<Option<Ownership>, StoreError> {
+        read_ownership(self)
+    }
 }
+
+/// Reads the group's ownership record (what [`StateRead::ownership`] answers by default).
+///
+/// # Errors
+/// On I/O failure or a record that does not decode.
+pub fn read_ownership(s: &(impl StateRead + ?Sized)) -> Result<Option<Ownership>, StoreError> {
+    get_decoded(s, "ownership", &keys::ownership())
+}
+
+/// Keys a bulk delete reads and deletes per round.
+const DELETE_CHUNK: usize = 1024;
 
 /// A transaction over one shard's state: reads see this transaction's own writes.
 pub trait StateStore: StateRead {
     fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>);
     fn delete(&mut self, table: Table, key: Vec<u8>);
+
+    /// Deletes every key in `[from, to)` of `table` for which `which` holds.
+    ///
+    /// # Errors
+    /// On I/O failure.
+    fn delete_where(
+        &mut self,
+        table: Table,
+        from: &[u8],
+        to: &[u8],
+        mut which: impl FnMut(&[u8]) -> bool,
+    ) -> Result<(), StoreError>
+    where
+        Self: Sized,
+    {
+        let mut start = from.to_vec();
+        loop {
+            let rows = self.scan(table, &start, to, DELETE_CHUNK)?;
+            let Some((last, _)) = rows.last() else {
+                return Ok(());
+            };
+            start.clone_from(last);
+            start.push(0);
+            let full = rows.len() == DELETE_CHUNK;
+            for (k, _) in rows {
+                if which(&k) {
+                    self.delete(table, k);
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
@@ -60,7 +114,7 @@ fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
 }
 
 fn get_decoded<T: serde::de::DeserializeOwned>(
-    s: &impl StateRead,
+    s: &(impl StateRead + ?Sized),
     what: &'static str,
     key: &[u8],
 ) -> Result<Option<T>, StoreError> {
@@ -129,12 +183,33 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
     match &req.cmd {
         // Naturally idempotent: no request-id dedup needed.
         Command::Sweep { max } => return sweep(s, now, *max),
-        Command::Expire { id } => return expire(s, id, now),
+        Command::Adopt { ranges, .. } => return adopt(s, ranges),
+        Command::Split {
+            ranges,
+            target,
+            map_version,
+        } => return split(s, ranges, *target, *map_version),
+        Command::Release { target } => return release(s, *target, now),
         _ => {}
     }
 
     // The request's dedup record lives in the shard it changes, so it moves with it.
     let shard = req.cmd.shard().unwrap_or_else(|| s.group());
+    // Before the dedup record: once a shard is fenced its keys here are frozen for the group
+    // that takes it over, and a retry of a request applied here before the fence must be
+    // answered there, from the dedup record that moved with the shard.
+    if req.cmd.is_kubbi_command() {
+        match Ownership::serves(s.ownership()?.as_ref(), shard) {
+            Served::Here => {}
+            Served::Moved { group, map_version } => {
+                return Ok(Outcome::Moved { group, map_version });
+            }
+            Served::NotOwned => return Ok(Outcome::Rejected(Rejection::NotOwned)),
+        }
+    }
+    if let Command::Expire { id } = &req.cmd {
+        return expire(s, id, now);
+    }
     if let Some(duplicate) = remembered(s, shard, &req.request_id)? {
         return Ok(duplicate);
     }
@@ -158,7 +233,11 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
         Command::RevokeApiKey { id } => revoke_api_key(s, id, now)?,
         Command::PutNode(rec) => put_node(s, rec, now)?,
         Command::SetNodeState { id, state } => set_node_state(s, *id, *state, now)?,
-        Command::Sweep { .. } | Command::Expire { .. } => Outcome::None,
+        Command::Sweep { .. }
+        | Command::Expire { .. }
+        | Command::Adopt { .. }
+        | Command::Split { .. }
+        | Command::Release { .. } => Outcome::None,
     };
 
     let remembered = Dedup {
@@ -564,17 +643,45 @@ fn purge(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<(), Store
     Ok(())
 }
 
+/// How many timers of fenced shards a sweep or [`next_timer_due`] looks past (their keys stay
+/// until the release, which is moments after the fence; past that the sweep waits for it).
+const FENCED_TIMER_LOOKAHEAD: usize = 4096;
+
+/// The group's ownership, and how many extra timer keys to scan past fenced ones.
+fn timer_ownership(s: &impl StateRead) -> Result<(Option<Ownership>, usize), StoreError> {
+    let own = s.ownership()?;
+    let lookahead = if own.as_ref().is_some_and(Ownership::holds_fenced_keys) {
+        FENCED_TIMER_LOOKAHEAD
+    } else {
+        0
+    };
+    Ok((own, lookahead))
+}
+
+fn serves_timer(own: Option<&Ownership>, t: &Timer) -> bool {
+    Ownership::serves(own, t.shard()) == Served::Here
+}
+
 fn sweep(s: &mut impl StateStore, now: Millis, max: u32) -> Result<Outcome, StoreError> {
+    let (own, lookahead) = timer_ownership(s)?;
     let due = s.scan(
         Table::State,
         &keys::timers_start(),
         &keys::timers_due_end(now),
-        max as usize,
+        (max as usize).saturating_add(lookahead),
     )?;
-    let processed = due.len() as u32;
+    let mut processed = 0;
     let mut expired = 0;
     for (key, _) in due {
+        if processed == max {
+            break;
+        }
         let (_, timer) = keys::parse_timer(&key).ok_or_else(|| corrupt(&key, "bad timer key"))?;
+        // A fenced shard's timers are frozen with the rest of its keys.
+        if !serves_timer(own.as_ref(), &timer) {
+            continue;
+        }
+        processed += 1;
         s.delete(Table::State, key);
         match timer {
             Timer::Expire(id) => {
@@ -689,18 +796,133 @@ pub fn read_nodes(s: &impl StateRead) -> Result<Vec<NodeRecord>, StoreError> {
 /// # Errors
 /// On I/O failure or a corrupt timer key.
 pub fn next_timer_due(s: &impl StateRead) -> Result<Option<Millis>, StoreError> {
+    let (own, lookahead) = timer_ownership(s)?;
     let first = s.scan(
         Table::State,
         &keys::timers_start(),
         &keys::prefix_end(&[keys::TIMER]),
-        1,
+        1 + lookahead,
     )?;
-    match first.first() {
-        None => Ok(None),
-        Some((k, _)) => keys::parse_timer(k)
-            .map(|(due, _)| Some(due))
-            .ok_or_else(|| corrupt(k, "bad timer key")),
+    for (k, _) in &first {
+        let (due, timer) = keys::parse_timer(k).ok_or_else(|| corrupt(k, "bad timer key"))?;
+        if serves_timer(own.as_ref(), &timer) {
+            return Ok(Some(due));
+        }
     }
+    Ok(None)
+}
+
+fn adopt(s: &mut impl StateStore, ranges: &[ShardRange]) -> Result<Outcome, StoreError> {
+    if let Some(own) = s.ownership()? {
+        // A repeat of the adoption, or too late for one: either way nothing changes.
+        let repeat = Ownership::adopting(ranges).is_some_and(|a| a.owned == own.owned);
+        return Ok(if repeat && own.moved.is_empty() {
+            Outcome::Ownership(own)
+        } else {
+            Outcome::Rejected(Rejection::BadRanges)
+        });
+    }
+    let Some(own) = Ownership::adopting(ranges) else {
+        return Ok(Outcome::Rejected(Rejection::BadRanges));
+    };
+    s.put(Table::State, keys::ownership(), encode(&own));
+    Ok(Outcome::Ownership(own))
+}
+
+fn split(
+    s: &mut impl StateStore,
+    ranges: &[ShardRange],
+    target: crate::ids::GroupId,
+    map_version: u64,
+) -> Result<Outcome, StoreError> {
+    // Only a group that the shard map adopted can be split.
+    let Some(own) = s.ownership()? else {
+        return Ok(Outcome::Rejected(Rejection::BadRanges));
+    };
+    if let Some(m) = own.moved.iter().find(|m| m.group == target) {
+        // The same fence again (a retried proposal) is answered alike; another one is refused.
+        let same = Ownership::adopting(ranges).is_some_and(|r| r.owned == m.ranges);
+        return Ok(if same {
+            Outcome::Ownership(own)
+        } else {
+            Outcome::Rejected(Rejection::BadRanges)
+        });
+    }
+    let Some(next) = own.fenced(ranges, target, map_version) else {
+        return Ok(Outcome::Rejected(Rejection::BadRanges));
+    };
+    s.put(Table::State, keys::ownership(), encode(&next));
+    Ok(Outcome::Ownership(next))
+}
+
+/// Drops every key of the shards fenced for `target` and takes their live kubbis out of the
+/// group's aggregates (creates of the day stay counted: a quota errs on refusing).
+fn release(
+    s: &mut impl StateStore,
+    target: crate::ids::GroupId,
+    now: Millis,
+) -> Result<Outcome, StoreError> {
+    let Some(mut own) = s.ownership()? else {
+        return Ok(Outcome::Rejected(Rejection::BadRanges));
+    };
+    let Some(i) = own.moved.iter().position(|m| m.group == target) else {
+        return Ok(Outcome::Rejected(Rejection::BadRanges));
+    };
+    if own.moved[i].released {
+        return Ok(Outcome::Ownership(own));
+    }
+    let ranges = own.moved[i].ranges.clone();
+    for &(lo, hi) in &ranges {
+        // The live kubbis leave the aggregates.
+        let (from, to) = keys::shard_range(keys::KUBBI, lo, hi);
+        let mut start = from;
+        loop {
+            let rows = s.scan(Table::State, &start, &to, DELETE_CHUNK)?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            start.clone_from(last);
+            start.push(0);
+            let full = rows.len() == DELETE_CHUNK;
+            for (k, v) in rows {
+                let rec: KubbiRecord = decode("kubbi record", &v).map_err(|e| corrupt(&k, e))?;
+                if !rec.status.is_terminal() {
+                    let bytes = rec.stored_bytes as i64;
+                    adjust_stats(s, -1, -bytes)?;
+                    adjust_usage(s, &rec.owner, -1, -bytes, false, now)?;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        for table in [
+            keys::KUBBI,
+            keys::TOKEN,
+            keys::REQUEST,
+            keys::CLAIM_IDEM,
+            keys::CREATE_IDEM,
+        ] {
+            let (from, to) = keys::shard_range(table, lo, hi);
+            s.delete_where(Table::State, &from, &to, |_| true)?;
+        }
+        let (from, to) = keys::blob_shard_range(lo, hi);
+        s.delete_where(Table::Blob, &from, &to, |_| true)?;
+    }
+    // The owner index and the timers are ordered by owner and by time: filtered scans.
+    let fenced = |k: &[u8]| {
+        keys::shard_of_key(Table::State, k).is_some_and(|sh| {
+            ranges
+                .iter()
+                .any(|&(lo, hi)| lo <= sh && u32::from(sh) < hi)
+        })
+    };
+    for table in [keys::OWNER, keys::TIMER] {
+        s.delete_where(Table::State, &[table], &[table + 1], fenced)?;
+    }
+    own.moved[i].released = true;
+    s.put(Table::State, keys::ownership(), encode(&own));
+    Ok(Outcome::Ownership(own))
 }
 
 #[cfg(test)]
@@ -760,7 +982,7 @@ pub(crate) mod mem {
 mod tests {
     use super::mem::MemStore;
     use super::*;
-    use crate::ids::RequestId;
+    use crate::ids::{RequestId, SHARD_SPACE};
     use crate::state::{Body, ClaimIdempotency, CreateIdempotency};
 
     const T0: Millis = 1_800_000_000_000;
@@ -1385,85 +1607,94 @@ mod tests {
     /// state of one shard can be told apart from the rest by key alone. Random histories over
     /// two shards in one store, projected onto each shard, equal the history of that shard
     /// applied alone; and nothing but the group-wide aggregates lacks a shard.
+    const SHARDS: [Shard; 2] = [3, 0xa001];
+
+    /// A random history of creates (some idempotent), claims (some keyed), deletes, expiries,
+    /// sweeps and retried requests over the kubbis of both [`SHARDS`].
+    fn random_history(seed: u64) -> Vec<Request> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut history: Vec<Request> = Vec::new();
+        let mut made: Vec<Create> = Vec::new();
+        let mut now = T0;
+        for _ in 0..60 {
+            now += rng.random_range(0..40_000);
+            let shard = SHARDS[rng.random_range(0..2)];
+            let cmd = match rng.random_range(0..10) {
+                0..=2 => {
+                    let mut c = new_create(
+                        [None, Some(1), Some(2)][rng.random_range(0..3)],
+                        rng.random_range(1_000..120_000),
+                        rng.random_range(1..3),
+                    );
+                    c.id = KubbiId::new_in_shard(shard);
+                    if rng.random_bool(0.4) {
+                        c.idempotency = Some(CreateIdempotency {
+                            key: [rng.random_range(0..4); 32],
+                            body_hash: [1; 32],
+                            sealed_token: vec![2; 40],
+                            window_ms: 30_000,
+                        });
+                    }
+                    made.push(c.clone());
+                    Command::Create(Box::new(c))
+                }
+                3..=5 if !made.is_empty() => {
+                    let c = &made[rng.random_range(0..made.len())];
+                    Command::ClaimIn {
+                        shard: c.id.shard(),
+                        token_hash: c.token_hash,
+                        idempotency: rng.random_bool(0.4).then(|| ClaimIdempotency {
+                            key: [rng.random_range(0..4); 32],
+                            window_ms: 20_000,
+                        }),
+                    }
+                }
+                6 if !made.is_empty() => {
+                    let c = &made[rng.random_range(0..made.len())];
+                    Command::Delete {
+                        id: c.id,
+                        owner: c.owner,
+                    }
+                }
+                7 if !made.is_empty() => Command::Expire {
+                    id: made[rng.random_range(0..made.len())].id,
+                },
+                _ => Command::Sweep { max: 10_000 },
+            };
+            let mut r = req(now, cmd);
+            // Retries: the same request id again.
+            if rng.random_bool(0.15)
+                && let Some(prev) = history.last()
+                && prev.cmd.shard().is_some()
+            {
+                r.request_id = prev.request_id;
+                r.cmd = prev.cmd.clone();
+            }
+            history.push(r);
+        }
+        history
+    }
+
+    fn project(m: &MemStore, shard: Shard) -> MemStore {
+        MemStore {
+            data: m
+                .data
+                .iter()
+                .filter(|((t, k), _)| keys::shard_of_key(*t, k) == Some(shard))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            group: 0,
+        }
+    }
+
     #[test]
     fn every_key_is_attributable_and_a_shard_projects_out_exactly() {
-        use rand::{Rng, SeedableRng};
-        const SHARDS: [Shard; 2] = [3, 0xa001];
         for seed in 0..40u64 {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut history: Vec<Request> = Vec::new();
-            let mut made: Vec<Create> = Vec::new();
-            let mut now = T0;
-            for _ in 0..60 {
-                now += rng.random_range(0..40_000);
-                let shard = SHARDS[rng.random_range(0..2)];
-                let cmd = match rng.random_range(0..10) {
-                    0..=2 => {
-                        let mut c = new_create(
-                            [None, Some(1), Some(2)][rng.random_range(0..3)],
-                            rng.random_range(1_000..120_000),
-                            rng.random_range(1..3),
-                        );
-                        c.id = KubbiId::new_in_shard(shard);
-                        if rng.random_bool(0.4) {
-                            c.idempotency = Some(CreateIdempotency {
-                                key: [rng.random_range(0..4); 32],
-                                body_hash: [1; 32],
-                                sealed_token: vec![2; 40],
-                                window_ms: 30_000,
-                            });
-                        }
-                        made.push(c.clone());
-                        Command::Create(Box::new(c))
-                    }
-                    3..=5 if !made.is_empty() => {
-                        let c = &made[rng.random_range(0..made.len())];
-                        Command::ClaimIn {
-                            shard: c.id.shard(),
-                            token_hash: c.token_hash,
-                            idempotency: rng.random_bool(0.4).then(|| ClaimIdempotency {
-                                key: [rng.random_range(0..4); 32],
-                                window_ms: 20_000,
-                            }),
-                        }
-                    }
-                    6 if !made.is_empty() => {
-                        let c = &made[rng.random_range(0..made.len())];
-                        Command::Delete {
-                            id: c.id,
-                            owner: c.owner,
-                        }
-                    }
-                    7 if !made.is_empty() => Command::Expire {
-                        id: made[rng.random_range(0..made.len())].id,
-                    },
-                    _ => Command::Sweep { max: 10_000 },
-                };
-                let mut r = req(now, cmd);
-                // Retries: the same request id again.
-                if rng.random_bool(0.15)
-                    && let Some(prev) = history.last()
-                    && prev.cmd.shard().is_some()
-                {
-                    r.request_id = prev.request_id;
-                    r.cmd = prev.cmd.clone();
-                }
-                history.push(r);
-            }
+            let history = random_history(seed);
             // Apply the history to one store holding both shards and, in lockstep, to one
             // store per shard holding only that shard's commands (and every sweep); after
             // every step each shard's keys must be the same in both.
-            fn project(m: &MemStore, shard: Shard) -> MemStore {
-                MemStore {
-                    data: m
-                        .data
-                        .iter()
-                        .filter(|((t, k), _)| keys::shard_of_key(*t, k) == Some(shard))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    group: 0,
-                }
-            }
             let mut all = MemStore::default();
             let mut alone = [MemStore::default(), MemStore::default()];
             for (step, r) in history.iter().enumerate() {
@@ -1489,13 +1720,300 @@ mod tests {
                 }
                 for (table, key) in all.data.keys() {
                     let group_wide = *table == Table::State
-                        && matches!(key.first(), Some(&keys::STATS | &keys::USAGE));
+                        && matches!(
+                            key.first(),
+                            Some(&keys::STATS | &keys::USAGE | &keys::OWNERSHIP)
+                        );
                     assert!(
                         group_wide || keys::shard_of_key(*table, key).is_some(),
                         "seed {seed}: key {key:02x?} names no shard"
                     );
                 }
             }
+        }
+    }
+
+    fn adopt_at(s: &mut MemStore, ranges: &[ShardRange], now: Millis) -> Outcome {
+        let cmd = Command::Adopt {
+            ranges: ranges.to_vec(),
+            map_version: 1,
+        };
+        apply(s, &req(now, cmd)).expect("applies")
+    }
+
+    fn split_at(s: &mut MemStore, ranges: &[ShardRange], target: u16) -> Outcome {
+        let cmd = Command::Split {
+            ranges: ranges.to_vec(),
+            target,
+            map_version: 2,
+        };
+        apply(s, &req(T0, cmd)).expect("applies")
+    }
+
+    fn create_in(s: &mut MemStore, shard: Shard, max: Option<u32>, ttl_ms: Millis) -> Create {
+        let mut c = new_create(max, ttl_ms, 1);
+        c.id = KubbiId::new_in_shard(shard);
+        create_one(s, &c);
+        c
+    }
+
+    fn claim_in(c: &Create) -> Command {
+        Command::ClaimIn {
+            shard: c.id.shard(),
+            token_hash: c.token_hash,
+            idempotency: None,
+        }
+    }
+
+    #[test]
+    fn shard_ranges_are_owned_fenced_and_served_as_stated() {
+        let own = Ownership::adopting(&[(100, 200), (0, 50), (50, 60)]).expect("valid");
+        assert_eq!(own.owned, vec![(0, 60), (100, 200)]);
+        assert_eq!(Ownership::adopting(&[(5, 5)]), None, "empty");
+        assert_eq!(
+            Ownership::adopting(&[(0, SHARD_SPACE + 1)]),
+            None,
+            "past the space"
+        );
+        let fenced = own.fenced(&[(150, 200), (0, 10)], 9, 4).expect("owned");
+        assert_eq!(fenced.owned, vec![(10, 60), (100, 150)]);
+        assert_eq!(own.fenced(&[(55, 70)], 9, 4), None, "not all owned");
+        assert_eq!(own.fenced(&[], 9, 4), None, "nothing");
+        let at = |shard| Ownership::serves(Some(&fenced), shard);
+        assert_eq!(at(10), Served::Here);
+        assert_eq!(at(149), Served::Here);
+        assert_eq!(
+            at(150),
+            Served::Moved {
+                group: 9,
+                map_version: 4
+            }
+        );
+        assert_eq!(
+            at(9),
+            Served::Moved {
+                group: 9,
+                map_version: 4
+            }
+        );
+        assert_eq!(at(60), Served::NotOwned);
+        assert_eq!(Ownership::serves(None, 60), Served::Here, "no record: all");
+        let whole = Ownership::adopting(&[(0, SHARD_SPACE)]).expect("valid");
+        assert_eq!(Ownership::serves(Some(&whole), u16::MAX), Served::Here);
+    }
+
+    #[test]
+    fn a_group_serves_only_what_it_owns_and_refuses_the_rest_without_writing() {
+        let mut s = MemStore::default();
+        // No ownership record: every shard, as in the fixed-shard layout.
+        create_in(&mut s, 500, Some(1), 60_000);
+        let Outcome::Ownership(own) = adopt_at(&mut s, &[(0, 100)], T0) else {
+            panic!("adopted")
+        };
+        // The same adoption again changes nothing; another one is refused.
+        assert_eq!(adopt_at(&mut s, &[(0, 100)], T0), Outcome::Ownership(own));
+        assert_eq!(
+            adopt_at(&mut s, &[(0, 200)], T0),
+            Outcome::Rejected(Rejection::BadRanges)
+        );
+        let before = s.clone();
+        let mut c = new_create(Some(1), 60_000, 1);
+        c.id = KubbiId::new_in_shard(500);
+        for cmd in [
+            Command::Create(Box::new(c.clone())),
+            claim_in(&c),
+            Command::Delete {
+                id: c.id,
+                owner: c.owner,
+            },
+        ] {
+            assert_eq!(
+                apply(&mut s, &req(T0 + 1, cmd)).expect("applies"),
+                Outcome::Rejected(Rejection::NotOwned)
+            );
+        }
+        assert_eq!(
+            s, before,
+            "a refused command writes nothing, not even its dedup record"
+        );
+        create_in(&mut s, 99, Some(1), 60_000);
+    }
+
+    #[test]
+    fn after_a_fence_every_command_of_the_moved_shards_is_redirected_and_writes_nothing() {
+        let mut s = MemStore::default();
+        adopt_at(&mut s, &[(0, SHARD_SPACE)], T0);
+        let kept = create_in(&mut s, 10, Some(2), 60_000);
+        let moved = create_in(&mut s, 40_000, Some(2), 60_000);
+        // A claim applied before the fence, whose reply the router will have lost.
+        let first = req(T0 + 1, claim_in(&moved));
+        assert!(matches!(
+            apply(&mut s, &first).expect("applies"),
+            Outcome::Claimed(_)
+        ));
+        let Outcome::Ownership(own) = split_at(&mut s, &[(32_768, SHARD_SPACE)], 7) else {
+            panic!("fenced")
+        };
+        assert_eq!(own.owned, vec![(0, 32_768)]);
+        let redirected = Outcome::Moved {
+            group: 7,
+            map_version: 2,
+        };
+        let before = s.clone();
+        let mut fresh = new_create(None, 60_000, 1);
+        fresh.id = KubbiId::new_in_shard(50_000);
+        for r in [
+            req(T0 + 2, Command::Create(Box::new(fresh))),
+            req(T0 + 2, claim_in(&moved)),
+            req(
+                T0 + 2,
+                Command::Delete {
+                    id: moved.id,
+                    owner: moved.owner,
+                },
+            ),
+            req(T0 + 2, Command::Expire { id: moved.id }),
+            // Its retry goes to the new group too, which holds its dedup record by then:
+            // answered here, it would be a second count there.
+            Request {
+                now: T0 + 2,
+                ..first.clone()
+            },
+        ] {
+            assert_eq!(apply(&mut s, &r).expect("applies"), redirected, "{r}");
+        }
+        assert_eq!(s, before, "nothing written for a fenced shard");
+        // The shards kept are served as before.
+        assert!(matches!(
+            apply(&mut s, &req(T0 + 3, claim_in(&kept))).expect("applies"),
+            Outcome::Claimed(_)
+        ));
+        // The same fence again is answered alike; another fence for that group, or of shards
+        // not owned, is refused.
+        assert_eq!(
+            split_at(&mut s, &[(32_768, SHARD_SPACE)], 7),
+            Outcome::Ownership(own)
+        );
+        for (ranges, target) in [
+            (vec![(1_000, 2_000)], 7),
+            (vec![(40_000, 41_000)], 8),
+            (vec![(0, 0)], 8),
+        ] {
+            assert_eq!(
+                split_at(&mut s, &ranges, target),
+                Outcome::Rejected(Rejection::BadRanges)
+            );
+        }
+        // A group the map never adopted cannot be split.
+        let mut legacy = MemStore::default();
+        assert_eq!(
+            split_at(&mut legacy, &[(0, 10)], 7),
+            Outcome::Rejected(Rejection::BadRanges)
+        );
+    }
+
+    #[test]
+    fn the_sweep_neither_touches_nor_spins_on_fenced_timers() {
+        let mut s = MemStore::default();
+        adopt_at(&mut s, &[(0, SHARD_SPACE)], T0);
+        let moved = create_in(&mut s, 40_000, Some(1), 500);
+        let kept = create_in(&mut s, 10, Some(1), 1_000);
+        split_at(&mut s, &[(32_768, SHARD_SPACE)], 7);
+        // The fenced kubbi's expiry is the earliest timer; it is not the group's to run.
+        assert_eq!(
+            next_timer_due(&s).expect("reads"),
+            Some(T0 + 1_000),
+            "the next timer is the kept kubbi's"
+        );
+        let swept = apply(&mut s, &req(T0 + 2_000, Command::Sweep { max: 1 })).expect("applies");
+        assert_eq!(
+            swept,
+            Outcome::Swept {
+                processed: 1,
+                expired: 1,
+                more: true
+            }
+        );
+        assert_eq!(
+            read_kubbi(&s, &kept.id)
+                .expect("reads")
+                .expect("kept")
+                .status,
+            Status::Expired
+        );
+        let m = read_kubbi(&s, &moved.id).expect("reads").expect("moved");
+        assert_eq!(m.status, Status::Active, "frozen for the new group");
+        assert!(s.data.contains_key(&(
+            Table::State,
+            keys::timer(m.expires_at, &Timer::Expire(moved.id))
+        )));
+        // Only fenced timers left due: the sweep says it is done instead of spinning.
+        let again = apply(&mut s, &req(T0 + 2_000, Command::Sweep { max: 1 })).expect("applies");
+        assert_eq!(
+            again,
+            Outcome::Swept {
+                processed: 0,
+                expired: 0,
+                more: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_release_leaves_exactly_the_other_shards_keys_and_true_aggregates() {
+        for seed in 0..20u64 {
+            let history = random_history(seed);
+            let mut all = MemStore::default();
+            let mut kept = MemStore::default();
+            adopt_at(&mut all, &[(0, SHARD_SPACE)], T0);
+            adopt_at(&mut kept, &[(0, SHARD_SPACE)], T0);
+            for r in &history {
+                apply(&mut all, r).expect("applies");
+                if r.cmd.shard().is_none_or(|s| s == SHARDS[0]) {
+                    apply(&mut kept, r).expect("applies");
+                }
+            }
+            let last = history.last().map_or(T0, |r| r.now);
+            split_at(&mut all, &[(0x8000, SHARD_SPACE)], 9);
+            let release = req(last, Command::Release { target: 9 });
+            let Outcome::Ownership(own) = apply(&mut all, &release).expect("applies") else {
+                panic!("released")
+            };
+            assert!(own.moved[0].released);
+            assert_eq!(
+                project(&all, SHARDS[0]),
+                project(&kept, SHARDS[0]),
+                "seed {seed}"
+            );
+            let left: Vec<_> = all
+                .data
+                .keys()
+                .filter(|(t, k)| keys::shard_of_key(*t, k) == Some(SHARDS[1]))
+                .collect();
+            assert!(left.is_empty(), "seed {seed}: {left:02x?}");
+            assert_eq!(
+                read_stats(&all).expect("stats"),
+                read_stats(&kept).expect("stats")
+            );
+            let owner = ApiKeyId([1; 16]);
+            let (a, k) = (
+                read_owner_usage(&all, &owner).expect("usage"),
+                read_owner_usage(&kept, &owner).expect("usage"),
+            );
+            assert_eq!((a.active, a.bytes), (k.active, k.bytes), "seed {seed}");
+            // A repeat changes nothing; the released shards are still redirected.
+            let before = all.clone();
+            assert_eq!(
+                apply(&mut all, &release).expect("applies"),
+                Outcome::Ownership(own)
+            );
+            assert_eq!(all, before);
+            let mut c = new_create(None, 1_000, 1);
+            c.id = KubbiId::new_in_shard(SHARDS[1]);
+            assert!(matches!(
+                apply(&mut all, &req(last, Command::Create(Box::new(c)))).expect("applies"),
+                Outcome::Moved { group: 9, .. }
+            ));
         }
     }
 }

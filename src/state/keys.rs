@@ -19,6 +19,7 @@
 //! | `n` nodes (system group) | `n ‖ node_id(8 BE)` | [`NodeRecord`](super::NodeRecord) |
 //! | `s` stats | `s` | [`ShardStats`](super::ShardStats) (the group's, derived) |
 //! | `u` owner usage | `u ‖ owner(16)` | [`OwnerUsage`](super::OwnerUsage) (the group's, derived) |
+//! | `w` ownership | `w` | [`Ownership`](super::Ownership): the shard ranges the group serves |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 //!
 //! Layout 1 (until this layout) had no shard in `t`, `r`, `c`, `i` and the dedup timers: a data
@@ -37,6 +38,7 @@ pub const API_KEY: u8 = b'a';
 pub const NODE: u8 = b'n';
 pub const STATS: u8 = b's';
 pub const USAGE: u8 = b'u';
+pub const OWNERSHIP: u8 = b'w';
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +117,31 @@ pub fn usage(owner: &ApiKeyId) -> Vec<u8> {
 
 pub fn stats() -> Vec<u8> {
     vec![STATS]
+}
+
+pub fn ownership() -> Vec<u8> {
+    vec![OWNERSHIP]
+}
+
+/// The bounds `[from, to)` of the keys of table `table` whose shard is in `[lo, hi)`, for the
+/// tables that put the shard right after the table byte (`t`, `r`, `c`, `i`) or first in the
+/// subject (`k`: the id starts with it).
+pub fn shard_range(table: u8, lo: Shard, hi: u32) -> (Vec<u8>, Vec<u8>) {
+    let from = cat(&[&[table], &lo.to_be_bytes()]);
+    let to = match Shard::try_from(hi) {
+        Ok(hi) => cat(&[&[table], &hi.to_be_bytes()]),
+        Err(_) => vec![table + 1],
+    };
+    (from, to)
+}
+
+/// Like [`shard_range`] for the blob table, whose keys start with the id.
+pub fn blob_shard_range(lo: Shard, hi: u32) -> (Vec<u8>, Vec<u8>) {
+    let to = match Shard::try_from(hi) {
+        Ok(hi) => hi.to_be_bytes().to_vec(),
+        Err(_) => vec![0xff; 21],
+    };
+    (lo.to_be_bytes().to_vec(), to)
 }
 
 pub fn node(id: u64) -> Vec<u8> {

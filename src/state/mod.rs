@@ -18,14 +18,14 @@ pub mod keys;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
-    read_kubbi_by_token, read_nodes, read_owner_usage, read_stats, remembered,
+    read_kubbi_by_token, read_nodes, read_owner_usage, read_ownership, read_stats, remembered,
 };
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ApiKeyId, KubbiId, Millis, RequestId, Shard, TokenHash};
+use crate::ids::{ApiKeyId, GroupId, KubbiId, Millis, RequestId, SHARD_SPACE, Shard, TokenHash};
 
 /// How long a request id is remembered, so that a retried proposal applies at most once.
 /// A protocol constant: every replica must use the same value.
@@ -376,6 +376,164 @@ pub enum Command {
         token_hash: TokenHash,
         idempotency: Option<ClaimIdempotency>,
     },
+    /// A data group's first ownership: the shard ranges the shard map gives it. Applies only
+    /// while the group owns nothing yet; repeating it changes nothing.
+    Adopt {
+        ranges: Vec<ShardRange>,
+        map_version: u64,
+    },
+    /// The fence of a split or move: from this entry on the group serves none of `ranges`
+    /// (every command of them is answered [`Outcome::Moved`] to `target`) and leaves their
+    /// keys as they are, for `target` to start from, until [`Command::Release`].
+    Split {
+        ranges: Vec<ShardRange>,
+        target: GroupId,
+        map_version: u64,
+    },
+    /// Drops the keys of the ranges fenced for `target` once `target` serves them; commands of
+    /// those shards are still answered `Moved`.
+    Release {
+        target: GroupId,
+    },
+}
+
+/// A half-open range `[lo, hi)` of logical shards (`hi` up to [`SHARD_SPACE`]).
+pub type ShardRange = (Shard, u32);
+
+fn in_ranges(ranges: &[ShardRange], shard: Shard) -> bool {
+    ranges
+        .iter()
+        .any(|&(lo, hi)| lo <= shard && u32::from(shard) < hi)
+}
+
+/// Sorted, merged, without empty ranges; `None` when a range ends past the shard space.
+fn normalize(ranges: &[ShardRange]) -> Option<Vec<ShardRange>> {
+    let mut v: Vec<ShardRange> = ranges
+        .iter()
+        .copied()
+        .filter(|&(lo, hi)| u32::from(lo) < hi)
+        .collect();
+    if v.iter().any(|&(_, hi)| hi > SHARD_SPACE) {
+        return None;
+    }
+    v.sort_unstable();
+    let mut out: Vec<ShardRange> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match out.last_mut() {
+            Some(last) if u32::from(lo) <= last.1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    Some(out)
+}
+
+/// `from` without `cut`, if `cut` lies wholly inside `from`.
+fn subtract(from: &[ShardRange], cut: &[ShardRange]) -> Option<Vec<ShardRange>> {
+    let from = normalize(from)?;
+    let cut = normalize(cut)?;
+    let inside = cut
+        .iter()
+        .all(|&(lo, hi)| from.iter().any(|&(flo, fhi)| flo <= lo && hi <= fhi));
+    if !inside {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (flo, fhi) in from {
+        // Every cut lies inside one range of `from`; these are the ones inside this one.
+        let inside = cut.iter().filter(|&&(clo, chi)| flo <= clo && chi <= fhi);
+        let mut lo = u32::from(flo);
+        for &(clo, chi) in inside {
+            if u32::from(clo) > lo {
+                out.push((lo as Shard, u32::from(clo)));
+            }
+            lo = lo.max(chi);
+        }
+        if lo < fhi {
+            out.push((lo as Shard, fhi));
+        }
+    }
+    Some(out)
+}
+
+/// Ranges a group fenced for another group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedRanges {
+    pub ranges: Vec<ShardRange>,
+    pub group: GroupId,
+    pub map_version: u64,
+    /// Their keys are gone from this group.
+    pub released: bool,
+}
+
+/// Which logical shards a data group serves (state key `w`), replicated like everything else.
+/// A group with no ownership record serves every shard routed to it: the fixed-shard layout,
+/// where group and shard are the same thing, until the shard map adopts it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    pub owned: Vec<ShardRange>,
+    pub moved: Vec<MovedRanges>,
+}
+
+/// What a group does with a command of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Here,
+    /// Fenced for `group`: answered [`Outcome::Moved`].
+    Moved {
+        group: GroupId,
+        map_version: u64,
+    },
+    /// Neither owned nor moved: the router's map is wrong.
+    NotOwned,
+}
+
+impl Ownership {
+    /// How a group with this ownership (`None`: no record) treats a command of `shard`.
+    pub fn serves(own: Option<&Ownership>, shard: Shard) -> Served {
+        let Some(own) = own else {
+            return Served::Here;
+        };
+        if in_ranges(&own.owned, shard) {
+            return Served::Here;
+        }
+        match own.moved.iter().find(|m| in_ranges(&m.ranges, shard)) {
+            Some(m) => Served::Moved {
+                group: m.group,
+                map_version: m.map_version,
+            },
+            None => Served::NotOwned,
+        }
+    }
+
+    /// A first ownership of `ranges`; `None` when they are empty or past the shard space.
+    pub fn adopting(ranges: &[ShardRange]) -> Option<Self> {
+        let owned = normalize(ranges)?;
+        (!owned.is_empty()).then_some(Self {
+            owned,
+            moved: Vec::new(),
+        })
+    }
+
+    /// Whether some fenced ranges still have their keys here.
+    pub fn holds_fenced_keys(&self) -> bool {
+        self.moved.iter().any(|m| !m.released)
+    }
+
+    /// This ownership after fencing `ranges` for `target`: `None` when they are not all owned.
+    pub fn fenced(&self, ranges: &[ShardRange], target: GroupId, map_version: u64) -> Option<Self> {
+        if normalize(ranges)?.is_empty() {
+            return None;
+        }
+        let owned = subtract(&self.owned, ranges)?;
+        let mut moved = self.moved.clone();
+        moved.push(MovedRanges {
+            ranges: normalize(ranges)?,
+            group: target,
+            map_version,
+            released: false,
+        });
+        Some(Self { owned, moved })
+    }
 }
 
 impl Command {
@@ -395,6 +553,9 @@ impl Command {
         match self {
             Self::Create(_) => "create",
             Self::Claim { .. } | Self::ClaimIn { .. } => "claim",
+            Self::Adopt { .. } => "adopt",
+            Self::Split { .. } => "split",
+            Self::Release { .. } => "release",
             Self::Delete { .. } => "delete",
             Self::Expire { .. } => "expire",
             Self::Sweep { .. } => "sweep",
@@ -417,8 +578,25 @@ impl Command {
             | Self::RevokeApiKey { .. }
             | Self::PutNode(_)
             | Self::SetNodeState { .. } => Some(0),
-            Self::Claim { .. } | Self::Sweep { .. } => None,
+            Self::Claim { .. }
+            | Self::Sweep { .. }
+            | Self::Adopt { .. }
+            | Self::Split { .. }
+            | Self::Release { .. } => None,
         }
+    }
+
+    /// Whether the command reads or changes one kubbi (and so must go to the group that
+    /// serves the kubbi's shard).
+    pub fn is_kubbi_command(&self) -> bool {
+        matches!(
+            self,
+            Self::Create(_)
+                | Self::Claim { .. }
+                | Self::ClaimIn { .. }
+                | Self::Delete { .. }
+                | Self::Expire { .. }
+        )
     }
 }
 
@@ -452,6 +630,11 @@ pub enum Rejection {
     LastActiveNode,
     /// The create would take the owner past a quota.
     Quota(QuotaKind),
+    /// The group neither owns nor moved the command's shard (a wrong shard map).
+    NotOwned,
+    /// Shard ranges that are empty or past the shard space, a fence of shards the group does
+    /// not own, a first ownership of a group that has one, or a release of nothing fenced.
+    BadRanges,
 }
 
 /// The result of a successful claim.
@@ -495,6 +678,15 @@ pub enum Outcome {
     Duplicate(#[serde(deserialize_with = "first_outcome")] Box<Outcome>),
     /// A blank or membership entry.
     None,
+    /// The command's shard was fenced for `group` (as of shard map `map_version`): nothing was
+    /// done; send it there. Also the answer to a command of a released shard.
+    Moved {
+        group: GroupId,
+        map_version: u64,
+    },
+    /// The group's ownership after an [`Command::Adopt`], [`Command::Split`] or
+    /// [`Command::Release`] (the same when the command was a repeat).
+    Ownership(Ownership),
 }
 
 /// Deserializes what an [`Outcome::Duplicate`] wraps: the outcome of the request's first

@@ -7,7 +7,7 @@ use rocksdb::{DB, Direction, IteratorMode, ReadOptions, SnapshotWithThreadMode, 
 
 use super::{Storage, group_key};
 use crate::ids::GroupId;
-use crate::state::{Rows, StateRead, StateStore, StoreError, Table};
+use crate::state::{Ownership, Rows, StateRead, StateStore, StoreError, Table, keys};
 
 fn io(e: rocksdb::Error) -> StoreError {
     StoreError::Io(e.to_string())
@@ -89,6 +89,9 @@ pub struct GroupTxn<'a> {
     storage: &'a Storage,
     group: GroupId,
     overlay: BTreeMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    /// The group's ownership record as stored before this transaction, when the caller knows
+    /// it (every command asks for it; the state machine keeps it in memory).
+    ownership: Option<Option<Ownership>>,
 }
 
 impl<'a> GroupTxn<'a> {
@@ -97,7 +100,15 @@ impl<'a> GroupTxn<'a> {
             storage,
             group,
             overlay: BTreeMap::new(),
+            ownership: None,
         }
+    }
+
+    /// This transaction, answering [`StateRead::ownership`] from `stored` (the record as it is
+    /// in the database) until the transaction writes one.
+    pub fn with_ownership(mut self, stored: Option<Ownership>) -> Self {
+        self.ownership = Some(stored);
+        self
     }
 
     /// Moves the collected writes into `batch`.
@@ -120,6 +131,16 @@ impl<'a> GroupTxn<'a> {
 impl StateRead for GroupTxn<'_> {
     fn group(&self) -> GroupId {
         self.group
+    }
+
+    fn ownership(&self) -> Result<Option<Ownership>, StoreError> {
+        let written = self
+            .overlay
+            .contains_key(&(Table::State, keys::ownership()));
+        match &self.ownership {
+            Some(stored) if !written => Ok(stored.clone()),
+            _ => crate::state::read_ownership(self),
+        }
     }
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
