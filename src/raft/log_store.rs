@@ -183,6 +183,19 @@ impl LogStore {
     }
 }
 
+/// Puts into `batch` the log meta of a seeded group (`raft::seed`): purged and committed up to
+/// `at`, no vote, in the encodings [`LogStore`] reads back.
+pub(crate) fn put_seeded_meta(
+    batch: &mut WriteBatch,
+    storage: &Storage,
+    group: GroupId,
+    at: LogId,
+) {
+    let cf = storage.cf(CF_RAFT_META);
+    batch.put_cf(cf, group_key(group, META_PURGED), encode(&at));
+    batch.put_cf(cf, group_key(group, META_COMMITTED), encode(&Some(at)));
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,

@@ -137,6 +137,20 @@ impl StateMachine {
     }
 }
 
+/// Puts into `batch` the state machine meta of a seeded group (`raft::seed`): applied up to
+/// `at`, with `membership`, in the encodings [`StateMachine`] reads back.
+pub(crate) fn put_seeded_meta(
+    batch: &mut WriteBatch,
+    storage: &Storage,
+    group: GroupId,
+    at: LogId,
+    membership: &StoredMembership,
+) {
+    let cf = storage.cf(CF_STATE);
+    batch.put_cf(cf, group_key(group, META_APPLIED), encode(&Some(at)));
+    batch.put_cf(cf, group_key(group, META_MEMBERSHIP), encode(membership));
+}
+
 /// Builds a snapshot from the state pinned when the builder was created.
 pub struct Builder {
     storage: Arc<Storage>,
