@@ -66,7 +66,7 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
             },
         ]),
     ));
-    s.push((11, encode(&(3u64, 16u16, 12345u64))));
+    s.push((11, encode(&(3u64, 16u16, 12345u64, 2u32))));
     let mut owner = vec![41];
     owner.extend(keys::owner(
         &ApiKeyId([8; 16]),
@@ -78,8 +78,8 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
     s.push((12, owner));
     for t in [
         keys::Timer::Expire(KubbiId([7; 16])),
-        keys::Timer::DropRequest(RequestId([1; 16])),
-        keys::Timer::DropCreateIdem([2; 32]),
+        keys::Timer::DropRequest(0x1234, RequestId([1; 16])),
+        keys::Timer::DropCreateIdem(9, [2; 32]),
     ] {
         s.push((13, keys::timer(1_795_868_100_000, &t)));
     }
@@ -107,7 +107,7 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
         8 => drop(round_trip_eq::<NodeRecord>("node", data)),
         9 => drop(round_trip_eq::<ShardStats>("stats", data)),
         10 => drop(round_trip_eq::<Vec<ManifestEntry>>("manifest", data)),
-        11 => drop(round_trip_eq::<(u64, u16, u64)>("node identity", data)),
+        11 => drop(round_trip_eq::<(u64, u16, u64, u32)>("node identity", data)),
         12 => {
             let n = usize::from(data.first().copied().unwrap_or(0)).min(data.len());
             let (key, value) = data.split_at(n);
@@ -121,6 +121,10 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
         _ => {
             if let Some((due, t)) = keys::parse_timer(data) {
                 assert_eq!(keys::timer(due, &t), data, "{t:?}");
+                assert_eq!(
+                    keys::shard_of_key(kubbi::state::Table::State, data),
+                    Some(t.shard())
+                );
             }
         }
     }
