@@ -223,6 +223,12 @@ pub mod sample {
                 map_version: 2,
             },
             Command::Release { target: 4 },
+            Command::PutMap {
+                expect_version: 3,
+                map: Box::new(kubbi::state::map::ShardMap::legacy(4, |s| {
+                    vec![u64::from(s) + 1, 9]
+                })),
+            },
         ]
     }
 

@@ -55,6 +55,32 @@ pub trait StateRead {
     }
 }
 
+/// Reads the shard map (system group).
+///
+/// # Errors
+/// On I/O failure or a map that does not decode.
+pub fn read_map(s: &impl StateRead) -> Result<Option<super::map::ShardMap>, StoreError> {
+    get_decoded(s, "shard map", &keys::map())
+}
+
+fn put_map(
+    s: &mut impl StateStore,
+    expect_version: u64,
+    map: &super::map::ShardMap,
+) -> Result<Outcome, StoreError> {
+    let stored = read_map(s)?.map_or(0, |m| m.version);
+    if stored != expect_version {
+        return Ok(Outcome::Rejected(Rejection::StaleMap));
+    }
+    if map.validate().is_err() {
+        return Ok(Outcome::Rejected(Rejection::BadMap));
+    }
+    let mut map = map.clone();
+    map.version = expect_version + 1;
+    s.put(Table::State, keys::map(), encode(&map));
+    Ok(Outcome::MapStored(Box::new(map)))
+}
+
 /// Reads the group's ownership record (what [`StateRead::ownership`] answers by default).
 ///
 /// # Errors
@@ -233,6 +259,10 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
         Command::RevokeApiKey { id } => revoke_api_key(s, id, now)?,
         Command::PutNode(rec) => put_node(s, rec, now)?,
         Command::SetNodeState { id, state } => set_node_state(s, *id, *state, now)?,
+        Command::PutMap {
+            expect_version,
+            map,
+        } => put_map(s, *expect_version, map)?,
         Command::Sweep { .. }
         | Command::Expire { .. }
         | Command::Adopt { .. }
@@ -2015,5 +2045,44 @@ mod tests {
                 Outcome::Moved { group: 9, .. }
             ));
         }
+    }
+
+    #[test]
+    fn the_shard_map_changes_only_by_compare_and_set_and_only_to_valid_maps() {
+        use crate::state::map::ShardMap;
+        let mut s = MemStore::default();
+        let put = |s: &mut MemStore, expect_version, map: &ShardMap| {
+            let cmd = Command::PutMap {
+                expect_version,
+                map: Box::new(map.clone()),
+            };
+            apply(s, &req(T0, cmd)).expect("applies")
+        };
+        let three = ShardMap::first(&[1, 2, 3], |i| vec![i as u64 + 1]);
+        let Outcome::MapStored(v1) = put(&mut s, 0, &three) else {
+            panic!("the first map is stored")
+        };
+        assert_eq!(v1.version, 1);
+        assert_eq!(
+            put(&mut s, 0, &three),
+            Outcome::Rejected(Rejection::StaleMap),
+            "a second first map"
+        );
+        let mut bad = (*v1).clone();
+        bad.ranges.pop();
+        assert_eq!(put(&mut s, 1, &bad), Outcome::Rejected(Rejection::BadMap));
+        let mut next = (*v1).clone();
+        next.version = 77;
+        if let Some(g) = next.groups.get_mut(&0) {
+            g.replicas = vec![1, 2, 3];
+        }
+        let Outcome::MapStored(v2) = put(&mut s, 1, &next) else {
+            panic!("stored")
+        };
+        assert_eq!(
+            v2.version, 2,
+            "the version is the store's, not the proposer's"
+        );
+        assert_eq!(read_map(&s).expect("reads"), Some(*v2));
     }
 }

@@ -20,6 +20,7 @@
 //! | `s` stats | `s` | [`ShardStats`](super::ShardStats) (the group's, derived) |
 //! | `u` owner usage | `u ‖ owner(16)` | [`OwnerUsage`](super::OwnerUsage) (the group's, derived) |
 //! | `w` ownership | `w` | [`Ownership`](super::Ownership): the shard ranges the group serves |
+//! | `g` shard map (system group) | `g` | [`ShardMap`](super::map::ShardMap) |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 //!
 //! Layout 1 (until this layout) had no shard in `t`, `r`, `c`, `i` and the dedup timers: a data
@@ -39,6 +40,7 @@ pub const NODE: u8 = b'n';
 pub const STATS: u8 = b's';
 pub const USAGE: u8 = b'u';
 pub const OWNERSHIP: u8 = b'w';
+pub const MAP: u8 = b'g';
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +123,10 @@ pub fn stats() -> Vec<u8> {
 
 pub fn ownership() -> Vec<u8> {
     vec![OWNERSHIP]
+}
+
+pub fn map() -> Vec<u8> {
+    vec![MAP]
 }
 
 /// The bounds `[from, to)` of the keys of table `table` whose shard is in `[lo, hi)`, for the

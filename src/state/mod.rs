@@ -15,10 +15,12 @@
 
 mod apply;
 pub mod keys;
+pub mod map;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
-    read_kubbi_by_token, read_nodes, read_owner_usage, read_ownership, read_stats, remembered,
+    read_kubbi_by_token, read_map, read_nodes, read_owner_usage, read_ownership, read_stats,
+    remembered,
 };
 
 use std::fmt;
@@ -395,6 +397,12 @@ pub enum Command {
     Release {
         target: GroupId,
     },
+    /// Stores the shard map (system group) if the stored one is at `expect_version` (0: none
+    /// yet) and `map` is valid; it is stored as version `expect_version + 1`.
+    PutMap {
+        expect_version: u64,
+        map: Box<map::ShardMap>,
+    },
 }
 
 /// A half-open range `[lo, hi)` of logical shards (`hi` up to [`SHARD_SPACE`]).
@@ -556,6 +564,7 @@ impl Command {
             Self::Adopt { .. } => "adopt",
             Self::Split { .. } => "split",
             Self::Release { .. } => "release",
+            Self::PutMap { .. } => "put_map",
             Self::Delete { .. } => "delete",
             Self::Expire { .. } => "expire",
             Self::Sweep { .. } => "sweep",
@@ -577,7 +586,8 @@ impl Command {
             Self::PutApiKey(_)
             | Self::RevokeApiKey { .. }
             | Self::PutNode(_)
-            | Self::SetNodeState { .. } => Some(0),
+            | Self::SetNodeState { .. }
+            | Self::PutMap { .. } => Some(0),
             Self::Claim { .. }
             | Self::Sweep { .. }
             | Self::Adopt { .. }
@@ -635,6 +645,10 @@ pub enum Rejection {
     /// Shard ranges that are empty or past the shard space, a fence of shards the group does
     /// not own, a first ownership of a group that has one, or a release of nothing fenced.
     BadRanges,
+    /// A shard map change based on another version than the stored one.
+    StaleMap,
+    /// A shard map that breaks a rule (`map::ShardMap::validate`).
+    BadMap,
 }
 
 /// The result of a successful claim.
@@ -687,6 +701,8 @@ pub enum Outcome {
     /// The group's ownership after an [`Command::Adopt`], [`Command::Split`] or
     /// [`Command::Release`] (the same when the command was a repeat).
     Ownership(Ownership),
+    /// The shard map as stored by a [`Command::PutMap`].
+    MapStored(Box<map::ShardMap>),
 }
 
 /// Deserializes what an [`Outcome::Duplicate`] wraps: the outcome of the request's first

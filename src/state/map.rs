@@ -1,0 +1,318 @@
+//! The shard map: which raft group serves each logical shard (`docs/shard-map-plan.md` §3.3).
+//!
+//! Ids and tokens route to one of [`SHARD_SPACE`] logical shards for life; the map assigns
+//! ranges of them to raft groups, so a range can move to another group (a split) without any
+//! id changing. The map is one versioned record in the system group (key `g`), changed only by
+//! a compare-and-set ([`super::Command::PutMap`]); every node reads its local replica.
+//!
+//! Two shapes of first map:
+//!
+//! - a **new cluster** gets one group per bootstrap node ([`ShardMap::first`]): group `i` owns
+//!   `[⌊i·65536/N⌋, ⌊(i+1)·65536/N⌋)`, led by member `i`. A create hashed to a shard (an
+//!   `Idempotency-Key`, a quota's home) takes the first two bytes of its hash.
+//! - a cluster from the **fixed-shard layout** (`N` groups where shard `s` was group `s`) keeps
+//!   its groups ([`ShardMap::legacy`]): group `s` owns `[s, s+1)`, where its old kubbis are,
+//!   and a block of `W = (65536 − N) / N` shards above `N` for new ones; a hashed create goes to
+//!   the block of the group the old rule (`u64(h[0..8]) mod N`) chose, so an idempotent create
+//!   retried across the upgrade lands in the same group.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::ShardRange;
+use crate::ids::{GroupId, SHARD_SPACE, SYSTEM_GROUP, Shard};
+
+/// The raft group id that is never a data group besides [`SYSTEM_GROUP`] (node-local meta).
+const RESERVED_GROUP: GroupId = 0xfffe;
+
+/// A range of shards and the group serving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeOwner {
+    pub lo: Shard,
+    pub hi: u32,
+    pub group: GroupId,
+}
+
+/// Where a group is in its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupState {
+    Active,
+    /// Being made from `ranges` of group `from`; those still route to `from` until the flip.
+    Splitting {
+        from: GroupId,
+        ranges: Vec<ShardRange>,
+    },
+}
+
+/// A data group: its desired replicas, preferred leader first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEntry {
+    pub replicas: Vec<u64>,
+    pub state: GroupState,
+}
+
+/// How a map made from the fixed-shard layout places hashed creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Legacy {
+    /// The old shard count `N`.
+    pub shards: u16,
+    /// The width `W` of each group's block above `N`.
+    pub width: u16,
+}
+
+/// The map (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardMap {
+    pub version: u64,
+    /// Sorted by `lo`; together exactly `[0, SHARD_SPACE)`.
+    pub ranges: Vec<RangeOwner>,
+    pub groups: BTreeMap<GroupId, GroupEntry>,
+    /// The id the next new group gets; ids are never reused.
+    pub next_group: GroupId,
+    pub legacy: Option<Legacy>,
+}
+
+impl ShardMap {
+    /// The first map of a new cluster: one group per member (`members` sorted, each group led
+    /// by its member; `replicas(i)` gives group `i`'s replicas, its leader first).
+    ///
+    /// # Panics
+    /// Never for 1 to 65,533 members (the caller's bootstrap list).
+    pub fn first(members: &[u64], mut replicas: impl FnMut(usize) -> Vec<u64>) -> Self {
+        let n = members.len().max(1) as u32;
+        let mut ranges = Vec::new();
+        let mut groups = BTreeMap::new();
+        for i in 0..n {
+            let g = i as GroupId;
+            ranges.push(RangeOwner {
+                lo: (i * SHARD_SPACE / n) as Shard,
+                hi: (i + 1) * SHARD_SPACE / n,
+                group: g,
+            });
+            groups.insert(
+                g,
+                GroupEntry {
+                    replicas: replicas(i as usize),
+                    state: GroupState::Active,
+                },
+            );
+        }
+        Self {
+            version: 1,
+            ranges,
+            groups,
+            next_group: n as GroupId,
+            legacy: None,
+        }
+    }
+
+    /// The first map of a cluster upgraded from the fixed-shard layout of `shards` groups
+    /// (`replicas(s)` gives group `s`'s replicas).
+    pub fn legacy(shards: u16, mut replicas: impl FnMut(GroupId) -> Vec<u64>) -> Self {
+        let n = u32::from(shards.max(1));
+        let width = (SHARD_SPACE - n) / n;
+        let mut ranges = Vec::new();
+        let mut groups = BTreeMap::new();
+        for s in 0..n {
+            let g = s as GroupId;
+            ranges.push(RangeOwner {
+                lo: g,
+                hi: s + 1,
+                group: g,
+            });
+            groups.insert(
+                g,
+                GroupEntry {
+                    replicas: replicas(g),
+                    state: GroupState::Active,
+                },
+            );
+        }
+        for s in 0..n {
+            let lo = n + s * width;
+            let hi = if s + 1 == n { SHARD_SPACE } else { lo + width };
+            ranges.push(RangeOwner {
+                lo: lo as Shard,
+                hi,
+                group: s as GroupId,
+            });
+        }
+        Self {
+            version: 1,
+            ranges,
+            groups,
+            next_group: n as GroupId,
+            legacy: Some(Legacy {
+                shards: n as u16,
+                width: width as u16,
+            }),
+        }
+    }
+
+    /// The group serving `shard`.
+    pub fn group_of(&self, shard: Shard) -> Option<GroupId> {
+        let i = self.ranges.partition_point(|r| r.lo <= shard);
+        let r = self.ranges.get(i.checked_sub(1)?)?;
+        (u32::from(shard) < r.hi).then_some(r.group)
+    }
+
+    /// The ranges group `g` serves, in order.
+    pub fn ranges_of(&self, g: GroupId) -> Vec<ShardRange> {
+        self.ranges
+            .iter()
+            .filter(|r| r.group == g)
+            .map(|r| (r.lo, r.hi))
+            .collect()
+    }
+
+    /// The shard of a create placed by a hash (an `Idempotency-Key`'s, a quota home's): the
+    /// same for every retry, whatever the map's version.
+    pub fn shard_for_hash(&self, h: &[u8; 32]) -> Shard {
+        match self.legacy {
+            None => u16::from_be_bytes([h[0], h[1]]),
+            Some(Legacy { shards, width }) => {
+                let n = u64::from(shards.max(1));
+                let group = u64::from_be_bytes(h[..8].try_into().unwrap_or([0; 8])) % n;
+                let within = u16::from_be_bytes([h[8], h[9]]) % width.max(1);
+                (n + group * u64::from(width) + u64::from(within)) as Shard
+            }
+        }
+    }
+
+    /// Why this map cannot be stored, if it cannot: the ranges must partition the shard space
+    /// exactly, every range's group and only those must be listed, group ids below
+    /// `next_group` and never the reserved ones, every group with distinct replicas.
+    ///
+    /// # Errors
+    /// The first rule broken.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut at = 0u32;
+        for r in &self.ranges {
+            if u32::from(r.lo) != at || r.hi <= at {
+                return Err(format!("ranges do not partition the shard space at {at}"));
+            }
+            if !self.groups.contains_key(&r.group) {
+                return Err(format!(
+                    "range [{}, {}) names unknown group {}",
+                    r.lo, r.hi, r.group
+                ));
+            }
+            at = r.hi;
+        }
+        if at != SHARD_SPACE {
+            return Err(format!("ranges end at {at}, not {SHARD_SPACE}"));
+        }
+        for (g, e) in &self.groups {
+            if *g == SYSTEM_GROUP || *g == RESERVED_GROUP || *g >= self.next_group {
+                return Err(format!("group id {g} is reserved or not below next_group"));
+            }
+            let mut r = e.replicas.clone();
+            r.sort_unstable();
+            r.dedup();
+            if r.is_empty() || r.len() != e.replicas.len() {
+                return Err(format!("group {g} has no replicas or repeats one"));
+            }
+            let serves = self.ranges.iter().any(|x| x.group == *g);
+            let splitting = matches!(e.state, GroupState::Splitting { .. });
+            if !serves && !splitting {
+                return Err(format!("group {g} serves nothing and is not being made"));
+            }
+        }
+        if self.next_group >= RESERVED_GROUP {
+            return Err("no group ids left".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first(n: u64) -> ShardMap {
+        let members: Vec<u64> = (1..=n).collect();
+        ShardMap::first(&members, |i| {
+            let mut r = vec![members[i]];
+            r.extend(members.iter().filter(|m| **m != members[i]).take(2));
+            r
+        })
+    }
+
+    #[test]
+    fn a_new_cluster_gets_one_group_per_member_over_the_whole_space() {
+        for n in [1, 2, 3, 5, 7] {
+            let m = first(n);
+            m.validate().expect("valid");
+            assert_eq!(m.groups.len() as u64, n);
+            assert_eq!(m.group_of(0), Some(0));
+            assert_eq!(m.group_of(u16::MAX), Some((n - 1) as GroupId));
+            // Every shard has exactly one group; the groups are about equal.
+            let mut count = BTreeMap::new();
+            for s in 0..=u16::MAX {
+                *count.entry(m.group_of(s).expect("owned")).or_insert(0u32) += 1;
+            }
+            let (lo, hi) = (count.values().min(), count.values().max());
+            assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{count:?}");
+            assert_eq!(m.groups[&0].replicas[0], 1, "group i is led by member i");
+        }
+        let m = first(3);
+        assert_eq!(m.ranges_of(1), vec![(21_845, 43_690)]);
+        assert_eq!(m.shard_for_hash(&[0xab; 32]), 0xabab);
+    }
+
+    #[test]
+    fn a_legacy_map_keeps_old_shards_in_their_groups_and_hashes_like_the_old_rule() {
+        let m = ShardMap::legacy(16, |s| vec![u64::from(s) % 3 + 1]);
+        m.validate().expect("valid");
+        for s in 0..16 {
+            assert_eq!(m.group_of(s), Some(s), "an old kubbi stays where it is");
+        }
+        for _ in 0..1000 {
+            let h: [u8; 32] = rand::random();
+            let old = crate::shard::shard_of_key(&h, 16);
+            let shard = m.shard_for_hash(&h);
+            assert!(shard >= 16, "new kubbis go to the blocks");
+            assert_eq!(m.group_of(shard), Some(old), "the old rule's group");
+        }
+        assert_eq!(m.group_of(u16::MAX), Some(15));
+    }
+
+    #[test]
+    fn invalid_maps_are_refused_with_the_reason() {
+        let good = first(3);
+        let mut gap = good.clone();
+        gap.ranges[1].lo += 1;
+        let mut short = good.clone();
+        short.ranges.pop();
+        let mut unknown = good.clone();
+        unknown.ranges[0].group = 9;
+        let mut reused = good.clone();
+        reused.next_group = 2;
+        let mut repeated = good.clone();
+        if let Some(g) = repeated.groups.get_mut(&0) {
+            g.replicas = vec![1, 1];
+        }
+        let mut idle = good.clone();
+        idle.groups.insert(
+            2,
+            GroupEntry {
+                replicas: vec![1],
+                state: GroupState::Active,
+            },
+        );
+        idle.ranges.retain(|r| r.group != 2);
+        idle.ranges[1].hi = SHARD_SPACE;
+        for (what, m) in [
+            ("gap", gap),
+            ("short", short),
+            ("unknown", unknown),
+            ("reused", reused),
+            ("repeated", repeated),
+            ("idle", idle),
+        ] {
+            assert!(m.validate().is_err(), "{what} accepted");
+        }
+        assert_eq!(good.group_of(43_690), Some(2));
+    }
+}
