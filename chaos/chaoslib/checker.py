@@ -9,7 +9,10 @@ A history is a list of attempts (one JSON object per HTTP request, see workload.
      create only: "ttl", "max" (null = unlimited), "h" (sha256 of the created bytes)}
 
 `outcome` "info" is indeterminate: a timeout, a connection error, or a 5xx on a mutating
-request. It may have taken effect at any time after its invoke, or never. Attempts that share
+request. It may have taken effect at any time after its invoke, or never. Only `503` (the
+contract's "outcome unknown, retry") and no answer at all may be indeterminate: any other 5xx
+is itself a violation (`server_error`) — authenticated decryption turns wrong or swapped
+ciphertext into a `500`, so a history that let a `500` pass as "maybe" would hide wrong bytes. Attempts that share
 `lop` are retries of one logical operation with the same Idempotency-Key: together they took
 effect at most once, between the first invoke and the last definite return.
 
@@ -19,6 +22,7 @@ offset injected on any node plus slack for scheduling and rounding). A kubbi cre
 [c0, c1] with ttl T expires somewhere in [c0 + T - skew, c1 + T + skew].
 
 Checks, per kubbi:
+  server_error          an answer 5xx other than 503 (a server fault, never a retriable answer)
   double_claim          more successful claims than max_retrievals, or a retrieval_count seen
                         twice, or a final count over the limit
   lost_create           an acknowledged kubbi answered 404, or expired before its time
@@ -67,6 +71,18 @@ class Violation:
 
 
 MUTATING = {"create", "claim", "delete"}
+
+# The one 5xx the contract makes retriable: the outcome is unknown.
+RETRIABLE_5XX = {503}
+
+
+def server_errors(attempts):
+    """Attempts answered with a 5xx other than 503: each is a violation."""
+    return [Violation("server_error", a.get("k"),
+                      f"{a['op']} answered {a['status']} ({a.get('error')}): a server error is not an "
+                      "indeterminate answer", [a])
+            for a in attempts
+            if isinstance(a.get("status"), int) and a["status"] >= 500 and a["status"] not in RETRIABLE_5XX]
 
 
 def usable(a, unexpected=None):
@@ -270,7 +286,7 @@ def check(attempts, skew=3.0):
         if a.get("k") is None:
             continue
         by_k.setdefault(a["k"], []).append(a)
-    violations = []
+    violations = server_errors(attempts)
     stats = {"kubbis": 0, "kubbis_unacknowledged": 0, "searched": 0, "search_budget_exceeded": 0,
              "unexpected_answers": 0}
     unexpected = []

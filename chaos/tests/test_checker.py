@@ -172,6 +172,20 @@ class BugsAreFlagged(unittest.TestCase):
         b.add("claim", 1.2, 1.3, outcome="fail", status=410, error="gone", r={"status": "burned"}, lop="c1")
         self.assertIn("idempotency", kinds(b.h)[0])
 
+    def test_a_500_is_a_violation_not_an_indeterminate_answer(self):
+        # Wrong or swapped ciphertext fails authenticated decryption and is answered 500; as
+        # "maybe applied" it would pass, so every 5xx but 503 is flagged, on writes and reads.
+        for op, st in (("claim", 500), ("preview", 500), ("create", 502)):
+            b = B().create(mx=2)
+            b.add(op, 1.0, 1.1, outcome="info", status=st, error="internal_error")
+            self.assertEqual(kinds(b.h)[0], ["server_error"], (op, st))
+
+    def test_a_503_stays_indeterminate(self):
+        b = B().create(mx=2)
+        b.add("claim", 1.0, 1.1, outcome="info", status=503, error="unavailable")
+        b.claim(2.0, 2.1, 2, burned=True)
+        self.assertEqual(kinds(b.h)[0], [])
+
 
 if __name__ == "__main__":
     unittest.main()
