@@ -23,6 +23,8 @@ offset injected on any node plus slack for scheduling and rounding). A kubbi cre
 
 Checks, per kubbi:
   server_error          an answer 5xx other than 503 (a server fault, never a retriable answer)
+  unexpected_answer     a 4xx other than 404, 409, 410 and 429 (e.g. a lost kubbi answered 400)
+Run-level (`run_level`): recovery, convergence, and not_checked when a check could not be made.
   double_claim          more successful claims than max_retrievals, or a retrieval_count seen
                         twice, or a final count over the limit
   lost_create           an acknowledged kubbi answered 404, or expired before its time
@@ -74,6 +76,8 @@ MUTATING = {"create", "claim", "delete"}
 
 # The one 5xx the contract makes retriable: the outcome is unknown.
 RETRIABLE_5XX = {503}
+# 4xx answers outside 404/409/410 that are still not a fault: rate limited, nothing was done.
+ALLOWED_REFUSALS = {429}
 
 
 def server_errors(attempts):
@@ -322,7 +326,42 @@ def check(attempts, skew=3.0):
                                             excerpt(ops)))
     stats["unexpected_answers"] = len(unexpected)
     stats["unexpected_examples"] = unexpected[:5]
+    # A 4xx outside the contract is an answer the model cannot place: a kubbi lost behind a 400,
+    # 401 or 403 must not pass. 429 (rate limited, nothing done) is the one refusal allowed.
+    violations.extend(Violation("unexpected_answer", a.get("k"),
+                                f"{a['op']} answered {a.get('status')} ({a.get('error')}), outside the "
+                                "contract's 404/409/410", [a])
+                      for a in unexpected if a.get("status") not in ALLOWED_REFUSALS)
     return violations, stats
+
+
+def run_level(stats, convergence, nemesis_failures, not_serving, unresolved, recovery_bound):
+    """Violations of the run as a whole, beside the per-kubbi ones of `check`. What could not be
+    checked fails the run as `not_checked`: a history past the search budget, replica digests
+    that could not be compared, a fault the nemesis failed to inject or heal."""
+    v = []
+    if not_serving:
+        v.append(Violation("recovery", None, f"nodes {not_serving} did not serve a create and a claim within "
+                                             f"{recovery_bound:g}s of healing", []))
+    if unresolved:
+        v.append(Violation("recovery", None, f"{len(unresolved)} kubbis got no definite answer in the final sweep",
+                           []))
+    if not convergence.get("converged"):
+        v.append(Violation("convergence", None, f"replicas did not converge: {convergence.get('problems')}", []))
+    digests = convergence.get("digests") or {}
+    if digests.get("mismatches"):
+        v.append(Violation("convergence", None, "replica state digests differ", digests["mismatches"]))
+    if not digests.get("available"):
+        v.append(Violation("not_checked", None,
+                           f"replica digests were not compared: {digests.get('reason', 'not asked')}", []))
+    if stats.get("search_budget_exceeded"):
+        v.append(Violation("not_checked", None,
+                           f"{stats['search_budget_exceeded']} kubbis' histories exceeded the linearizability "
+                           "search budget", []))
+    if nemesis_failures:
+        v.append(Violation("not_checked", None,
+                           f"{len(nemesis_failures)} nemesis steps failed: " + "; ".join(nemesis_failures[:5]), []))
+    return v
 
 
 def excerpt(ops):

@@ -288,21 +288,7 @@ def main(argv=None):
 
         entries = history.entries
         violations, stats = checker.check(entries, skew=skew_bound)
-        extra = []
-        if not_serving:
-            extra.append(checker.Violation("recovery", None,
-                                           f"nodes {not_serving} did not serve a create and a claim within "
-                                           f"{a.recovery_bound:g}s of healing", []))
-        if unresolved:
-            extra.append(checker.Violation("recovery", None,
-                                           f"{len(unresolved)} kubbis got no definite answer in the final sweep",
-                                           []))
-        if not conv["converged"]:
-            extra.append(checker.Violation("convergence", None, f"replicas did not converge: {conv.get('problems')}",
-                                           []))
-        if conv.get("digests", {}).get("mismatches"):
-            extra.append(checker.Violation("convergence", None, "replica state digests differ",
-                                           conv["digests"]["mismatches"]))
+        extra = checker.run_level(stats, conv, nem.failures, not_serving, unresolved, a.recovery_bound)
         violations = extra + violations
         report["ops"] = summarize_ops(entries)
         report["ops_total"] = sum(1 for e in entries if "op" in e)

@@ -334,6 +334,9 @@ class Workload:
                 if js.get("status") != "active" and rng.random() < 0.9:
                     continue  # ended: the producer's view (status, count) is checked; preview a sample
                 o, st, js = definite(lambda: self.preview("sweep", rng, kb))
+                if o is None:
+                    unresolved.append(kb.k)
+                    continue
                 if o == "ok" and js.get("status") == "active":
                     idem = str(uuid.UUID(int=rng.getrandbits(128)))
                     self.claim("sweep", rng, kb, idem=idem)

@@ -8,7 +8,7 @@ import unittest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from chaoslib.checker import check  # noqa: E402
+from chaoslib.checker import check, run_level  # noqa: E402
 
 H = "a" * 64
 OTHER = "b" * 64
@@ -185,6 +185,51 @@ class BugsAreFlagged(unittest.TestCase):
         b.add("claim", 1.0, 1.1, outcome="info", status=503, error="unavailable")
         b.claim(2.0, 2.1, 2, burned=True)
         self.assertEqual(kinds(b.h)[0], [])
+
+    def test_a_lost_kubbi_answered_400_401_or_403_is_flagged(self):
+        for st in (400, 401, 403):
+            b = B().create(mx=1)
+            b.claim_fail(1.0, 1.1, status=st, error="bad_request", st=None)
+            self.assertEqual(kinds(b.h)[0], ["unexpected_answer"], st)
+
+    def test_a_rate_limited_request_is_no_violation(self):
+        b = B().create(mx=1)
+        b.claim_fail(1.0, 1.1, status=429, error="rate_limited", st=None)
+        b.claim(2.0, 2.1, 1, burned=True)
+        self.assertEqual(kinds(b.h)[0], [])
+
+
+class RunLevel(unittest.TestCase):
+    """What could not be checked fails the run, as do recovery and convergence problems."""
+
+    CLEAN = dict(stats={"search_budget_exceeded": 0},
+                 convergence={"converged": True, "digests": {"available": True, "mismatches": []}},
+                 nemesis_failures=[], not_serving=[], unresolved=[], recovery_bound=60.0)
+
+    def kinds(self, **change):
+        args = dict(self.CLEAN, **change)
+        return [v.kind for v in run_level(**args)]
+
+    def test_a_clean_run_passes(self):
+        self.assertEqual(self.kinds(), [])
+
+    def test_each_gap_or_problem_fails_the_run(self):
+        cases = {
+            "budget": (dict(stats={"search_budget_exceeded": 2}), ["not_checked"]),
+            "no digests": (dict(convergence={"converged": True, "digests": {"available": False,
+                                                                           "reason": "timeout"}}),
+                           ["not_checked"]),
+            "nemesis": (dict(nemesis_failures=["partition: heal failed"]), ["not_checked"]),
+            "sweep": (dict(unresolved=["k7"]), ["recovery"]),
+            "serving": (dict(not_serving=[2]), ["recovery"]),
+            "digests differ": (dict(convergence={"converged": True, "digests": {
+                "available": True, "mismatches": [{"group": "1"}]}}), ["convergence"]),
+            "not converged": (dict(convergence={"converged": False, "problems": "leaders",
+                                                "digests": {"available": True, "mismatches": []}}),
+                              ["convergence"]),
+        }
+        for what, (change, expected) in cases.items():
+            self.assertEqual(self.kinds(**change), expected, what)
 
 
 if __name__ == "__main__":
