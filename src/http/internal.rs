@@ -66,6 +66,43 @@ fn refuse(status: StatusCode, why: &'static str) -> Response {
     (status, why).into_response()
 }
 
+/// A warning that is logged at most once per interval, however often its cause recurs.
+struct Throttled {
+    /// Milliseconds after [`Throttled::epoch`] of the last time it was due (0: never).
+    last: std::sync::atomic::AtomicU64,
+    interval_ms: u64,
+}
+
+impl Throttled {
+    const fn new(interval_ms: u64) -> Self {
+        Self {
+            last: std::sync::atomic::AtomicU64::new(0),
+            interval_ms,
+        }
+    }
+
+    fn epoch() -> Instant {
+        static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    /// Whether to log now (and, if so, not again for the interval).
+    fn due(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = u64::try_from(Self::epoch().elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.interval_ms)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+static PROTOCOL_WARNING: Throttled = Throttled::new(10_000);
+
 /// Authenticates the peer and checks that the request is meant for this node as it is now.
 async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -> Response {
     let h = req.headers();
@@ -80,12 +117,22 @@ async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -
     // Version 1 sent no header.
     let protocol = header_u64(h, H_PROTOCOL).unwrap_or(1);
     if protocol != u64::from(PROTOCOL) {
-        tracing::warn!(
-            peer = header_u64(h, H_FROM).unwrap_or(0),
-            peer_protocol = protocol,
-            protocol = PROTOCOL,
-            "refused a peer that speaks another internal protocol: run one kubbi build on every node"
-        );
+        let peer = header_u64(h, H_FROM).unwrap_or(0);
+        // A peer on another build sends every heartbeat of every group: say it once in a while.
+        if PROTOCOL_WARNING.due() {
+            tracing::warn!(
+                peer,
+                peer_protocol = protocol,
+                protocol = PROTOCOL,
+                "refused a peer that speaks another internal protocol: run one kubbi build on every node"
+            );
+        } else {
+            tracing::debug!(
+                peer,
+                peer_protocol = protocol,
+                "refused a peer of another protocol"
+            );
+        }
         return refuse(
             StatusCode::UPGRADE_REQUIRED,
             "this node speaks another internal protocol version: run one kubbi build on every node",
@@ -280,4 +327,22 @@ async fn status(State(st): State<Arc<InternalState>>) -> Response {
         zone: st.zone.clone(),
         groups,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttled;
+
+    #[test]
+    fn a_throttled_warning_is_due_once_per_interval() {
+        let t = Throttled::new(60_000);
+        assert!(t.due(), "the first time");
+        assert!(!t.due(), "not again within the interval");
+        assert!(!t.due());
+        let quick = Throttled::new(0);
+        assert!(
+            quick.due() && quick.due(),
+            "an interval of 0 never holds back"
+        );
+    }
 }
