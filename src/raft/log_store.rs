@@ -196,6 +196,31 @@ pub(crate) fn put_seeded_meta(
     batch.put_cf(cf, group_key(group, META_COMMITTED), encode(&Some(at)));
 }
 
+/// Whether `group` has a vote or any log entry on this node: raft state of its own, which
+/// nothing but openraft may write over.
+pub(crate) fn has_raft_state(storage: &Storage, group: GroupId) -> io::Result<bool> {
+    let db = storage.db();
+    if db
+        .get_cf(storage.cf(CF_RAFT_META), group_key(group, META_VOTE))
+        .map_err(io_err)?
+        .is_some()
+    {
+        return Ok(true);
+    }
+    let mut ro = ReadOptions::default();
+    ro.set_iterate_upper_bound(group_key(group, &[0xff; 9]));
+    let first = db
+        .iterator_cf_opt(
+            storage.cf(CF_RAFT_LOG),
+            ro,
+            IteratorMode::From(&group_key(group, &[]), Direction::Forward),
+        )
+        .next()
+        .transpose()
+        .map_err(io_err)?;
+    Ok(first.is_some())
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,

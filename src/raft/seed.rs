@@ -29,17 +29,15 @@ use rocksdb::WriteBatch;
 
 use super::{LogId, NodeId, NodeInfo, StoredMembership, TypeConfig, io_err};
 use crate::codec::{decode, encode};
-use crate::ids::{ApiKeyId, GroupId, Millis};
+use crate::ids::{GroupId, Millis};
 use crate::state::{
-    KubbiRecord, OwnerUsage, Ownership, ShardRange, ShardStats, StateRead, Table, day_of, keys,
+    KubbiRecord, Ownership, ShardRange, ShardStats, StateRead, Table, Totals, day_of, in_ranges,
+    keys,
 };
 use crate::storage::{CF_BLOB, CF_RAFT_LOG, CF_RAFT_META, CF_STATE, Storage, group_key};
 
 /// Bytes of copied keys collected before they are written.
 const SEED_BATCH_BYTES: usize = 4 << 20;
-
-/// Keys read per scan.
-const SCAN_CHUNK: usize = 1024;
 
 /// What to seed.
 #[derive(Debug, Clone)]
@@ -80,7 +78,12 @@ pub fn seed_log_id() -> LogId {
 /// When the source has no fence for the target, when the target already has raft state, or on
 /// a storage failure (the seed can then be run again).
 pub fn seed(storage: &Storage, plan: &SeedPlan) -> io::Result<Seeded> {
-    refuse_live_target(storage, plan.target)?;
+    if super::log_store::has_raft_state(storage, plan.target)? {
+        return Err(io_err(format!(
+            "group {} already has raft state on this node; not seeding over it",
+            plan.target
+        )));
+    }
     let view = storage.read_view(plan.source);
     let own = view
         .ownership()
@@ -109,25 +112,13 @@ pub fn seed(storage: &Storage, plan: &SeedPlan) -> io::Result<Seeded> {
         keys: 0,
     };
     let today = day_of(plan.now);
-    let mut stats = ShardStats::default();
-    let mut usage: BTreeMap<ApiKeyId, OwnerUsage> = BTreeMap::new();
-    let mut kubbis = 0u64;
+    let mut totals = Totals::default();
     for &(lo, hi) in &ranges {
         let (from, to) = keys::shard_range(keys::KUBBI, lo, hi);
-        scan(&view, Table::State, &from, &to, |k, v| {
-            let rec: KubbiRecord = decode("kubbi record", v).map_err(io_err)?;
-            kubbis += 1;
-            let u = usage.entry(rec.owner).or_default();
-            if !rec.status.is_terminal() {
-                stats.active += 1;
-                stats.active_bytes += rec.stored_bytes;
-                u.active += 1;
-                u.bytes += rec.stored_bytes;
-            }
-            if day_of(rec.created_at) == today {
-                u.creates += 1;
-            }
-            copy.put(Table::State, k, v)
+        view.for_each(Table::State, &from, &to, |k, v| {
+            let rec: KubbiRecord = decode("kubbi record", &v).map_err(io_err)?;
+            totals.count(&rec, today);
+            copy.put(Table::State, &k, &v)
         })?;
         for table in [
             keys::TOKEN,
@@ -136,36 +127,31 @@ pub fn seed(storage: &Storage, plan: &SeedPlan) -> io::Result<Seeded> {
             keys::CREATE_IDEM,
         ] {
             let (from, to) = keys::shard_range(table, lo, hi);
-            scan(&view, Table::State, &from, &to, |k, v| {
-                copy.put(Table::State, k, v)
+            view.for_each(Table::State, &from, &to, |k, v| {
+                copy.put(Table::State, &k, &v)
             })?;
         }
         let (from, to) = keys::blob_shard_range(lo, hi);
-        scan(&view, Table::Blob, &from, &to, |k, v| {
-            copy.put(Table::Blob, k, v)
+        view.for_each(Table::Blob, &from, &to, |k, v| {
+            copy.put(Table::Blob, &k, &v)
         })?;
     }
-    let fenced = |k: &[u8]| {
-        keys::shard_of_key(Table::State, k)
-            .is_some_and(|s| ranges.iter().any(|&(lo, hi)| lo <= s && u32::from(s) < hi))
-    };
     for table in [keys::OWNER, keys::TIMER] {
-        scan(&view, Table::State, &[table], &[table + 1], |k, v| {
-            if fenced(k) {
-                copy.put(Table::State, k, v)?;
+        view.for_each(Table::State, &[table], &[table + 1], |k, v| {
+            if keys::shard_of_key(Table::State, &k).is_some_and(|s| in_ranges(&ranges, s)) {
+                copy.put(Table::State, &k, &v)?;
             }
-            Ok(())
+            Ok::<_, io::Error>(())
         })?;
     }
 
     // The last batch makes it a group: aggregates, ownership, raft and state machine meta.
-    if stats != ShardStats::default() {
-        copy.put(Table::State, &keys::stats(), &encode(&stats))?;
+    if totals.stats != ShardStats::default() {
+        copy.put(Table::State, &keys::stats(), &encode(&totals.stats))?;
     }
-    for (owner, mut u) in usage {
-        u.day = today;
+    for (owner, u) in &totals.usage {
         if u.active > 0 || u.bytes > 0 || u.creates > 0 {
-            copy.put(Table::State, &keys::usage(&owner), &encode(&u))?;
+            copy.put(Table::State, &keys::usage(owner), &encode(u))?;
         }
     }
     let own = Ownership::adopting(&ranges).ok_or_else(|| io_err("empty fenced ranges"))?;
@@ -183,36 +169,9 @@ pub fn seed(storage: &Storage, plan: &SeedPlan) -> io::Result<Seeded> {
     // openraft must find all of it on disk, whatever happens next.
     storage.db().flush_wal(true).map_err(io_err)?;
     Ok(Seeded::Copied {
-        kubbis,
+        kubbis: totals.records,
         keys: copied,
     })
-}
-
-/// Refuses to seed a group that has a vote or log entries of its own on this node.
-fn refuse_live_target(storage: &Storage, target: GroupId) -> io::Result<()> {
-    let db = storage.db();
-    let voted = db
-        .get_cf(storage.cf(CF_RAFT_META), group_key(target, b"vote"))
-        .map_err(io_err)?
-        .is_some();
-    let mut ro = rocksdb::ReadOptions::default();
-    ro.set_iterate_upper_bound(group_key(target, &[0xff; 9]));
-    let logged = db
-        .iterator_cf_opt(
-            storage.cf(CF_RAFT_LOG),
-            ro,
-            rocksdb::IteratorMode::From(&group_key(target, &[]), rocksdb::Direction::Forward),
-        )
-        .next()
-        .transpose()
-        .map_err(io_err)?
-        .is_some();
-    if voted || logged {
-        return Err(io_err(format!(
-            "group {target} already has raft state on this node; not seeding over it"
-        )));
-    }
-    Ok(())
 }
 
 /// Deletes every key of `group` in every column family.
@@ -226,32 +185,6 @@ fn clear(storage: &Storage, group: GroupId) -> io::Result<()> {
         );
     }
     storage.db().write(batch).map_err(io_err)
-}
-
-/// Calls `each` with every key and value of `[from, to)` in `table` of `view`.
-fn scan(
-    view: &impl StateRead,
-    table: Table,
-    from: &[u8],
-    to: &[u8],
-    mut each: impl FnMut(&[u8], &[u8]) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut start = from.to_vec();
-    loop {
-        let rows = view.scan(table, &start, to, SCAN_CHUNK).map_err(io_err)?;
-        let Some((last, _)) = rows.last() else {
-            return Ok(());
-        };
-        start.clone_from(last);
-        start.push(0);
-        let full = rows.len() == SCAN_CHUNK;
-        for (k, v) in &rows {
-            each(k, v)?;
-        }
-        if !full {
-            return Ok(());
-        }
-    }
 }
 
 /// Writes copied keys under the target's prefix in bounded batches.
@@ -283,9 +216,10 @@ impl Copy<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{KubbiId, RequestId, SHARD_SPACE, Shard, TokenHash};
+    use crate::ids::{ApiKeyId, KubbiId, RequestId, SHARD_SPACE, Shard, TokenHash};
     use crate::state::{
-        Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, Outcome, Request, apply,
+        Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, Outcome, Request,
+        StoreError, apply,
     };
     use crate::storage::GroupTxn;
 
@@ -416,9 +350,9 @@ mod tests {
     fn all(storage: &Storage, group: GroupId, table: Table) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let view = storage.read_view(group);
         let mut out = BTreeMap::new();
-        scan(&view, table, &[], &[0xff; 64], |k, v| {
-            out.insert(k.to_vec(), v.to_vec());
-            Ok(())
+        view.for_each(table, &[], &[0xff; 64], |k, v| {
+            out.insert(k, v);
+            Ok::<_, StoreError>(())
         })
         .expect("scans");
         out

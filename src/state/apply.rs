@@ -6,7 +6,7 @@ use super::keys::{self, Timer};
 use super::{
     ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, NodeRecord, NodeState, Outcome,
     OwnerUsage, Ownership, QuotaCheck, QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request,
-    Served, ShardRange, ShardStats, Status, day_of,
+    Served, ShardRange, ShardStats, Status, day_of, in_ranges,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -53,6 +53,64 @@ pub trait StateRead {
     fn ownership(&self) -> Result<Option<Ownership>, StoreError> {
         read_ownership(self)
     }
+
+    /// Calls `each` with every key and value of `[from, to)` in `table`, read in bounded chunks.
+    ///
+    /// # Errors
+    /// On I/O failure, or what `each` returns.
+    fn for_each<E: From<StoreError>>(
+        &self,
+        table: Table,
+        from: &[u8],
+        to: &[u8],
+        mut each: impl FnMut(Vec<u8>, Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E>
+    where
+        Self: Sized,
+    {
+        let mut start = Some(from.to_vec());
+        loop {
+            let rows = next_chunk(self, table, &mut start, to)?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            for (k, v) in rows {
+                each(k, v)?;
+            }
+        }
+    }
+}
+
+impl From<StoreError> for std::io::Error {
+    fn from(e: StoreError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// Keys a bulk read or delete takes per round.
+const CHUNK: usize = 1024;
+
+/// The next chunk of `[start, to)` of `table`, moving `start` past it (`None`: the range is
+/// done). An empty chunk means there is nothing left.
+fn next_chunk(
+    s: &impl StateRead,
+    table: Table,
+    start: &mut Option<Vec<u8>>,
+    to: &[u8],
+) -> Result<Rows, StoreError> {
+    let Some(from) = start.as_deref() else {
+        return Ok(Vec::new());
+    };
+    let rows = s.scan(table, from, to, CHUNK)?;
+    *start = match rows.last() {
+        Some((last, _)) if rows.len() == CHUNK => {
+            let mut next = last.clone();
+            next.push(0);
+            Some(next)
+        }
+        _ => None,
+    };
+    Ok(rows)
 }
 
 /// Reads the shard map (system group).
@@ -89,9 +147,6 @@ pub fn read_ownership(s: &(impl StateRead + ?Sized)) -> Result<Option<Ownership>
     get_decoded(s, "ownership", &keys::ownership())
 }
 
-/// Keys a bulk delete reads and deletes per round.
-const DELETE_CHUNK: usize = 1024;
-
 /// A transaction over one shard's state: reads see this transaction's own writes.
 pub trait StateStore: StateRead {
     fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>);
@@ -111,22 +166,16 @@ pub trait StateStore: StateRead {
     where
         Self: Sized,
     {
-        let mut start = from.to_vec();
+        let mut start = Some(from.to_vec());
         loop {
-            let rows = self.scan(table, &start, to, DELETE_CHUNK)?;
-            let Some((last, _)) = rows.last() else {
+            let rows = next_chunk(self, table, &mut start, to)?;
+            if rows.is_empty() {
                 return Ok(());
-            };
-            start.clone_from(last);
-            start.push(0);
-            let full = rows.len() == DELETE_CHUNK;
+            }
             for (k, _) in rows {
                 if which(&k) {
                     self.delete(table, k);
                 }
-            }
-            if !full {
-                return Ok(());
             }
         }
     }
@@ -885,6 +934,53 @@ fn split(
     Ok(Outcome::Ownership(next))
 }
 
+/// What the kubbi records of some shard ranges add to their group's aggregates: live kubbis
+/// and their bytes, per group and per owner, and creates made on one day. A group's `s` and
+/// `u` are these totals over all its shards.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Kubbi records counted, ended ones included.
+    pub records: u64,
+    pub stats: ShardStats,
+    /// Per owner; `day` is the day whose creates `creates` counts.
+    pub usage: std::collections::BTreeMap<ApiKeyId, OwnerUsage>,
+}
+
+impl Totals {
+    /// Adds one kubbi record; creates count when made on `today`.
+    pub fn count(&mut self, rec: &KubbiRecord, today: u64) {
+        self.records += 1;
+        let u = self.usage.entry(rec.owner).or_default();
+        u.day = today;
+        if !rec.status.is_terminal() {
+            self.stats.active += 1;
+            self.stats.active_bytes += rec.stored_bytes;
+            u.active += 1;
+            u.bytes += rec.stored_bytes;
+        }
+        if day_of(rec.created_at) == today {
+            u.creates += 1;
+        }
+    }
+
+    /// The totals of the records of `ranges` in `s`.
+    ///
+    /// # Errors
+    /// On I/O failure or a record that does not decode.
+    pub fn of(s: &impl StateRead, ranges: &[ShardRange], today: u64) -> Result<Self, StoreError> {
+        let mut t = Self::default();
+        for &(lo, hi) in ranges {
+            let (from, to) = keys::shard_range(keys::KUBBI, lo, hi);
+            s.for_each(Table::State, &from, &to, |k, v| {
+                let rec: KubbiRecord = decode("kubbi record", &v).map_err(|e| corrupt(&k, e))?;
+                t.count(&rec, today);
+                Ok::<_, StoreError>(())
+            })?;
+        }
+        Ok(t)
+    }
+}
+
 /// Drops every key of the shards fenced for `target` and takes their live kubbis out of the
 /// group's aggregates (creates of the day stay counted: a quota errs on refusing).
 fn release(
@@ -902,30 +998,17 @@ fn release(
         return Ok(Outcome::Ownership(own));
     }
     let ranges = own.moved[i].ranges.clone();
+    // The live kubbis leave the aggregates.
+    let totals = Totals::of(s, &ranges, day_of(now))?;
+    adjust_stats(
+        s,
+        -(totals.stats.active as i64),
+        -(totals.stats.active_bytes as i64),
+    )?;
+    for (owner, u) in &totals.usage {
+        adjust_usage(s, owner, -(u.active as i64), -(u.bytes as i64), false, now)?;
+    }
     for &(lo, hi) in &ranges {
-        // The live kubbis leave the aggregates.
-        let (from, to) = keys::shard_range(keys::KUBBI, lo, hi);
-        let mut start = from;
-        loop {
-            let rows = s.scan(Table::State, &start, &to, DELETE_CHUNK)?;
-            let Some((last, _)) = rows.last() else {
-                break;
-            };
-            start.clone_from(last);
-            start.push(0);
-            let full = rows.len() == DELETE_CHUNK;
-            for (k, v) in rows {
-                let rec: KubbiRecord = decode("kubbi record", &v).map_err(|e| corrupt(&k, e))?;
-                if !rec.status.is_terminal() {
-                    let bytes = rec.stored_bytes as i64;
-                    adjust_stats(s, -1, -bytes)?;
-                    adjust_usage(s, &rec.owner, -1, -bytes, false, now)?;
-                }
-            }
-            if !full {
-                break;
-            }
-        }
         for table in [
             keys::KUBBI,
             keys::TOKEN,
@@ -940,13 +1023,8 @@ fn release(
         s.delete_where(Table::Blob, &from, &to, |_| true)?;
     }
     // The owner index and the timers are ordered by owner and by time: filtered scans.
-    let fenced = |k: &[u8]| {
-        keys::shard_of_key(Table::State, k).is_some_and(|sh| {
-            ranges
-                .iter()
-                .any(|&(lo, hi)| lo <= sh && u32::from(sh) < hi)
-        })
-    };
+    let fenced =
+        |k: &[u8]| keys::shard_of_key(Table::State, k).is_some_and(|sh| in_ranges(&ranges, sh));
     for table in [keys::OWNER, keys::TIMER] {
         s.delete_where(Table::State, &[table], &[table + 1], fenced)?;
     }

@@ -18,7 +18,7 @@ pub mod keys;
 pub mod map;
 
 pub use apply::{
-    Rows, StateRead, StateStore, StoreError, Table, apply, next_timer_due, read_kubbi,
+    Rows, StateRead, StateStore, StoreError, Table, Totals, apply, next_timer_due, read_kubbi,
     read_kubbi_by_token, read_map, read_nodes, read_owner_usage, read_ownership, read_stats,
     remembered,
 };
@@ -408,7 +408,8 @@ pub enum Command {
 /// A half-open range `[lo, hi)` of logical shards (`hi` up to [`SHARD_SPACE`]).
 pub type ShardRange = (Shard, u32);
 
-fn in_ranges(ranges: &[ShardRange], shard: Shard) -> bool {
+/// Whether `shard` lies in one of `ranges`.
+pub fn in_ranges(ranges: &[ShardRange], shard: Shard) -> bool {
     ranges
         .iter()
         .any(|&(lo, hi)| lo <= shard && u32::from(shard) < hi)
