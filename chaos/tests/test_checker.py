@@ -2,13 +2,16 @@
 
     python3 -m unittest discover -s chaos/tests
 """
+import functools
 import os
 import sys
 import unittest
+from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from chaoslib.checker import check, run_level  # noqa: E402
+from chaoslib import checker  # noqa: E402
+from chaoslib.checker import KubbiModel, Op, check, run_level  # noqa: E402
 
 H = "a" * 64
 OTHER = "b" * 64
@@ -51,6 +54,9 @@ class B:
     def delete(self, t0, t1, outcome="ok", status=200, k="k1"):
         return self.add("delete", t0, t1, outcome=outcome, status=status, k=k)
 
+    def detail(self, t0, t1, status, count, k="k1"):
+        return self.add("detail", t0, t1, r={"status": status, "count": count}, k=k)
+
 
 def kinds(h, skew=1.0):
     v, _ = check(h, skew=skew)
@@ -90,6 +96,11 @@ class CorrectHistoriesPass(unittest.TestCase):
         b = B().create(outcome="info")
         self.assertEqual(kinds(b.h)[0], [])
 
+    def test_producer_detail_may_lag_the_deadline(self):
+        # The producer's view says active until the expiry sweep; consumer reads may not.
+        b = B().create(ttl=2, mx=None).claim(0.5, 0.6, 1).detail(10.0, 10.1, "active", 1)
+        self.assertEqual(kinds(b.h)[0], [])
+
 
 class BugsAreFlagged(unittest.TestCase):
     def test_double_claim(self):
@@ -105,6 +116,23 @@ class BugsAreFlagged(unittest.TestCase):
         b.claim(1.0, 2.0, 1, burned=True).claim(1.0, 2.0, 1, burned=True)
         self.assertIn("double_claim", kinds(b.h)[0])
 
+    # Each double_claim rule alone: the other two do not fire on these histories.
+    def test_more_successful_claims_than_max_retrievals(self):
+        b = B().create(mx=1)
+        b.claim(1.0, 2.0, 1, burned=True).claim(1.0, 2.0, 2, burned=True)  # distinct counts, overlapping
+        self.assertEqual(kinds(b.h)[0], ["double_claim", "non_linearizable"])
+
+    def test_a_retrieval_count_returned_twice(self):
+        b = B().create(mx=None)  # no limit to exceed
+        b.claim(1.0, 2.0, 1).claim(1.0, 2.0, 1)
+        self.assertEqual(kinds(b.h)[0], ["double_claim", "non_linearizable"])
+
+    def test_final_retrieval_count_over_max_retrievals(self):
+        b = B().create(mx=2)
+        b.claim(1.0, 1.1, 1).claim(2.0, 2.1, 2, burned=True)
+        b.detail(3.0, 3.1, "burned", 3)  # the sweep's producer read: a third retrieval was counted
+        self.assertEqual(kinds(b.h)[0], ["double_claim", "non_linearizable"])
+
     def test_lost_create(self):
         b = B().create(mx=3)
         b.claim(1.0, 1.1, 1)
@@ -117,13 +145,18 @@ class BugsAreFlagged(unittest.TestCase):
     def test_lost_create_seen_as_early_expiry(self):
         b = B().create(ttl=3600, mx=None)
         b.claim_fail(10.0, 10.1, error="expired", st="expired")
-        self.assertIn("lost_create", kinds(b.h)[0])
+        self.assertEqual(kinds(b.h)[0], ["lost_create", "non_linearizable"])
+
+    def test_producer_detail_expired_before_the_deadline(self):
+        # Only the model sees this one (lost_create's early-expiry rule looks at consumer answers).
+        b = B().create(ttl=3600, mx=None).detail(10.0, 10.1, "expired", 0)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
 
     def test_wrong_bytes(self):
         b = B().create(mx=2)
         b.claim(1.0, 1.1, 1, h=OTHER)
         k, _ = kinds(b.h)
-        self.assertIn("wrong_bytes", k)
+        self.assertEqual(k, ["non_linearizable", "wrong_bytes"])  # the model checks the bytes too
 
     def test_claim_after_expiry(self):
         b = B().create(ttl=2, mx=None)
@@ -156,6 +189,56 @@ class BugsAreFlagged(unittest.TestCase):
     def test_preview_active_after_burn(self):
         b = B().create(mx=1).claim(1.0, 1.1, 1, burned=True).preview(2.0, 2.1, 0)
         self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+        # The count alone would fit: it is the burned state that rules the answer out.
+        b = B().create(mx=1).claim(1.0, 1.1, 1, burned=True).preview(2.0, 2.1, 1)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_preview_active_after_expiry(self):
+        b = B().create(ttl=2, mx=None).preview(10.0, 10.1, 0)
+        self.assertEqual(kinds(b.h, skew=1.0)[0], ["non_linearizable"])
+
+    # Rules of the model that no direct check repeats: each history breaks exactly one.
+    def test_claim_count_skips_a_retrieval(self):
+        b = B().create(mx=None).claim(1.0, 1.1, 1).claim(2.0, 2.1, 3)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_burned_flag_only_on_the_last_retrieval(self):
+        b = B().create(mx=2).claim(1.0, 1.1, 1, burned=True)  # burned one retrieval early
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+        b = B().create(mx=1).claim(1.0, 1.1, 1, burned=False)  # the last retrieval did not burn
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_claim_refused_as_burned_while_active(self):
+        b = B().create(mx=2).claim_fail(1.0, 1.1, status=410, error="gone", st="burned")
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_claim_refused_gone_without_status_while_active(self):
+        b = B().create(mx=2).claim_fail(1.0, 1.1, status=410, error="gone", st=None)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_delete_succeeds_after_burn(self):
+        b = B().create(mx=1).claim(1.0, 1.1, 1, burned=True).delete(2.0, 2.1)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_delete_refused_409_while_active(self):
+        b = B().create(mx=2).delete(1.0, 1.1, outcome="fail", status=409)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_producer_detail_with_a_stale_count(self):
+        b = B().create(mx=None).claim(1.0, 1.1, 1).detail(2.0, 2.1, "active", 0)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_producer_detail_with_a_wrong_status(self):
+        b = B().create(mx=None).detail(1.0, 1.1, "burned", 0)
+        self.assertEqual(kinds(b.h)[0], ["non_linearizable"])
+
+    def test_model_refuses_a_claim_past_max_retrievals(self):
+        # Defence in depth: with max_retrievals >= 1 (the API's minimum) an active state at the
+        # limit is unreachable through the other rules, so this rule is tested on the model.
+        create = Op(0, "create", "c", "k1", 0.0, 0.1, "ok", 201, None, {},
+                    attempts=[{"ttl": 3600, "max": 1, "h": H}])
+        claim = Op(1, "claim", "c2", "k1", 1.0, 1.1, "ok", 200, None, {"h": H, "count": 2, "burned": False})
+        self.assertEqual(KubbiModel(create, skew=1.0).step(("A", 1), claim), [])
 
     def test_expired_then_claimed_is_flagged(self):
         # Seen for real (seed 2): a preview answers expired, a later claim succeeds; both times
@@ -197,6 +280,21 @@ class BugsAreFlagged(unittest.TestCase):
         b.claim_fail(1.0, 1.1, status=429, error="rate_limited", st=None)
         b.claim(2.0, 2.1, 1, burned=True)
         self.assertEqual(kinds(b.h)[0], [])
+
+
+class SearchBudget(unittest.TestCase):
+    def test_a_history_past_the_search_budget_is_counted_and_fails_the_run(self):
+        # Ten overlapping timed-out claims and a preview no subset explains: the search must try
+        # every subset, more than a budget of 100 states allows. Not a pass, and not a verdict.
+        b = B().create(mx=None)
+        for i in range(10):
+            b.claim_info(1.0, 1.5)
+        b.preview(5.0, 5.1, 11)
+        with mock.patch.object(checker, "wgl", functools.partial(checker.wgl, budget=100)):
+            v, stats = check(b.h, skew=1.0)
+        self.assertEqual((v, stats["search_budget_exceeded"]), ([], 1))
+        args = dict(RunLevel.CLEAN, stats=stats)
+        self.assertEqual([x.kind for x in run_level(**args)], ["not_checked"])
 
 
 class RunLevel(unittest.TestCase):
