@@ -220,8 +220,9 @@ pub struct Config {
     /// The node key ring file; `None` means `<data-dir>/node-keys.json`, created on first start
     /// (dev mode, with a warning).
     pub node_key_file: Option<PathBuf>,
-    /// Number of kubbi shards, fixed when the data directory is first initialised.
-    pub shards: u16,
+    /// Data raft groups of a new cluster; 0 means one per bootstrap member. Read only when the
+    /// cluster is formed: afterwards the shard map in the system group decides.
+    pub initial_groups: u16,
     pub limits: Limits,
     /// An idle kubbi actor is passivated after this long.
     pub actor_idle: Duration,
@@ -276,7 +277,7 @@ impl Config {
             admin_token_file: None,
             admin_token: None,
             node_key_file: None,
-            shards: 16,
+            initial_groups: 0,
             limits: Limits::default(),
             actor_idle: Duration::from_secs(10),
             raft: RaftTuning::default(),
@@ -302,8 +303,8 @@ impl Config {
         if self.node_id == 0 {
             return Err("node id must be at least 1".into());
         }
-        if self.shards == 0 || self.shards > 4096 {
-            return Err("shards must be between 1 and 4096".into());
+        if self.initial_groups > 4096 {
+            return Err("initial groups must be at most 4096".into());
         }
         if l.max_files == 0 {
             return Err("max files must be at least 1".into());
@@ -405,9 +406,15 @@ pub struct ServeArgs {
     /// Check the configuration (flags, environment, secret files) and exit.
     #[arg(long)]
     pub check_config: bool,
-    /// Number of shards (only used when the data directory is first initialised).
-    #[arg(long, env = "KUBBI_SHARDS", default_value_t = 16)]
-    pub shards: u16,
+    /// Data raft groups of a new cluster (0: one per bootstrap member); read only when the
+    /// cluster is formed. `--shards` is its old name.
+    #[arg(
+        long = "initial-groups",
+        alias = "shards",
+        env = "KUBBI_INITIAL_GROUPS",
+        default_value_t = 0
+    )]
+    pub initial_groups: u16,
     /// Most files in a package.
     #[arg(long, env = "KUBBI_MAX_FILES", default_value_t = 16)]
     pub max_files: usize,
@@ -551,7 +558,7 @@ impl ServeArgs {
         c.admin_token_file = self.admin_token_file;
         c.admin_token = self.admin_token.map(Zeroizing::new);
         c.node_key_file = self.node_key_file;
-        c.shards = self.shards;
+        c.initial_groups = self.initial_groups;
         c.limits.max_files = self.max_files;
         c.limits.max_ttl_seconds = self.max_ttl_seconds;
         c.limits.default_ttl_seconds = c.limits.default_ttl_seconds.min(self.max_ttl_seconds);
@@ -712,7 +719,7 @@ mod tests {
         c.limits.max_payload_bytes = c.limits.max_body_bytes + 1;
         assert!(c.validate().is_err());
         let mut c = Config::for_dir("/tmp/x");
-        c.shards = 0;
+        c.initial_groups = 4097;
         assert!(c.validate().is_err());
         let mut c = Config::for_dir("/tmp/x");
         c.public_url = Some("ftp://x".into());

@@ -21,12 +21,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-/// A raft group on a node: the kubbi shards `0..shard_count` and the system group.
+/// A raft group on a node: a data group of the shard map (`state::map`) or the system group.
 pub type GroupId = u16;
 
 /// A logical shard: the routing field of every id and token. Every kubbi keeps its shard for
 /// life, and every key of its state names it (see `state::keys`), so a range of shards can move
-/// from one raft group to another. Today shard `s` is held by group `s`.
+/// from one raft group to another. The shard map says which group holds each shard.
 pub type Shard = u16;
 
 /// How many logical shards there are: every value of [`Shard`].

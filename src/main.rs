@@ -658,11 +658,22 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                     n["zone"].as_str().unwrap_or("")
                 );
             }
-            println!("groups:");
+            println!("groups (shard map version {}):", st["map_version"]);
             for s in st["shards"].as_array().into_iter().flatten() {
+                let ranges: Vec<String> = s["ranges"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| format!("{}..{}", r[0], r[1]))
+                    .collect();
                 println!(
-                    "  {:>6}  leader {:<4} replicas {:<12} learners {:<8} applied {:<8} lag {}",
+                    "  {:>6}  shards {:<14} leader {:<4} replicas {:<12} learners {:<8} applied {:<8} lag {}",
                     s["id"].to_string(),
+                    if ranges.is_empty() {
+                        "-".to_string()
+                    } else {
+                        ranges.join(",")
+                    },
                     s["leader"].to_string(),
                     s["replicas"].to_string(),
                     s["learners"].to_string(),

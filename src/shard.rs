@@ -1,28 +1,23 @@
-//! Placement of kubbis on shards and of shards on nodes: pure functions.
+//! Placement of raft groups on nodes: pure functions.
 //!
-//! A new kubbi goes to a random shard among those the node that took the request leads (so it
-//! needs no forwarding hop; with requests spread over the nodes, load still spreads over every
-//! shard), or to a uniformly random shard when that node leads none. A create with
-//! an `Idempotency-Key` goes to the shard chosen by the hash of (API key id, Idempotency-Key), so
-//! every retry of it lands where the first attempt's record is.
+//! Which group serves a kubbi is the shard map's business (`state::map`): a new kubbi goes to a
+//! random logical shard of a group the node that took the request leads (so it needs no
+//! forwarding hop; with requests spread over the nodes, load still spreads over every group), or
+//! of a random group when that node leads none. A create with an `Idempotency-Key` goes to the
+//! shard chosen by the hash of (API key id, Idempotency-Key), so every retry of it lands where
+//! the first attempt's record is.
 //!
-//! A shard's replicas are chosen by rendezvous hashing (each node scores each shard; highest
-//! scores win), taking distinct zones first: a node joining or leaving moves only the shards it
+//! A group's replicas are chosen by rendezvous hashing (each node scores each group; highest
+//! scores win), taking distinct zones first: a node joining or leaving moves only the groups it
 //! enters or leaves. Preferred leaders are then assigned greedily so every node leads about
-//! `shards / nodes` shards.
+//! `groups / nodes` groups.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rand::Rng;
-
 use crate::ids::GroupId;
 
-/// A random shard in `0..shards`.
-pub fn random_shard(shards: u16) -> GroupId {
-    rand::rng().random_range(0..shards.max(1))
-}
-
-/// The shard of an idempotent create, from the SHA-256 of (API key id ‖ Idempotency-Key).
+/// The group of an idempotent create in the fixed-shard layout (`shards` groups), from the
+/// SHA-256 of (API key id ‖ Idempotency-Key): what `ShardMap::legacy` keeps for hashed creates.
 pub fn shard_of_key(key_hash: &[u8; 32], shards: u16) -> GroupId {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key_hash[..8]);
@@ -75,12 +70,16 @@ pub fn replicas(shard: GroupId, nodes: &[Candidate], rf: usize) -> Vec<u64> {
     chosen
 }
 
-/// Replica sets of every shard, each with its preferred leader first; preferred leaders are
-/// balanced so no node leads more than `ceil(shards / nodes)` shards when that is possible.
-pub fn placement(shards: u16, nodes: &[Candidate], rf: usize) -> BTreeMap<GroupId, Vec<u64>> {
+/// Replica sets of every group, each with its preferred leader first; preferred leaders are
+/// balanced so no node leads more than `ceil(groups / nodes)` groups when that is possible.
+pub fn placement(
+    groups: &[GroupId],
+    nodes: &[Candidate],
+    rf: usize,
+) -> BTreeMap<GroupId, Vec<u64>> {
     let mut led: BTreeMap<u64, usize> = nodes.iter().map(|n| (n.id, 0)).collect();
     let mut out = BTreeMap::new();
-    for s in 0..shards {
+    for &s in groups {
         let mut r = replicas(s, nodes, rf);
         if let Some((pos, _)) = r
             .iter()
@@ -107,17 +106,6 @@ mod tests {
                 zone: z.to_string(),
             })
             .collect()
-    }
-
-    #[test]
-    fn random_shards_cover_the_range() {
-        let mut seen = [false; 16];
-        for _ in 0..2_000 {
-            let s = random_shard(16);
-            assert!(s < 16);
-            seen[s as usize] = true;
-        }
-        assert!(seen.iter().all(|s| *s));
     }
 
     #[test]
@@ -175,14 +163,14 @@ mod tests {
     #[test]
     fn leaders_spread_evenly() {
         let n = nodes(&[(1, "a"), (2, "b"), (3, "c")]);
-        let p = placement(16, &n, 3);
+        let p = placement(&(0..16).collect::<Vec<_>>(), &n, 3);
         let mut led: BTreeMap<u64, usize> = BTreeMap::new();
         for r in p.values() {
             *led.entry(r[0]).or_default() += 1;
         }
         assert!(led.values().all(|&c| (5..=6).contains(&c)), "{led:?}");
         let five = nodes(&[(1, "a"), (2, "b"), (3, "c"), (4, "a"), (5, "b")]);
-        let p = placement(16, &five, 3);
+        let p = placement(&(0..16).collect::<Vec<_>>(), &five, 3);
         let mut led: BTreeMap<u64, usize> = BTreeMap::new();
         for r in p.values() {
             *led.entry(r[0]).or_default() += 1;

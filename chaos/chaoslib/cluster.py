@@ -143,7 +143,7 @@ class Node:
         c = self.c
         args = [c.bin, "serve", "--node-id", str(self.id), "--data-dir", self.dir,
                 "--http-addr", self.http, "--internal-addr", self.internal, "--zone", self.zone,
-                "--shards", str(c.shards), "--raft-heartbeat-ms", str(c.heartbeat_ms),
+                "--initial-groups", str(c.groups), "--raft-heartbeat-ms", str(c.heartbeat_ms),
                 "--raft-snapshot-every", str(c.snapshot_every), "--ip-link-rate", "0",
                 "--cluster-secret-file", c.secret_file, "--node-key-file", c.keys_file,
                 "--admin-token-file", c.admin_file]
@@ -238,12 +238,12 @@ class Node:
 
 
 class Cluster:
-    def __init__(self, run_dir, bin_path, n, shards=8, heartbeat_ms=100, snapshot_every=1000,
+    def __init__(self, run_dir, bin_path, n, groups=0, heartbeat_ms=100, snapshot_every=1000,
                  lazy=(), small=(), skewed=(), small_mb=256):
         self.dir = run_dir
         self.bin = bin_path
         self.n = n
-        self.shards = shards
+        self.groups = groups
         self.heartbeat_ms = heartbeat_ms
         self.snapshot_every = snapshot_every
         self.small_mb = small_mb

@@ -36,7 +36,8 @@ def parse(argv):
     ap.add_argument("--nodes", type=int, default=5)
     ap.add_argument("--bin", default=None, help="kubbi binary (default $KUBBI_BIN or the release build)")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--initial-groups", "--shards", dest="groups", type=int, default=0,
+                    help="data raft groups of the new cluster (default 0: one per node, kubbi's default)")
     ap.add_argument("--faults", default=",".join(ALL_FAULTS), help="comma-separated fault kinds")
     ap.add_argument("--skew", type=int, default=2, help="clock skew injected on the faketime node, seconds")
     ap.add_argument("--out", default=None, help="run directory (default chaos/.runs/seed-S-TIME)")
@@ -194,58 +195,20 @@ def make_api_keys(cluster, n=2, timeout=60):
     return keys
 
 
-def main(argv=None):
-    a = parse(argv if argv is not None else sys.argv[1:])
-    if not os.path.exists(a.bin):
-        sys.exit(f"chaos: kubbi binary {a.bin} not found (set KUBBI_BIN or --bin)")
-    deps.ensure(need_faketime="clock_skew" in a.faults, need_fuse="power_loss" in a.faults)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = os.path.abspath(a.out or os.path.join(CHAOS, ".runs", f"seed-{a.seed}-{stamp}"))
-    os.makedirs(run_dir, exist_ok=True)
-    repro = (f"chaos/run --seed {a.seed} --duration {a.duration:g} --nodes {a.nodes}"
-             + (f" --faults {','.join(a.faults)}" if a.faults != ALL_FAULTS else "")
-             + f" --bin {a.bin}")
-    print(f"chaos: seed {a.seed}, {a.duration:g}s, {a.nodes} nodes, run dir {run_dir}", flush=True)
-
-    netns.teardown()
-    netns.setup_hub()
-    netns.enter_hub()
-    lazy, small, skewed = layout(a.nodes)
-    if "power_loss" not in a.faults:
-        lazy = set()
-    if "disk_full" not in a.faults:
-        small = set()
-    if "clock_skew" not in a.faults:
-        skewed = set()
-    cluster = Cluster(run_dir, a.bin, a.nodes, shards=a.shards, lazy=lazy, small=small, skewed=skewed)
-    spare = None
-    if "membership" in a.faults:
-        spare = Node(cluster, a.nodes + 1)
-        cluster.nodes[spare.id] = spare
-        spare.removed = True  # not a member until it joins
-    skew_bound = (a.skew if skewed else 0) + 1.0
-    report = {"seed": a.seed, "duration_s": a.duration, "nodes": a.nodes, "clients": a.clients,
-              "shards": a.shards, "bin": a.bin, "faults_enabled": a.faults, "run_dir": run_dir,
-              "layout": {"lazyfs": sorted(lazy), "small_disk": sorted(small), "faketime": sorted(skewed),
-                         "spare": spare.id if spare else None},
-              "skew_bound_s": skew_bound, "recovery_bound_s": a.recovery_bound, "reproduce": repro}
-    history = None
-    exit_code = 0
-    stop_requested = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop_requested.is_set():
-            raise KeyboardInterrupt(f"signal {signum}")
-        stop_requested.set()  # first signal: end the workload phase early, then check as usual
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, nemesis_timing=None):
+    """The run proper, on a cluster that is not started yet: start it, API keys, workload and
+    nemesis for `a.duration` seconds, heal, recovery, convergence, final sweep, then the checker.
+    Fills `report` and returns the violations (run-level first). `a` is what `parse` returns;
+    `nemesis_timing` (quiet=, hold=) shortens the nemesis' pauses. main() calls this inside the
+    network namespaces; tests/test_planted.py calls it on a loopback cluster of fake nodes."""
+    stop_requested = stop_requested or threading.Event()
+    wl = nem = None
     try:
         t_start = time.monotonic()
         cluster.start()
         report["startup_s"] = round(time.monotonic() - t_start, 2)
         keys = make_api_keys(cluster)
-        history = History(os.path.join(run_dir, "history.jsonl"), time.monotonic())
+        history = History(os.path.join(cluster.dir, "history.jsonl"), time.monotonic())
         members = [nd.http for nd in cluster.active()]
         members_lock = threading.Lock()
 
@@ -258,7 +221,8 @@ def main(argv=None):
                 members[:] = [nd.http for nd in cluster.active()]
 
         wl = Workload(a.seed, nodes_fn, keys, history, clients=a.clients, timeout=a.timeout)
-        nem = Nemesis(a.seed, cluster, history, a.faults, skew_s=a.skew, spare=spare, on_membership=on_membership)
+        nem = Nemesis(a.seed, cluster, history, a.faults, skew_s=a.skew, spare=spare, on_membership=on_membership,
+                      **(nemesis_timing or {}))
         wl.start()
         nem.start(a.duration)
         while history.now() < a.duration and not stop_requested.is_set():
@@ -297,6 +261,61 @@ def main(argv=None):
         report["violations_total"] = len(violations)
         report["violations"] = [v.as_dict() for v in violations[:200]]
         report["result"] = "pass" if not violations else "fail"
+        return violations
+    finally:
+        # On an error, no client or fault keeps running behind the caller's clean-up.
+        for part in (wl, nem):
+            if part is not None:
+                part.stop_flag.set()
+
+
+def main(argv=None):
+    a = parse(argv if argv is not None else sys.argv[1:])
+    if not os.path.exists(a.bin):
+        sys.exit(f"chaos: kubbi binary {a.bin} not found (set KUBBI_BIN or --bin)")
+    deps.ensure(need_faketime="clock_skew" in a.faults, need_fuse="power_loss" in a.faults)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = os.path.abspath(a.out or os.path.join(CHAOS, ".runs", f"seed-{a.seed}-{stamp}"))
+    os.makedirs(run_dir, exist_ok=True)
+    repro = (f"chaos/run --seed {a.seed} --duration {a.duration:g} --nodes {a.nodes}"
+             + (f" --faults {','.join(a.faults)}" if a.faults != ALL_FAULTS else "")
+             + f" --bin {a.bin}")
+    print(f"chaos: seed {a.seed}, {a.duration:g}s, {a.nodes} nodes, run dir {run_dir}", flush=True)
+
+    netns.teardown()
+    netns.setup_hub()
+    netns.enter_hub()
+    lazy, small, skewed = layout(a.nodes)
+    if "power_loss" not in a.faults:
+        lazy = set()
+    if "disk_full" not in a.faults:
+        small = set()
+    if "clock_skew" not in a.faults:
+        skewed = set()
+    cluster = Cluster(run_dir, a.bin, a.nodes, groups=a.groups, lazy=lazy, small=small, skewed=skewed)
+    spare = None
+    if "membership" in a.faults:
+        spare = Node(cluster, a.nodes + 1)
+        cluster.nodes[spare.id] = spare
+        spare.removed = True  # not a member until it joins
+    skew_bound = (a.skew if skewed else 0) + 1.0
+    report = {"seed": a.seed, "duration_s": a.duration, "nodes": a.nodes, "clients": a.clients,
+              "initial_groups": a.groups, "bin": a.bin, "faults_enabled": a.faults, "run_dir": run_dir,
+              "layout": {"lazyfs": sorted(lazy), "small_disk": sorted(small), "faketime": sorted(skewed),
+                         "spare": spare.id if spare else None},
+              "skew_bound_s": skew_bound, "recovery_bound_s": a.recovery_bound, "reproduce": repro}
+    exit_code = 0
+    stop_requested = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop_requested.is_set():
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop_requested.set()  # first signal: end the workload phase early, then check as usual
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        violations = exercise(a, cluster, report, skew_bound, spare=spare, stop_requested=stop_requested)
         exit_code = 0 if not violations else 1
     except BaseException as e:  # noqa: BLE001 - includes a second Ctrl-C: clean up, keep the data
         traceback.print_exc()

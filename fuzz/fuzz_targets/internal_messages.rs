@@ -1,6 +1,7 @@
 //! The node-to-node messages of the internal port (`/internal/v1/...`), bincode-encoded:
 //! the request bodies a node decodes (raft append / vote / pre-vote / transfer-leader, snapshot
-//! parts, forwarded shard operations, joins) and the replies it decodes from its peers.
+//! parts, forwarded shard operations, joins) and the replies it decodes from its peers (the
+//! shard map a joining node reads included).
 //! The internal port requires the cluster secret, so an attacker here is a peer that is
 //! compromised or speaking another version, or a corrupted stream.
 //!
@@ -22,6 +23,7 @@ use kubbi::raft::SnapshotMeta;
 use kubbi::raft::snapshot::{Chunk, Cursor, SnapshotItem};
 use kubbi::raft::{SnapshotData, TypeConfig};
 use kubbi::state::NodeRecord;
+use kubbi::state::map::ShardMap;
 use kubbi::state::{Outcome, Rejection};
 use kubbi::transport::messages::{ExecError, NodeStatus, ShardOp, ShardReply, SnapshotPart};
 use libfuzzer_sys::fuzz_target;
@@ -192,6 +194,8 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
             groups: vec![(0, Some(1), 3), (65535, None, 2)],
         }),
     ));
+    s.push((13, encode(&ShardMap::first(3, |g| vec![u64::from(g) + 1]))));
+    s.push((13, encode(&ShardMap::legacy(4, |g| vec![u64::from(g) % 3 + 1]))));
     s
 }
 
@@ -199,7 +203,7 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
     let Some((&sel, data)) = data.split_first() else {
         return;
     };
-    match sel % 13 {
+    match sel % 14 {
         // Requests (internal::raft_rpc, internal::shard, internal::join).
         0 => {
             if let Some(r) = round_trip::<AppendEntriesRequest<TypeConfig>>("append", data) {
@@ -243,6 +247,12 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
             }
         }
         11 => drop(round_trip_eq::<Result<NodeRecord, String>>("join reply", data)),
+        13 => {
+            // A joining node's map (node::map::fetch validates what decodes).
+            if let Some(m) = round_trip_eq::<ShardMap>("shard map reply", data) {
+                let _ = m.validate();
+            }
+        }
         _ => {
             if let Some(s) = round_trip::<NodeStatus>("status reply", data) {
                 let _ = format!("{s:?}");

@@ -52,6 +52,7 @@ pub fn internal_router(state: Arc<InternalState>) -> Router {
         .route("/internal/v1/shard/{group}", post(shard))
         .route("/internal/v1/join", post(join))
         .route("/internal/v1/status", post(status))
+        .route(crate::node::map::MAP_PATH, post(shard_map))
         .route(crate::transport::KEYS_REFRESH_PATH, post(refresh_keys))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
@@ -138,7 +139,11 @@ async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -
             "this node speaks another internal protocol version: run one kubbi build on every node",
         );
     }
-    let is_join = req.uri().path() == "/internal/v1/join";
+    // A joining node knows its seed only by address.
+    let is_join = matches!(
+        req.uri().path(),
+        "/internal/v1/join" | crate::node::map::MAP_PATH
+    );
     let to = header_u64(h, H_TO).unwrap_or(0);
     if to != st.me.node_id && !(is_join && to == 0) {
         return refuse(StatusCode::MISDIRECTED_REQUEST, "this is another node");
@@ -298,6 +303,11 @@ async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {
         .await
         .map_err(|e| format!("{}: {}", e.code.as_str(), e.message));
     reply(&r)
+}
+
+/// The shard map this node routes by: a joining node starts its groups from it.
+async fn shard_map(State(st): State<Arc<InternalState>>) -> Response {
+    reply(st.service.shard_map().as_ref())
 }
 
 /// Re-reads the key table from the system group's leader (a key was just revoked).

@@ -756,12 +756,13 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
     let svc = &app.service;
     let (_, nodes) = svc.read_system().await?;
     let statuses = svc.group_statuses().await;
+    let map = svc.shard_map();
+    let ids = svc.data_groups();
     let mut shards = Vec::new();
     for (i, st) in statuses.into_iter().enumerate() {
-        let group = if i < svc.shard_count() as usize {
-            json!(i)
-        } else {
-            json!("system")
+        let (group, ranges) = match ids.get(i) {
+            Some(g) => (json!(g), json!(map.ranges_of(*g))),
+            None => (json!("system"), json!([])),
         };
         match st {
             Ok(s) => {
@@ -773,6 +774,7 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
                     .collect();
                 shards.push(json!({
                     "id": group,
+                    "ranges": ranges,
                     "leader": s.leader,
                     "term": s.term,
                     "replicas": s.voters,
@@ -782,7 +784,8 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
                     "replication_lag": lag,
                 }));
             }
-            Err(e) => shards.push(json!({ "id": group, "leader": null, "error": e.message })),
+            Err(e) => shards
+                .push(json!({ "id": group, "ranges": ranges, "leader": null, "error": e.message })),
         }
     }
     let nodes: Vec<Value> = nodes
@@ -797,9 +800,12 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
             })
         })
         .collect();
-    Ok(Json(
-        json!({ "node_id": svc.node_id(), "nodes": nodes, "shards": shards }),
-    ))
+    Ok(Json(json!({
+        "node_id": svc.node_id(),
+        "nodes": nodes,
+        "map_version": map.version,
+        "shards": shards,
+    })))
 }
 
 async fn add_node(

@@ -112,7 +112,7 @@ pub fn operation(h: Handler) -> Value {
             "operationId": "revokeApiKey", "tags": ["operator"], "summary": "Revoke an API key", "security": admin,
             "parameters": [id_param("API key")], "responses": {"200": ok("Revoked", "ApiKey")}}),
         Handler::Cluster => json!({
-            "operationId": "clusterStatus", "tags": ["operator"], "summary": "Nodes, shards, leaders, replicas, lag", "security": admin,
+            "operationId": "clusterStatus", "tags": ["operator"], "summary": "Nodes, raft groups (with the logical shard ranges each serves), leaders, replicas, lag", "security": admin,
             "responses": {"200": ok("The cluster", "Cluster")}}),
         Handler::Digest => json!({
             "operationId": "replicaDigest", "tags": ["operator"], "summary": "This node's replicas: applied index and state digest (local, not forwarded)", "security": admin,
@@ -270,7 +270,10 @@ fn schemas() -> Value {
             "node_id": {"type": "integer"},
             "nodes": {"type": "array", "items": {"type": "object", "properties": {"id": {"type": "integer"}, "http": {"type": "string"},
                 "internal": {"type": "string"}, "zone": {"type": "string"}, "state": {"type": "string"}}}},
-            "shards": {"type": "array", "items": {"type": "object", "properties": {"id": {}, "leader": {"type": ["integer", "null"]},
+            "map_version": {"type": "integer", "description": "Version of the shard map this node routes by"},
+            "shards": {"type": "array", "description": "Raft groups: every data group, then the system group", "items": {"type": "object", "properties": {"id": {},
+                "ranges": {"type": "array", "description": "Half-open ranges [lo, hi) of logical shards (0..65536) the group serves", "items": {"type": "array", "items": {"type": "integer"}}},
+                "leader": {"type": ["integer", "null"]},
                 "term": {"type": "integer"}, "replicas": {"type": "array", "items": {"type": "integer"}},
                 "learners": {"type": "array", "items": {"type": "integer"}}, "applied_index": {"type": ["integer", "null"]},
                 "last_log_index": {"type": ["integer", "null"]}, "replication_lag": {"type": "object"}, "error": {"type": "string"}}}}}},

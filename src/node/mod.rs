@@ -2,7 +2,7 @@
 //! the background loops, and stops them in order.
 //!
 //! ```text
-//!   Config ─▶ secrets, key ring ─▶ Storage (RocksDB) ─▶ raft groups 0..shards + system
+//!   Config ─▶ secrets, key ring ─▶ Storage (RocksDB) ─▶ shard map (`map`) ─▶ its groups + system
 //!          ─▶ initialise (single node / bootstrap) ─▶ executor, router, service
 //!          ─▶ public HTTP + internal port ─▶ register in the member table (or join)
 //!          ─▶ sweepers, leadership watchers, directory poller, rebalancer
@@ -21,6 +21,8 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
+
+pub mod map;
 
 use crate::actor::{ShardActor, ShardCtx, ShardMsg};
 use crate::clock::{Clock, SystemClock};
@@ -222,8 +224,10 @@ fn load_key_ring(config: &Config) -> Result<KeyRing, NodeError> {
     Ok(ring)
 }
 
-/// This data directory's identity: node id, shard count, and a random incarnation.
-fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), NodeError> {
+/// This data directory's identity: node id, the group count of the fixed-shard layout (0 for
+/// a directory whose groups come from the shard map), and a random incarnation. Returns the
+/// fixed count, if any, and the incarnation.
+fn check_identity(storage: &Storage, config: &Config) -> Result<(Option<u16>, u64), NodeError> {
     let cf = storage.cf(CF_RAFT_META);
     let key = group_key(NODE_META_GROUP, b"identity");
     let db = storage.db();
@@ -253,13 +257,6 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
                     config.node_id
                 )));
             }
-            if shards != config.shards {
-                tracing::warn!(
-                    stored = shards,
-                    configured = config.shards,
-                    "the shard count is fixed at initialisation; using the stored count"
-                );
-            }
             if layout < LAYOUT {
                 tracing::info!(
                     from = layout,
@@ -282,7 +279,7 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
                     "data directory upgraded"
                 );
             }
-            Ok((shards, incarnation))
+            Ok(((shards != 0).then_some(shards), incarnation))
         }
         None => {
             let incarnation = rand::random::<u64>().max(1);
@@ -291,13 +288,13 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(u16, u64), Node
                 &key,
                 crate::codec::encode(&(
                     config.node_id,
-                    config.shards,
+                    0u16,
                     incarnation,
                     crate::storage::layout::LAYOUT,
                 )),
             )
             .map_err(|e| NodeError::Storage(e.into()))?;
-            Ok((config.shards, incarnation))
+            Ok((None, incarnation))
         }
     }
 }
@@ -674,7 +671,7 @@ async fn rebalance_once(
         statuses.push(st);
     }
 
-    let plan = placement(service.shard_count(), &candidates, rf);
+    let plan = placement(&service.shard_map().group_ids(), &candidates, rf);
     let mut changed = false;
     for (g, target) in &plan {
         let st = match service.router().call(*g, ShardOp::Status).await? {
@@ -855,7 +852,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         None => None,
     };
     let storage = Storage::open(&config.db_path())?;
-    let (shards, incarnation) = check_identity(&storage, &config)?;
+    let (legacy_shards, incarnation) = check_identity(&storage, &config)?;
     let clock = SystemClock::default();
     if config.clock_offset_ms != 0 {
         tracing::warn!(
@@ -940,7 +937,41 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     ]));
     let rcfg = raft_config(&config)?;
 
-    let groups: Vec<GroupId> = (0..shards).chain(std::iter::once(SYSTEM_GROUP)).collect();
+    let bootstrap: Vec<Candidate> = if cc.internal_addr.is_none() {
+        vec![Candidate {
+            id: config.node_id,
+            zone: cc.zone.clone(),
+        }]
+    } else {
+        cc.bootstrap
+            .iter()
+            .map(|m| Candidate {
+                id: m.id,
+                zone: m.zone.clone(),
+            })
+            .collect()
+    };
+    let shard_map = Arc::new(
+        map::resolve(map::Sources {
+            storage: &storage,
+            legacy: legacy_shards,
+            join: match (&cc.join, &peers) {
+                (Some(seed), Some(p)) => Some((p, seed.as_str())),
+                _ => None,
+            },
+            bootstrap: &bootstrap,
+            initial_groups: config.initial_groups,
+            rf: cc.replication_factor,
+            me: config.node_id,
+        })
+        .await?,
+    );
+    let data_groups = shard_map.group_ids();
+    let groups: Vec<GroupId> = data_groups
+        .iter()
+        .copied()
+        .chain(std::iter::once(SYSTEM_GROUP))
+        .collect();
     let mut rafts = Vec::with_capacity(groups.len());
     let mut log_bytes = Vec::with_capacity(groups.len());
     for &g in &groups {
@@ -960,23 +991,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     }
 
     // Form the groups of a new cluster, each by its preferred leader.
-    let bootstrap: Vec<Candidate> = if cc.internal_addr.is_none() {
-        vec![Candidate {
-            id: config.node_id,
-            zone: cc.zone.clone(),
-        }]
-    } else {
-        cc.bootstrap
-            .iter()
-            .map(|m| Candidate {
-                id: m.id,
-                zone: m.zone.clone(),
-            })
-            .collect()
-    };
     let mut initialised_system = false;
     if !bootstrap.is_empty() {
-        let plan = placement(shards, &bootstrap, cc.replication_factor);
+        let plan = placement(&data_groups, &bootstrap, cc.replication_factor);
         let info_of = |id: u64| -> NodeInfo {
             if id == config.node_id {
                 return my_info.clone();
@@ -1118,7 +1135,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         dyn_clock.clone(),
         config.limits.clone(),
         keyring,
-        shards,
+        shard_map.clone(),
         router_,
         keys,
     );
@@ -1235,6 +1252,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         config.raft.snapshot_every_bytes,
     )));
     tasks.push(tokio::spawn(key_lease_loop(service.clone())));
+    tasks.push(tokio::spawn(map::keep(service.clone(), storage.clone())));
     tasks.push(tokio::spawn(rebalance_loop(
         service.clone(),
         storage.clone(),
@@ -1254,7 +1272,8 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         %http_addr,
         internal = ?internal_addr,
         %public_url,
-        shards,
+        groups = data_groups.len(),
+        map_version = shard_map.version,
         data_dir = %config.data_dir.display(),
         "kubbi node serving"
     );

@@ -35,7 +35,8 @@ use crate::config::{Limits, millis};
 use crate::crypto::{self, KeyRing, MANIFEST_PART, part_aad};
 use crate::error::{ApiError, ErrorCode};
 use crate::http::ratelimit::{KeyLimiter, Rate};
-use crate::ids::{ApiKeyId, ClaimToken, GroupId, KubbiId, Millis, RequestId, SYSTEM_GROUP};
+use crate::ids::{ApiKeyId, ClaimToken, GroupId, KubbiId, Millis, RequestId, SYSTEM_GROUP, Shard};
+use crate::state::map::ShardMap;
 use crate::state::{
     ApiKeyRecord, Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, KeyLimits,
     KubbiRecord, NodeRecord, NodeState, Outcome, OwnerEntry, OwnerUsage, QuotaCheck, QuotaKind,
@@ -53,7 +54,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     limits: Limits,
     keyring: KeyRing,
-    shards: u16,
+    /// Which group serves each logical shard (fixed for the life of the process until splits
+    /// change it online).
+    map: Arc<ShardMap>,
     router: Arc<Router>,
     keys: Arc<KeyCache>,
     /// When a request last began renewing the key cache (concurrent requests share one).
@@ -127,7 +130,7 @@ impl Service {
         clock: Arc<dyn Clock>,
         limits: Limits,
         keyring: KeyRing,
-        shards: u16,
+        map: Arc<ShardMap>,
         router: Arc<Router>,
         keys: Arc<KeyCache>,
     ) -> Self {
@@ -136,7 +139,7 @@ impl Service {
                 clock,
                 limits,
                 keyring,
-                shards,
+                map,
                 router,
                 keys,
                 key_refresh: tokio::sync::Mutex::new(None),
@@ -158,20 +161,26 @@ impl Service {
         self.inner.router.executor().node_id()
     }
 
-    pub fn shard_count(&self) -> u16 {
-        self.inner.shards
+    /// The shard map this node routes by.
+    pub fn shard_map(&self) -> &Arc<ShardMap> {
+        &self.inner.map
+    }
+
+    /// The data groups, in order.
+    pub fn data_groups(&self) -> Vec<GroupId> {
+        self.inner.map.group_ids()
     }
 
     pub fn router(&self) -> &Arc<Router> {
         &self.inner.router
     }
 
-    fn shard_of(&self, g: GroupId) -> Result<GroupId, ApiError> {
-        if g < self.inner.shards {
-            Ok(g)
-        } else {
-            Err(ApiError::not_found("kubbi"))
-        }
+    /// The group serving logical shard `shard`.
+    fn group_of(&self, shard: Shard) -> Result<GroupId, ApiError> {
+        self.inner
+            .map
+            .group_of(shard)
+            .ok_or_else(|| ApiError::not_found("kubbi"))
     }
 
     async fn call(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
@@ -316,8 +325,11 @@ impl Service {
     /// What `owner` holds in every shard but `except` (all of them with `None`), on `day`.
     pub async fn usage(&self, owner: &ApiKeyId, except: Option<GroupId>) -> OwnerUsage {
         let day = day_of(self.now());
-        let shards = (0..self.inner.shards).filter(|g| Some(*g) != except);
-        let all = futures::future::join_all(shards.map(|g| self.usage_in(g, owner))).await;
+        let groups = self
+            .data_groups()
+            .into_iter()
+            .filter(|g| Some(*g) != except);
+        let all = futures::future::join_all(groups.map(|g| self.usage_in(g, owner))).await;
         all.into_iter().fold(
             OwnerUsage {
                 day,
@@ -332,7 +344,7 @@ impl Service {
     /// The home shard's apply counts the key exactly. What the key holds in other shards
     /// (kubbis made before it had a quota, when the operator changes the default) is summed
     /// from this node's replicas, or the leaders of shards with no replica here.
-    async fn quota_check(&self, key: &ApiKeyRecord, shard: GroupId) -> Option<QuotaCheck> {
+    async fn quota_check(&self, key: &ApiKeyRecord, group: GroupId) -> Option<QuotaCheck> {
         if !self.has_quota(key) {
             return None;
         }
@@ -341,7 +353,7 @@ impl Service {
             max_active: l.max_active,
             max_bytes: l.max_bytes,
             max_creates_per_day: l.max_creates_per_day,
-            elsewhere: self.usage(&key.id, Some(shard)).await,
+            elsewhere: self.usage(&key.id, Some(group)).await,
         })
     }
 
@@ -391,7 +403,7 @@ impl Service {
         input: CreateInput,
         idem: Option<CreateIdempotencyInput>,
     ) -> Result<Created, ApiError> {
-        let shards = self.inner.shards;
+        let map = &self.inner.map;
         let idem_hash = idem.as_ref().map(|i| {
             let mut m = producer.key.id.0.to_vec();
             m.extend_from_slice(i.key.as_bytes());
@@ -400,18 +412,20 @@ impl Service {
         let shard = if self.has_quota(&producer.key) {
             // A key with a quota keeps its kubbis in one home shard, which counts its usage
             // exactly: creates racing through any nodes can never overshoot.
-            crate::shard::shard_of_key(&crypto::sha256(&producer.key.id.0), shards)
+            map.shard_for_hash(&crypto::sha256(&producer.key.id.0))
         } else {
             match &idem_hash {
-                Some(h) => crate::shard::shard_of_key(h, shards),
-                // Any shard will do: one this node leads saves the forwarding hop.
+                Some(h) => map.shard_for_hash(h),
+                // Any shard will do: one of a group this node leads saves the forwarding hop.
                 None => self
                     .inner
                     .router
-                    .local_leader_shard(shards)
-                    .unwrap_or_else(|| crate::shard::random_shard(shards)),
+                    .local_leader_group(&map.group_ids())
+                    .and_then(|g| map.random_shard_of(g))
+                    .unwrap_or_else(rand::random),
             }
         };
+        let group = self.group_of(shard)?;
         let payload_bytes = match &input.body {
             CreateBody::Single { content, .. } => content.len(),
             CreateBody::Package { files } => files.iter().map(|f| f.content.len()).sum(),
@@ -445,7 +459,7 @@ impl Service {
                 }
                 _ => None,
             };
-            let quota = self.quota_check(&producer.key, shard).await;
+            let quota = self.quota_check(&producer.key, group).await;
             let create = Box::new(Create {
                 id,
                 owner: producer.key.id,
@@ -464,7 +478,7 @@ impl Service {
                 request_id: RequestId::random(),
                 create,
             };
-            match outcome(self.call(shard, op).await?)? {
+            match outcome(self.call(group, op).await?)? {
                 Outcome::Created(record) => {
                     return Ok(Created {
                         record,
@@ -511,7 +525,7 @@ impl Service {
     /// # Errors
     /// `404` when unknown, purged or another key's.
     pub async fn get(&self, owner: &ApiKeyId, id: &KubbiId) -> Result<KubbiRecord, ApiError> {
-        let g = self.shard_of(id.shard())?;
+        let g = self.group_of(id.shard())?;
         match self.call(g, ShardOp::Get { ids: vec![*id] }).await? {
             ShardReply::Records(mut rs) => match rs.pop() {
                 Some(r) if r.owner == *owner => Ok(r),
@@ -526,7 +540,7 @@ impl Service {
     /// # Errors
     /// `404` unknown or another key's, `409` already ended.
     pub async fn delete(&self, owner: &ApiKeyId, id: &KubbiId) -> Result<KubbiRecord, ApiError> {
-        let g = self.shard_of(id.shard())?;
+        let g = self.group_of(id.shard())?;
         let op = ShardOp::Delete {
             request_id: RequestId::random(),
             id: *id,
@@ -549,8 +563,10 @@ impl Service {
         limit: u64,
         status: Option<Status>,
     ) -> Result<ListPage, ApiError> {
-        let calls =
-            (0..self.inner.shards).map(|g| self.call(g, ShardOp::OwnerEntries { owner: *owner }));
+        let calls = self
+            .data_groups()
+            .into_iter()
+            .map(|g| self.call(g, ShardOp::OwnerEntries { owner: *owner }));
         let now = self.now();
         let mut entries: Vec<OwnerEntry> = Vec::new();
         for r in futures::future::join_all(calls).await {
@@ -571,11 +587,14 @@ impl Service {
             .take(usize::try_from(limit).unwrap_or(usize::MAX))
             .map(|e| e.id)
             .collect();
-        let mut by_shard: std::collections::BTreeMap<GroupId, Vec<KubbiId>> = Default::default();
+        let mut by_group: std::collections::BTreeMap<GroupId, Vec<KubbiId>> = Default::default();
         for id in &page_ids {
-            by_shard.entry(id.shard()).or_default().push(*id);
+            by_group
+                .entry(self.group_of(id.shard())?)
+                .or_default()
+                .push(*id);
         }
-        let calls = by_shard
+        let calls = by_group
             .into_iter()
             .map(|(g, ids)| self.call(g, ShardOp::Get { ids }));
         let mut found: std::collections::HashMap<KubbiId, KubbiRecord> = Default::default();
@@ -616,7 +635,7 @@ impl Service {
     /// # Errors
     /// `404` unknown token, `410` ended.
     pub async fn preview(&self, token: &ClaimToken) -> Result<Preview, ApiError> {
-        let g = self.shard_of(token.shard())?;
+        let g = self.group_of(token.shard())?;
         let op = ShardOp::ByToken {
             shard: token.shard(),
             token_hash: token.hash(),
@@ -650,7 +669,7 @@ impl Service {
         token: &ClaimToken,
         idempotency_key: Option<&str>,
     ) -> Result<ClaimOutput, ApiError> {
-        let g = self.shard_of(token.shard())?;
+        let g = self.group_of(token.shard())?;
         let idempotency = idempotency_key.map(|k| {
             let mut m = token.hash().0.to_vec();
             m.extend_from_slice(k.as_bytes());
@@ -796,9 +815,33 @@ impl Service {
         }
     }
 
+    /// Stores `map` in the system group if its stored version is still `expect_version`;
+    /// `None` when another map got there first.
+    ///
+    /// # Errors
+    /// `503` when the system group cannot commit; `500` for a map the state machine refuses.
+    pub async fn put_map(
+        &self,
+        expect_version: u64,
+        map: ShardMap,
+    ) -> Result<Option<ShardMap>, ApiError> {
+        let cmd = Command::PutMap {
+            expect_version,
+            map: Box::new(map),
+        };
+        match self.propose_system(cmd).await? {
+            Outcome::MapStored(m) => Ok(Some(*m)),
+            Outcome::Rejected(Rejection::StaleMap) => Ok(None),
+            other => Err(unexpected("put map", &other)),
+        }
+    }
+
     /// Every group as its leader sees it.
     pub async fn group_statuses(&self) -> Vec<Result<GroupStatus, ApiError>> {
-        let groups = (0..self.inner.shards).chain(std::iter::once(SYSTEM_GROUP));
+        let groups = self
+            .data_groups()
+            .into_iter()
+            .chain(std::iter::once(SYSTEM_GROUP));
         let calls = groups.map(|g| async move {
             match self.call(g, ShardOp::Status).await? {
                 ShardReply::Status(s) => Ok(s),
@@ -817,7 +860,9 @@ impl Service {
     /// from the directory for the others.
     pub fn leaders_known(&self) -> (usize, usize) {
         let router = &self.inner.router;
-        let groups: Vec<GroupId> = (0..self.inner.shards)
+        let groups: Vec<GroupId> = self
+            .data_groups()
+            .into_iter()
             .chain(std::iter::once(SYSTEM_GROUP))
             .collect();
         let known = groups

@@ -104,16 +104,18 @@ impl Router {
         self.peers.as_ref()
     }
 
-    /// A kubbi shard this node leads, as far as the directory knows, chosen at random; `None`
-    /// when it leads none. A new kubbi placed there needs no forwarding hop.
-    pub fn local_leader_shard(&self, shards: u16) -> Option<GroupId> {
+    /// One of `groups` this node leads, as far as the directory knows, chosen at random;
+    /// `None` when it leads none. A new kubbi placed there needs no forwarding hop.
+    pub fn local_leader_group(&self, groups: &[GroupId]) -> Option<GroupId> {
         let led: Vec<GroupId> = {
             let leaders = self
                 .directory
                 .leaders
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
-            (0..shards)
+            groups
+                .iter()
+                .copied()
                 .filter(|g| leaders.get(g) == Some(&self.me))
                 .collect()
         };

@@ -2136,7 +2136,7 @@ mod tests {
             };
             apply(s, &req(T0, cmd)).expect("applies")
         };
-        let three = ShardMap::first(&[1, 2, 3], |i| vec![i as u64 + 1]);
+        let three = ShardMap::first(3, |g| vec![u64::from(g) + 1]);
         let Outcome::MapStored(v1) = put(&mut s, 0, &three) else {
             panic!("the first map is stored")
         };

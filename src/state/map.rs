@@ -12,9 +12,10 @@
 //!   `Idempotency-Key`, a quota's home) takes the first two bytes of its hash.
 //! - a cluster from the **fixed-shard layout** (`N` groups where shard `s` was group `s`) keeps
 //!   its groups ([`ShardMap::legacy`]): group `s` owns `[s, s+1)`, where its old kubbis are,
-//!   and a block of `W = (65536 − N) / N` shards above `N` for new ones; a hashed create goes to
-//!   the block of the group the old rule (`u64(h[0..8]) mod N`) chose, so an idempotent create
-//!   retried across the upgrade lands in the same group.
+//!   and a block of `W = (65536 − N) / N` shards above `N` for new plain creates; a hashed
+//!   create goes to the shard the old rule (`u64(h[0..8]) mod N`) chose, where the idempotency
+//!   records of the old layout are, so an idempotent create retried across the upgrade is
+//!   answered once.
 
 use std::collections::BTreeMap;
 
@@ -74,15 +75,13 @@ pub struct ShardMap {
 }
 
 impl ShardMap {
-    /// The first map of a new cluster: one group per member (`members` sorted, each group led
-    /// by its member; `replicas(i)` gives group `i`'s replicas, its leader first).
-    ///
-    /// # Panics
-    /// Never for 1 to 65,533 members (the caller's bootstrap list).
-    pub fn first(members: &[u64], mut replicas: impl FnMut(usize) -> Vec<u64>) -> Self {
-        let n = members.len().max(1) as u32;
+    /// The first map of a new cluster: `groups` groups (one per bootstrap member by default)
+    /// over equal ranges of the shard space; `replicas(g)` gives group `g`'s replicas, its
+    /// preferred leader first.
+    pub fn first(groups: u16, mut replicas: impl FnMut(GroupId) -> Vec<u64>) -> Self {
+        let n = u32::from(groups.max(1));
         let mut ranges = Vec::new();
-        let mut groups = BTreeMap::new();
+        let mut entries = BTreeMap::new();
         for i in 0..n {
             let g = i as GroupId;
             ranges.push(RangeOwner {
@@ -90,10 +89,10 @@ impl ShardMap {
                 hi: (i + 1) * SHARD_SPACE / n,
                 group: g,
             });
-            groups.insert(
+            entries.insert(
                 g,
                 GroupEntry {
-                    replicas: replicas(i as usize),
+                    replicas: replicas(g),
                     state: GroupState::Active,
                 },
             );
@@ -101,7 +100,7 @@ impl ShardMap {
         Self {
             version: 1,
             ranges,
-            groups,
+            groups: entries,
             next_group: n as GroupId,
             legacy: None,
         }
@@ -157,6 +156,36 @@ impl ShardMap {
         (u32::from(shard) < r.hi).then_some(r.group)
     }
 
+    /// The data groups, in order.
+    pub fn group_ids(&self) -> Vec<GroupId> {
+        self.groups.keys().copied().collect()
+    }
+
+    /// Whether two maps route every shard to the same group (their replicas may differ).
+    pub fn same_routing(&self, other: &Self) -> bool {
+        self.ranges == other.ranges
+            && self.groups.keys().eq(other.groups.keys())
+            && self.legacy == other.legacy
+    }
+
+    /// A uniformly random shard among those group `g` serves; `None` when it serves none.
+    pub fn random_shard_of(&self, g: GroupId) -> Option<Shard> {
+        let ranges = self.ranges_of(g);
+        let total: u32 = ranges.iter().map(|(lo, hi)| hi - u32::from(*lo)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut at = rand::random_range(0..total);
+        for (lo, hi) in ranges {
+            let width = hi - u32::from(lo);
+            if at < width {
+                return Some((u32::from(lo) + at) as Shard);
+            }
+            at -= width;
+        }
+        None
+    }
+
     /// The ranges group `g` serves, in order.
     pub fn ranges_of(&self, g: GroupId) -> Vec<ShardRange> {
         self.ranges
@@ -171,11 +200,11 @@ impl ShardMap {
     pub fn shard_for_hash(&self, h: &[u8; 32]) -> Shard {
         match self.legacy {
             None => u16::from_be_bytes([h[0], h[1]]),
-            Some(Legacy { shards, width }) => {
+            // The old rule's shard itself: its idempotency records are filed under it, so a
+            // create retried across the upgrade finds its first attempt.
+            Some(Legacy { shards, .. }) => {
                 let n = u64::from(shards.max(1));
-                let group = u64::from_be_bytes(h[..8].try_into().unwrap_or([0; 8])) % n;
-                let within = u16::from_be_bytes([h[8], h[9]]) % width.max(1);
-                (n + group * u64::from(width) + u64::from(within)) as Shard
+                (u64::from_be_bytes(h[..8].try_into().unwrap_or([0; 8])) % n) as Shard
             }
         }
     }
@@ -232,7 +261,8 @@ mod tests {
 
     fn first(n: u64) -> ShardMap {
         let members: Vec<u64> = (1..=n).collect();
-        ShardMap::first(&members, |i| {
+        ShardMap::first(n as u16, |g| {
+            let i = usize::from(g);
             let mut r = vec![members[i]];
             r.extend(members.iter().filter(|m| **m != members[i]).take(2));
             r
@@ -258,6 +288,13 @@ mod tests {
         }
         let m = first(3);
         assert_eq!(m.ranges_of(1), vec![(21_845, 43_690)]);
+        assert_eq!(m.group_ids(), vec![0, 1, 2]);
+        for _ in 0..200 {
+            let s = m.random_shard_of(1).expect("serves some");
+            assert_eq!(m.group_of(s), Some(1));
+        }
+        assert_eq!(m.random_shard_of(7), None);
+        assert!(m.same_routing(&first(3)) && !m.same_routing(&first(2)));
         assert_eq!(m.shard_for_hash(&[0xab; 32]), 0xabab);
     }
 
@@ -272,10 +309,17 @@ mod tests {
             let h: [u8; 32] = rand::random();
             let old = crate::shard::shard_of_key(&h, 16);
             let shard = m.shard_for_hash(&h);
-            assert!(shard >= 16, "new kubbis go to the blocks");
-            assert_eq!(m.group_of(shard), Some(old), "the old rule's group");
+            assert_eq!(
+                shard, old,
+                "the old rule's shard, where its first attempt is filed"
+            );
+            assert_eq!(m.group_of(shard), Some(old));
         }
         assert_eq!(m.group_of(u16::MAX), Some(15));
+        // A plain create lands in a group's block, almost never in its one old shard.
+        let spread: std::collections::BTreeSet<Shard> =
+            (0..100).filter_map(|_| m.random_shard_of(3)).collect();
+        assert!(spread.iter().all(|s| m.group_of(*s) == Some(3)) && spread.len() > 90);
     }
 
     #[test]

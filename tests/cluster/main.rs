@@ -53,6 +53,95 @@ async fn create_on_one_node_preview_and_claim_on_another_at_once() {
     }
 }
 
+/// A new cluster has one data group per node, each led by a different node, and their ranges
+/// cover the 65,536 logical shards exactly; every node routes by the same stored map, which a
+/// restart without `--bootstrap` reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_has_one_group_per_node_over_the_whole_shard_space() {
+    let mut c = Cluster::start(3).await;
+    type Spread = (Vec<u64>, Vec<(u64, u64)>);
+    let spread = |st: &Value| -> Option<Spread> {
+        let mut leaders = Vec::new();
+        let mut ranges = Vec::new();
+        for s in st["shards"].as_array()? {
+            if !s["id"].is_u64() {
+                continue;
+            }
+            leaders.push(s["leader"].as_u64()?);
+            for r in s["ranges"].as_array()? {
+                ranges.push((r[0].as_u64()?, r[1].as_u64()?));
+            }
+        }
+        leaders.sort_unstable();
+        ranges.sort_unstable();
+        Some((leaders, ranges))
+    };
+    let (leaders, ranges) = common::eventually(
+        Duration::from_secs(60),
+        "each node leads one data group",
+        || {
+            let st = c.status(0);
+            async move {
+                let st = st.await;
+                spread(&st).filter(|(l, _)| l == &[1, 2, 3])
+            }
+        },
+    )
+    .await;
+    assert_eq!(leaders, [1, 2, 3]);
+    let mut at = 0;
+    for (lo, hi) in &ranges {
+        assert_eq!(*lo, at, "ranges leave a gap or overlap: {ranges:?}");
+        at = *hi;
+    }
+    assert_eq!(at, 65_536, "{ranges:?}");
+    for i in 0..3 {
+        let st = c.status(i).await;
+        assert_eq!(st["map_version"], 1, "node {i}: {st}");
+        assert_eq!(
+            st["shards"].as_array().map(Vec::len),
+            Some(4),
+            "node {i}: {st}"
+        );
+    }
+    // Kubbis land in every group: a plain create picks a group this node leads.
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    let mut groups = std::collections::BTreeSet::new();
+    for i in 0..12 {
+        let r = c.api(i % 3).create(&key, json!({"content": "x"})).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        let id = r.body["id"].as_str().expect("id").replace('-', "");
+        let shard = u64::from_str_radix(&id[..4], 16).expect("hex");
+        let group = ranges
+            .iter()
+            .position(|(lo, hi)| (*lo..*hi).contains(&shard));
+        groups.insert(group.expect("in a range"));
+    }
+    assert_eq!(
+        groups.len(),
+        3,
+        "creates through every node reach every group"
+    );
+    // The map is stored: a restart without --bootstrap starts the same groups.
+    c.kill9(2);
+    c.spawn(2, false);
+    c.wait_up(2).await;
+    c.wait_all_led().await;
+    let st = c.status(2).await;
+    assert_eq!(st["shards"].as_array().map(Vec::len), Some(4), "{st}");
+    let log = std::fs::read_to_string(&c.members[0].log).unwrap_or_default()
+        + &std::fs::read_to_string(&c.members[1].log).unwrap_or_default()
+        + &std::fs::read_to_string(&c.members[2].log).unwrap_or_default();
+    assert!(
+        log.contains("stored the cluster's shard map"),
+        "no node stored the map"
+    );
+    assert!(
+        !log.contains("differ from the cluster's shard map"),
+        "a node disagrees"
+    );
+}
+
 /// What load clients saw: acknowledged creates and claims, and claims left unanswered.
 #[derive(Default)]
 struct History {
@@ -204,7 +293,8 @@ async fn leader_kill_9_under_load_loses_nothing_and_fails_over() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let mut c = Cluster::start(3).await;
     let (key, _) = c.api(0).new_api_key(&c.admin, "load").await;
-    // A kubbi in shard 5 to probe that shard's availability.
+    // A kubbi in group 0 to probe that group's availability.
+    let status = c.status(0).await;
     let probe = loop {
         let r = c.api(0).create(&key, json!({"content": "probe"})).await;
         assert_eq!(
@@ -215,11 +305,12 @@ async fn leader_kill_9_under_load_loses_nothing_and_fails_over() {
             c.logs_tail()
         );
         let t = r.body["claim_token"].as_str().expect("t").to_string();
-        if kubbi::ids::ClaimToken::parse(&t).map(|t| t.shard()) == Some(5) {
+        let shard = kubbi::ids::ClaimToken::parse(&t).map(|t| t.shard());
+        if shard.and_then(|s| common::group_of_shard(&status, s)) == Some(0) {
             break t;
         }
     };
-    let victim_id = c.leader_of(0, 5).await.expect("shard 5 has a leader");
+    let victim_id = c.leader_of(0, 0).await.expect("group 0 has a leader");
     let victim = c.index_of(victim_id);
     let survivors: Vec<common::Api> = (0..3)
         .filter(|i| *i != victim)
@@ -242,7 +333,7 @@ async fn leader_kill_9_under_load_loses_nothing_and_fails_over() {
     let probe_api = survivors[0].clone();
     common::eventually(
         std::time::Duration::from_secs(30),
-        "shard 5 serves a claim again",
+        "group 0 serves a claim again",
         || {
             let api = probe_api.clone();
             let t = probe.clone();
@@ -251,7 +342,7 @@ async fn leader_kill_9_under_load_loses_nothing_and_fails_over() {
     )
     .await;
     let failover = killed.elapsed();
-    eprintln!("failover of shard 5 (leader kill to first successful claim): {failover:?}");
+    eprintln!("failover of group 0 (leader kill to first successful claim): {failover:?}");
 
     // More load on the survivors, then bring the victim back.
     let h2 = history.clone();
@@ -431,7 +522,9 @@ async fn a_node_with_a_wiped_data_dir_is_refused_until_removed_and_added_again()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adding_a_fourth_node_and_removing_an_old_one_under_load() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut c = Cluster::start(3).await;
+    // Sixteen groups, so the new node gets replicas of many (a new cluster has one per node,
+    // and until groups split a joining node only takes replicas of the existing ones).
+    let mut c = Cluster::start_with(3, &["--initial-groups", "16"]).await;
     let (key, _) = c.api(0).new_api_key(&c.admin, "load").await;
     let history: Shared = Default::default();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -668,7 +761,11 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         String::from_utf8_lossy(&status.stderr)
     );
     assert!(
-        text.contains("nodes:") && text.contains("groups:") && text.contains("system"),
+        text.contains("nodes:")
+            && text.contains("groups (shard map version 1):")
+            && text.contains("shards 0..21845 ")
+            && text.contains("shards 43690..65536 ")
+            && text.contains("system"),
         "{text}"
     );
 
@@ -702,8 +799,13 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_node_catches_up_from_snapshots_and_restarts_on_them() {
-    // Snapshots every 20 entries: logs are purged, so the new node needs snapshots.
-    let mut c = Cluster::start_with(3, &["--raft-snapshot-every", "20"]).await;
+    // Snapshots every 20 entries: logs are purged, so the new node needs snapshots. Twelve
+    // groups, so the new node comes to lead some of them.
+    let mut c = Cluster::start_with(
+        3,
+        &["--initial-groups", "12", "--raft-snapshot-every", "20"],
+    )
+    .await;
     let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
     let mut made = Vec::new();
     for i in 0..300 {
@@ -738,6 +840,9 @@ async fn a_joining_node_catches_up_from_snapshots_and_restarts_on_them() {
         },
     )
     .await;
+    // Node 4 started the cluster's twelve groups from its seed's map (it has no --bootstrap).
+    let st = c.status(fourth).await;
+    assert_eq!(st["shards"].as_array().map(Vec::len), Some(13), "{st}");
     let log = std::fs::read_to_string(&c.members[fourth].log).expect("log");
     assert!(
         log.contains("installing a snapshot from the leader"),
@@ -977,7 +1082,11 @@ fn sample(text: &str, series: &str) -> Option<u64> {
 /// through every node, including a replica restarted (kill -9) on its purged log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raft_log_is_purged_by_bytes_as_well_as_by_entries() {
-    let mut c = Cluster::start_with(3, &["--shards", "1", "--raft-snapshot-every-mib", "1"]).await;
+    let mut c = Cluster::start_with(
+        3,
+        &["--initial-groups", "1", "--raft-snapshot-every-mib", "1"],
+    )
+    .await;
     let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
     let content = |i: usize| format!("{i}:{}", "x".repeat(400 << 10));
     let mut tokens = Vec::new();

@@ -246,9 +246,16 @@ impl Cluster {
         .await;
     }
 
-    /// The leader of shard `g`, as member `i` reports it.
+    /// The leader of raft group `g`, as member `i` reports it.
     pub async fn leader_of(&self, i: usize, g: u64) -> Option<u64> {
         let st = self.status(i).await;
+        st["shards"].as_array()?.iter().find(|s| s["id"] == g)?["leader"].as_u64()
+    }
+
+    /// The leader of the raft group serving logical shard `shard`, as member `i` reports it.
+    pub async fn leader_of_shard(&self, i: usize, shard: u16) -> Option<u64> {
+        let st = self.status(i).await;
+        let g = super::group_of_shard(&st, shard)?;
         st["shards"].as_array()?.iter().find(|s| s["id"] == g)?["leader"].as_u64()
     }
 

@@ -401,3 +401,17 @@ pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
 pub fn marker(tag: &str) -> String {
     format!("{tag}-{:032x}", rand::random::<u128>())
 }
+
+/// The raft group serving logical shard `shard`, from a `GET /admin/v1/cluster` answer (each
+/// group lists the half-open shard ranges it serves).
+pub fn group_of_shard(status: &serde_json::Value, shard: u16) -> Option<u64> {
+    let shard = u64::from(shard);
+    status["shards"].as_array()?.iter().find_map(|g| {
+        let serves = g["ranges"].as_array()?.iter().any(|r| {
+            r[0].as_u64()
+                .zip(r[1].as_u64())
+                .is_some_and(|(lo, hi)| (lo..hi).contains(&shard))
+        });
+        if serves { g["id"].as_u64() } else { None }
+    })
+}

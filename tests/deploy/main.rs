@@ -243,7 +243,7 @@ async fn compose_cluster_serves_across_containers_and_survives_a_leader_stop() {
     assert_eq!(first.body["content"], "across containers");
     assert_eq!(first.body["retrieval_count"], 1);
 
-    // Stop the container that leads this kubbi's shard, then claim through a survivor.
+    // Stop the container that leads this kubbi's group, then claim through a survivor.
     let shard = kubbi::ids::ClaimToken::parse(&token)
         .expect("token")
         .shard();
@@ -256,9 +256,10 @@ async fn compose_cluster_serves_across_containers_and_survives_a_leader_stop() {
         )
         .await
         .body;
+    let group = common::group_of_shard(&st, shard).expect("a group serves the shard");
     let leader = st["shards"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == shard))
+        .and_then(|s| s.iter().find(|s| s["id"] == group))
         .and_then(|s| s["leader"].as_u64())
         .expect("leader");
     run(compose.cmd().args(["stop", &format!("node{leader}")]));

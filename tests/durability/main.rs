@@ -15,14 +15,22 @@ use kubbi::storage::{CF_BLOB, CF_STATE, Storage};
 use reqwest::StatusCode;
 use serde_json::json;
 
+/// The raft group holding `id`, from the node's shard map.
+fn group_of(storage: &Storage, id: &KubbiId) -> kubbi::ids::GroupId {
+    kubbi::node::map::local(storage)
+        .expect("reads the map")
+        .and_then(|m| m.group_of(id.shard()))
+        .expect("a map serving every shard")
+}
+
 fn stored_status(storage: &Storage, id: &KubbiId) -> Option<Status> {
-    read_kubbi(&storage.read_view(id.shard()), id)
+    read_kubbi(&storage.read_view(group_of(storage, id)), id)
         .expect("reads")
         .map(|r| r.status)
 }
 
 fn blob_count(storage: &Storage, id: &KubbiId) -> usize {
-    let view = storage.read_view(id.shard());
+    let view = storage.read_view(group_of(storage, id));
     let mut end = id.0.to_vec();
     end.extend_from_slice(&[0xff; 5]);
     view.scan(Table::Blob, &id.0, &end, usize::MAX)
@@ -146,7 +154,7 @@ async fn every_end_state_removes_the_ciphertext_and_no_file_holds_plaintext() {
     let mut ciphertexts = Vec::new();
     for (_, body) in &created {
         let id = id_of(body);
-        let view = storage.read_view(id.shard());
+        let view = storage.read_view(group_of(&storage, &id));
         let mut end = id.0.to_vec();
         end.extend_from_slice(&[0xff; 5]);
         for (_, v) in view

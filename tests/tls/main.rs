@@ -363,7 +363,7 @@ async fn mtls_cluster_forwards_and_refuses_peers_without_a_cluster_certificate()
 
     let c = Cluster::start_each(3, |id| internal_tls_flags(&dir, id)).await;
     // Every group formed and elected a leader over mTLS; now a create and claims through
-    // nodes that do not lead the kubbi's shard (forwarded over the internal port).
+    // nodes that do not lead the kubbi's group (forwarded over the internal port).
     let (key, _) = c.api(0).new_api_key(&c.admin, "mtls").await;
     for i in 0..3 {
         let created = c
@@ -381,8 +381,11 @@ async fn mtls_cluster_forwards_and_refuses_peers_without_a_cluster_certificate()
             c.logs_tail()
         );
         let id = created.body["id"].as_str().expect("id");
-        let shard = u64::from_str_radix(&id[..4], 16).expect("shard bits");
-        let leader = c.leader_of(i, shard).await.expect("shard has a leader");
+        let shard = u16::from_str_radix(&id[..4], 16).expect("shard bits");
+        let leader = c
+            .leader_of_shard(i, shard)
+            .await
+            .expect("the shard's group has a leader");
         let followers: Vec<usize> = (0..3).filter(|&j| c.members[j].id != leader).collect();
         assert_eq!(followers.len(), 2);
         let token = created.body["claim_token"].as_str().expect("token");
