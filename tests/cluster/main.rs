@@ -631,6 +631,20 @@ async fn adding_a_fourth_node_and_removing_an_old_one_under_load() {
     verify(c.api(fourth), &key, &h).await;
 }
 
+/// Runs `cluster/down` on a run directory still holding a `cluster.json` when dropped.
+struct DownOnDrop(String, std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        if self.1.join("cluster.json").exists() {
+            let _ = std::process::Command::new(&self.0)
+                .arg("--dir")
+                .arg(&self.1)
+                .output();
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_up_and_down_scripts_and_the_status_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -646,6 +660,9 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         .env("KUBBI_LOG", common::logscan::cluster_level())
         .output()
         .expect("cluster/up runs");
+    // A failed assertion below must not leave the nodes running (they would load the machine
+    // and hold ports for the rest of the suite).
+    let _down = DownOnDrop(format!("{root}/cluster/down"), run.clone());
     assert!(
         up.status.success(),
         "{}",
