@@ -757,12 +757,12 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
     let (_, nodes) = svc.read_system().await?;
     let statuses = svc.group_statuses().await;
     let map = svc.shard_map();
-    let ids = svc.data_groups();
     let mut shards = Vec::new();
-    for (i, st) in statuses.into_iter().enumerate() {
-        let (group, ranges) = match ids.get(i) {
-            Some(g) => (json!(g), json!(map.ranges_of(*g))),
-            None => (json!("system"), json!([])),
+    for (g, st) in statuses {
+        let (group, ranges) = if g == crate::ids::SYSTEM_GROUP {
+            (json!("system"), json!([]))
+        } else {
+            (json!(g), json!(map.ranges_of(g)))
         };
         match st {
             Ok(s) => {

@@ -993,7 +993,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     // Form the groups of a new cluster, each by its preferred leader.
     let mut initialised_system = false;
     if !bootstrap.is_empty() {
-        let plan = placement(&data_groups, &bootstrap, cc.replication_factor);
         let info_of = |id: u64| -> NodeInfo {
             if id == config.node_id {
                 return my_info.clone();
@@ -1012,7 +1011,11 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             let voters = if g == SYSTEM_GROUP {
                 replicas(SYSTEM_GROUP, &bootstrap, 5)
             } else {
-                plan.get(&g).cloned().unwrap_or_default()
+                shard_map
+                    .groups
+                    .get(&g)
+                    .map(|e| e.replicas.clone())
+                    .unwrap_or_default()
             };
             // The preferred leader forms the group: it campaigns first and usually wins, so
             // leaders start out spread.

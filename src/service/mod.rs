@@ -420,7 +420,7 @@ impl Service {
                 None => self
                     .inner
                     .router
-                    .local_leader_group(&map.group_ids())
+                    .local_leader_group(map.groups.keys().copied())
                     .and_then(|g| map.random_shard_of(g))
                     .unwrap_or_else(rand::random),
             }
@@ -836,17 +836,19 @@ impl Service {
         }
     }
 
-    /// Every group as its leader sees it.
-    pub async fn group_statuses(&self) -> Vec<Result<GroupStatus, ApiError>> {
+    /// Every group (the data groups in order, then the system group) as its leader sees it.
+    pub async fn group_statuses(&self) -> Vec<(GroupId, Result<GroupStatus, ApiError>)> {
         let groups = self
             .data_groups()
             .into_iter()
             .chain(std::iter::once(SYSTEM_GROUP));
         let calls = groups.map(|g| async move {
-            match self.call(g, ShardOp::Status).await? {
-                ShardReply::Status(s) => Ok(s),
-                other => Err(unexpected("status", &other)),
-            }
+            let st = match self.call(g, ShardOp::Status).await {
+                Ok(ShardReply::Status(s)) => Ok(s),
+                Ok(other) => Err(unexpected("status", &other)),
+                Err(e) => Err(e),
+            };
+            (g, st)
         });
         futures::future::join_all(calls).await
     }

@@ -106,7 +106,7 @@ impl Router {
 
     /// One of `groups` this node leads, as far as the directory knows, chosen at random;
     /// `None` when it leads none. A new kubbi placed there needs no forwarding hop.
-    pub fn local_leader_group(&self, groups: &[GroupId]) -> Option<GroupId> {
+    pub fn local_leader_group(&self, groups: impl IntoIterator<Item = GroupId>) -> Option<GroupId> {
         let led: Vec<GroupId> = {
             let leaders = self
                 .directory
@@ -114,8 +114,7 @@ impl Router {
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
             groups
-                .iter()
-                .copied()
+                .into_iter()
                 .filter(|g| leaders.get(g) == Some(&self.me))
                 .collect()
         };

@@ -170,16 +170,16 @@ impl ShardMap {
 
     /// A uniformly random shard among those group `g` serves; `None` when it serves none.
     pub fn random_shard_of(&self, g: GroupId) -> Option<Shard> {
-        let ranges = self.ranges_of(g);
-        let total: u32 = ranges.iter().map(|(lo, hi)| hi - u32::from(*lo)).sum();
+        let owned = || self.ranges.iter().filter(move |r| r.group == g);
+        let total: u32 = owned().map(|r| r.hi - u32::from(r.lo)).sum();
         if total == 0 {
             return None;
         }
         let mut at = rand::random_range(0..total);
-        for (lo, hi) in ranges {
-            let width = hi - u32::from(lo);
+        for r in owned() {
+            let width = r.hi - u32::from(r.lo);
             if at < width {
-                return Some((u32::from(lo) + at) as Shard);
+                return Some((u32::from(r.lo) + at) as Shard);
             }
             at -= width;
         }
