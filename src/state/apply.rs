@@ -285,7 +285,10 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
     if let Command::Expire { id } = &req.cmd {
         return expire(s, id, now);
     }
-    if let Some(duplicate) = remembered(s, shard, &req.request_id)? {
+    // A create is found by its record instead (see below and `create`).
+    if !matches!(req.cmd, Command::Create(_))
+        && let Some(duplicate) = remembered(s, shard, &req.request_id)?
+    {
         return Ok(duplicate);
     }
 
@@ -319,6 +322,12 @@ pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreErr
         | Command::Release { .. } => Outcome::None,
     };
 
+    // A create keeps no dedup record: its kubbi record is one (a retry finds it by id in
+    // `create`, and the record outlives the dedup window, see `end`), and a create that was
+    // refused changed nothing, so a retry may as well be decided again.
+    if matches!(req.cmd, Command::Create(_)) {
+        return Ok(outcome);
+    }
     let remembered = Dedup {
         outcome: strip_payload(&outcome),
     };
@@ -462,6 +471,14 @@ fn part_keys(rec: &KubbiRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
 
 fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, StoreError> {
     let shard = c.id.shard();
+    if let Some(rec) = read_kubbi(s, &c.id)? {
+        // This very create, applied before (a retried proposal: the same random id and token
+        // hash): answered from the record, which is its dedup record (see `apply`).
+        if rec.token_hash == c.token_hash && rec.owner == c.owner {
+            return Ok(Outcome::Duplicate(Box::new(Outcome::Created(rec))));
+        }
+        return Ok(Outcome::Rejected(Rejection::Collision));
+    }
     if let Some(idem) = &c.idempotency {
         let key = keys::create_idem(shard, &idem.key);
         if let Some(prev) = get_decoded::<CreateIdemRecord>(s, "create idempotency", &key)?
@@ -477,9 +494,8 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
             });
         }
     }
-    if s.get(Table::State, &keys::kubbi(&c.id))?.is_some()
-        || s.get(Table::State, &keys::token(shard, &c.token_hash))?
-            .is_some()
+    if s.get(Table::State, &keys::token(shard, &c.token_hash))?
+        .is_some()
     {
         return Ok(Outcome::Rejected(Rejection::Collision));
     }
@@ -573,7 +589,11 @@ fn end(
     );
     rec.status = status;
     rec.ended_at = Some(now);
-    let purge_at = now.saturating_add(rec.retention_ms);
+    // Never before the create's dedup window is over: the record is the create's dedup
+    // record (see `apply`), so a retry of the create must still find it.
+    let purge_at = now
+        .saturating_add(rec.retention_ms)
+        .max(rec.created_at.saturating_add(REQUEST_DEDUP_WINDOW_MS));
     s.put(
         Table::State,
         keys::timer(purge_at, &Timer::Purge(rec.id)),
@@ -1318,6 +1338,88 @@ mod tests {
         assert_eq!(s, before);
         let out = apply(&mut s, &req(T0 + 5_000, Command::Expire { id: c.id })).expect("applies");
         assert_eq!(out, Outcome::Expired);
+    }
+
+    #[test]
+    fn a_retried_create_is_answered_from_its_record_and_writes_nothing() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(1), 60_000, 1);
+        let r = req(T0, Command::Create(Box::new(c.clone())));
+        let Outcome::Created(first) = apply(&mut s, &r).expect("applies") else {
+            panic!("create failed")
+        };
+        assert!(
+            !s.data.keys().any(|(t, k)| *t == Table::State
+                && (k[0] == keys::REQUEST
+                    || keys::parse_timer(k)
+                        .is_some_and(|(_, t)| matches!(t, Timer::DropRequest(..))))),
+            "a create keeps no request-dedup record or timer"
+        );
+        let before = s.data.clone();
+        let mut retry = r.clone();
+        retry.now = T0 + 5;
+        assert_eq!(
+            apply(&mut s, &retry).expect("applies"),
+            Outcome::Duplicate(Box::new(Outcome::Created(first)))
+        );
+        assert_eq!(s.data, before, "a retried create changes nothing");
+
+        // Claimed and burned before the retry arrives: still the same kubbi, not a second one.
+        claim_at(&mut s, &c.token_hash, T0 + 6);
+        retry.now = T0 + 7;
+        let Outcome::Duplicate(inner) = apply(&mut s, &retry).expect("applies") else {
+            panic!("the retry was not recognised")
+        };
+        let Outcome::Created(rec) = *inner else {
+            panic!("wrong answer")
+        };
+        assert_eq!(rec.status, Status::Burned);
+        assert_eq!(s.count(Table::Blob), 0, "the burned payload stays wiped");
+    }
+
+    #[test]
+    fn another_create_with_a_taken_id_is_a_collision() {
+        let mut s = MemStore::default();
+        let c = new_create(Some(1), 60_000, 1);
+        create_one(&mut s, &c);
+        let mut other = c.clone();
+        other.token_hash = TokenHash(rand_bytes());
+        assert_eq!(
+            apply(&mut s, &req(T0 + 1, Command::Create(Box::new(other)))).expect("applies"),
+            Outcome::Rejected(Rejection::Collision)
+        );
+        let mut other_owner = c.clone();
+        other_owner.owner = ApiKeyId([9; 16]);
+        assert_eq!(
+            apply(&mut s, &req(T0 + 1, Command::Create(Box::new(other_owner)))).expect("applies"),
+            Outcome::Rejected(Rejection::Collision)
+        );
+    }
+
+    #[test]
+    fn a_record_outlives_its_creates_dedup_window_whatever_the_retention() {
+        let mut s = MemStore::default();
+        let mut c = new_create(Some(1), 60_000, 1);
+        c.retention_ms = 1_000;
+        let r = req(T0, Command::Create(Box::new(c.clone())));
+        apply(&mut s, &r).expect("applies");
+        claim_at(&mut s, &c.token_hash, T0 + 10);
+        // Past the retention, inside the window: the record stays and a retry finds it.
+        apply(&mut s, &req(T0 + 60_000, Command::Sweep { max: 100 })).expect("applies");
+        assert!(read_kubbi(&s, &c.id).expect("reads").is_some());
+        let mut retry = r.clone();
+        retry.now = T0 + 60_001;
+        assert!(matches!(
+            apply(&mut s, &retry).expect("applies"),
+            Outcome::Duplicate(_)
+        ));
+        // Once the window is over it is purged.
+        apply(
+            &mut s,
+            &req(T0 + REQUEST_DEDUP_WINDOW_MS, Command::Sweep { max: 100 }),
+        )
+        .expect("applies");
+        assert!(read_kubbi(&s, &c.id).expect("reads").is_none());
     }
 
     #[test]

@@ -47,8 +47,11 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// The version of the internal protocol (raft messages, forwarded operations, their encoding).
 /// Peers must speak the same one: a node refuses requests of any other (`http::internal`), so
 /// a node left on an older build is told so instead of feeding messages it cannot decode.
-/// Version 1 sent no header; 2 added the logical shard to claims and token reads.
-pub const PROTOCOL: u32 = 2;
+/// Version 1 sent no header; 2 added the logical shard to claims and token reads; 3 applies
+/// creates differently (a retried create is answered from its kubbi record, which keeps no
+/// request-dedup record and is purged no earlier than the dedup window), so replicas of builds
+/// 2 and 3 would hold different state for the same log.
+pub const PROTOCOL: u32 = 3;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.

@@ -1265,10 +1265,14 @@ async fn a_peer_speaking_another_internal_protocol_is_refused() {
         status(secret.clone(), None).await,
         StatusCode::UPGRADE_REQUIRED
     );
-    assert_eq!(
-        status(secret.clone(), Some("3")).await,
-        StatusCode::UPGRADE_REQUIRED
-    );
+    let previous = (kubbi::transport::PROTOCOL - 1).to_string().leak();
+    let next = (kubbi::transport::PROTOCOL + 1).to_string().leak();
+    for other in [previous, next] {
+        assert_eq!(
+            status(secret.clone(), Some(other)).await,
+            StatusCode::UPGRADE_REQUIRED
+        );
+    }
     // Without the secret nothing else is revealed.
     assert_eq!(status("wrong".into(), None).await, StatusCode::UNAUTHORIZED);
     let log = c.members[0].log.clone();
