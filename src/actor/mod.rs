@@ -42,4 +42,6 @@ pub struct ShardCtx {
     pub clock: Arc<dyn Clock>,
     /// An actor with no request for this long is passivated.
     pub idle: Duration,
+    /// Kubbi actors started so far (metrics: what waking actors costs is counted by it).
+    pub activations: std::sync::atomic::AtomicU64,
 }

@@ -56,6 +56,9 @@ impl ShardState {
             ractor::ActorRuntime::spawn_linked_instant(None, KubbiActor, args, myself.get_cell())?;
         self.by_actor.insert(actor.get_id(), id);
         self.live.insert(id, actor.clone());
+        self.ctx
+            .activations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(actor)
     }
 

@@ -338,6 +338,13 @@ async fn metrics(State(app): State<AppState>) -> Response {
     );
     gauge(
         &mut out,
+        "kubbi_actor_activations_total",
+        "counter",
+        "Kubbi actors started on this node (a claim, delete or expiry of a kubbi without a live actor starts one).",
+        app.service.actor_activations(),
+    );
+    gauge(
+        &mut out,
         "kubbi_storage_fsyncs_total",
         "counter",
         "WAL fsyncs.",

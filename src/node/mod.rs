@@ -1079,6 +1079,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             storage: storage.clone(),
             clock: dyn_clock.clone(),
             idle: config.actor_idle,
+            activations: std::sync::atomic::AtomicU64::new(0),
         });
         let (actor, _) = Actor::spawn(None, ShardActor, ctx.clone())
             .await

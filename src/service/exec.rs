@@ -20,7 +20,7 @@ use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
     Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError,
-    Table, keys, read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage,
+    Table, keys, read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage, remembered,
 };
 use crate::storage::Storage;
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -153,6 +153,16 @@ impl Executor {
                 let Some(record) = record else {
                     return Ok(ShardReply::Outcome(Outcome::Rejected(Rejection::NotFound)));
                 };
+                if idempotency.is_none() && record.status.is_terminal() {
+                    // An ended kubbi stays ended: answered here as its actor would answer (the
+                    // remembered result if this very request counted before), without waking
+                    // an actor for a claim that cannot change anything.
+                    let view = self.storage.read_view(g);
+                    let answer = remembered(&view, shard, &request_id)
+                        .map_err(from_store)?
+                        .unwrap_or(Outcome::Rejected(Rejection::Ended(record.status)));
+                    return Ok(ShardReply::Outcome(answer));
+                }
                 self.route(lg, record.id, Some(record), |reply| KubbiMsg::Claim {
                     request_id,
                     idempotency,
@@ -323,6 +333,15 @@ impl Executor {
             }
         }
         Err(ExecError::Unavailable("the kubbi's actor stopped".into()))
+    }
+
+    /// Kubbi actors this node has started since it started.
+    pub fn actor_activations(&self) -> u64 {
+        self.groups
+            .values()
+            .filter_map(|lg| lg.ctx.as_ref())
+            .map(|c| c.activations.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
     }
 
     /// Number of live kubbi actors on this node.

@@ -853,6 +853,11 @@ impl Service {
         futures::future::join_all(calls).await
     }
 
+    /// Kubbi actors this node has started since it started.
+    pub fn actor_activations(&self) -> u64 {
+        self.inner.router.executor().actor_activations()
+    }
+
     /// Number of live kubbi actors on this node.
     pub async fn live_actors(&self) -> usize {
         self.inner.router.executor().live_actors().await

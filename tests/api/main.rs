@@ -552,6 +552,45 @@ async fn an_ended_kubbis_actor_stops_without_waiting_for_idle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_of_an_ended_kubbi_wake_no_actor() {
+    let n = TestNode::start_with(|c| c.actor_idle = std::time::Duration::from_millis(500)).await;
+    let c = n
+        .api
+        .create(
+            &n.key,
+            json!({"content": "once", "max_retrievals": 1, "ttl_seconds": 3600}),
+        )
+        .await;
+    let token = token_of(&c.body);
+    assert_eq!(n.api.claim(&token).await.status, StatusCode::OK);
+    let svc = n.handle().service.clone();
+    common::eventually(
+        std::time::Duration::from_secs(10),
+        "the burned kubbi's actor passivates",
+        || {
+            let svc = svc.clone();
+            async move { (svc.live_actors().await == 0).then_some(()) }
+        },
+    )
+    .await;
+    let started = svc.actor_activations();
+    assert!(started >= 1, "the claim that burned it ran in an actor");
+    for _ in 0..5 {
+        let r = n.api.claim(&token).await;
+        assert_eq!(r.status, StatusCode::GONE);
+        assert_eq!(r.err_code(), "gone");
+        assert_eq!(r.body["status"], "burned");
+    }
+    assert_eq!(
+        svc.actor_activations(),
+        started,
+        "a claim of an ended kubbi is answered without starting an actor"
+    );
+    assert_eq!(svc.live_actors().await, 0);
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_activate_on_demand_and_passivate_when_idle() {
     let n = TestNode::start_with(|c| c.actor_idle = std::time::Duration::from_millis(1500)).await;
     let mut tokens = Vec::new();
