@@ -80,6 +80,29 @@ RETRIABLE_5XX = {503}
 ALLOWED_REFUSALS = {429}
 
 
+def contention(attempts):
+    """How contended the claims were: claim requests, and those that overlapped in time another
+    claim request of the same kubbi (the races exactly-once must survive)."""
+    by_k = {}
+    for a in attempts:
+        if a.get("op") == "claim" and a.get("k") is not None:
+            by_k.setdefault(a["k"], []).append((a["t0"], a["t1"]))
+    claims = overlapping = 0
+    for spans in by_k.values():
+        spans.sort()
+        claims += len(spans)
+        hit = [False] * len(spans)
+        reach, owner = float("-inf"), None  # the furthest end so far, and whose it is
+        for i, (t0, t1) in enumerate(spans):
+            if t0 < reach:
+                hit[i] = True
+                hit[owner] = True
+            if t1 > reach:
+                reach, owner = t1, i
+        overlapping += sum(hit)
+    return {"claims": claims, "claims_overlapping": overlapping}
+
+
 def server_errors(attempts):
     """Attempts answered with a 5xx other than 503: each is a violation."""
     return [Violation("server_error", a.get("k"),

@@ -43,6 +43,9 @@ def parse(argv):
     ap.add_argument("--out", default=None, help="run directory (default chaos/.runs/seed-S-TIME)")
     ap.add_argument("--keep", action="store_true", help="keep data directories even when the run passes")
     ap.add_argument("--timeout", type=float, default=5.0, help="client request timeout, seconds")
+    ap.add_argument("--hot-period", type=float, default=15.0,
+                    help="seconds between hot-key phases (0: none); see chaoslib/workload.py")
+    ap.add_argument("--hot-window", type=float, default=4.0, help="seconds a hot-key phase lasts")
     ap.add_argument("--recovery-bound", type=float, default=RECOVERY_BOUND_S)
     a = ap.parse_args(argv)
     a.bin = a.bin or default_bin()
@@ -220,7 +223,8 @@ def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, ne
             with members_lock:
                 members[:] = [nd.http for nd in cluster.active()]
 
-        wl = Workload(a.seed, nodes_fn, keys, history, clients=a.clients, timeout=a.timeout)
+        wl = Workload(a.seed, nodes_fn, keys, history, clients=a.clients, timeout=a.timeout,
+                      hot_period=a.hot_period, hot_window=a.hot_window)
         nem = Nemesis(a.seed, cluster, history, a.faults, skew_s=a.skew, spare=spare, on_membership=on_membership,
                       **(nemesis_timing or {}))
         wl.start()
@@ -256,6 +260,7 @@ def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, ne
         violations = extra + violations
         report["ops"] = summarize_ops(entries)
         report["ops_total"] = sum(1 for e in entries if "op" in e)
+        report["hot_keys"] = dict(wl.hot_stats, **checker.contention(entries))
         report["checker"] = {k: v for k, v in stats.items() if k != "unexpected_examples"}
         report["unexpected_examples"] = stats.get("unexpected_examples", [])
         report["violations_total"] = len(violations)

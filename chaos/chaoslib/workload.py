@@ -25,6 +25,11 @@ import uuid
 TTLS = [2, 3, 5, 8, 15, 30, 60, 120, 600, 3600]
 MAXES = [1, 1, 2, 3, 4, 5, None]
 MAX_OPS_PER_KUBBI = 10
+# Hot-key phases: every so often a few fresh kubbis with 1-5 retrievals become the target of
+# most claims of every client (bare and keyed), so claims of one kubbi overlap by the dozen.
+HOT_KUBBIS = 3
+HOT_SHARE = 0.8
+HOT_TTL = 600
 
 
 def content_hash_single(s):
@@ -82,7 +87,8 @@ class Kubbi:
 
 
 class Workload:
-    def __init__(self, seed, nodes_fn, api_keys, history, clients=16, timeout=5.0, think=(0.0, 0.05)):
+    def __init__(self, seed, nodes_fn, api_keys, history, clients=16, timeout=5.0, think=(0.0, 0.05),
+                 hot_period=0.0, hot_window=0.0):
         self.seed = seed
         self.nodes_fn = nodes_fn  # -> list of "ip:port" currently in the cluster
         self.api_keys = api_keys
@@ -96,6 +102,10 @@ class Workload:
         self.stop_flag = threading.Event()
         self.threads = []
         self.counter = 0
+        # Hot-key phases (off when hot_period is 0): the kubbis of the current one, if any.
+        self.hot_period, self.hot_window = hot_period, hot_window
+        self.hot = []
+        self.hot_stats = {"phases": 0, "kubbis": 0, "claims": 0}
 
     # transport
     def request(self, node, method, path, body=None, token=None, idem=None, timeout=None):
@@ -174,9 +184,9 @@ class Workload:
             self.counter += 1
             return f"c{client}-{self.counter}"
 
-    def create(self, client, rng, node=None):
-        ttl = rng.choice(TTLS)
-        mx = rng.choice(MAXES)
+    def create(self, client, rng, node=None, mx=None, ttl=None):
+        ttl = ttl or rng.choice(TTLS)
+        mx = mx or rng.choice(MAXES)
         body = {"ttl_seconds": ttl}
         if mx is not None:
             body["max_retrievals"] = mx
@@ -210,7 +220,7 @@ class Workload:
         if outcome == "ok" and js.get("claim_token"):
             kb = Kubbi(k, js.get("id"), js["claim_token"], api_key, mx, ttl, h, self.h.now())
             with self.lock:
-                if client != "recovery":
+                if client not in ("recovery", "hot"):
                     self.pool.append(kb)
                 self.all.append(kb)
             return kb
@@ -266,11 +276,36 @@ class Workload:
                 kb.terminal = True
                 kb.after_terminal += 1
 
+    def hot_loop(self):
+        """Every hot_period seconds, a phase of hot_window seconds in which most claims of every
+        client go to HOT_KUBBIS fresh kubbis of 1-5 retrievals."""
+        rng = random.Random(f"{self.seed}/hot")
+        while not self.stop_flag.wait(self.hot_period):
+            made = [self.create("hot", rng, mx=rng.randint(1, 5), ttl=HOT_TTL) for _ in range(HOT_KUBBIS)]
+            made = [kb for kb in made if kb is not None]
+            if not made:
+                continue
+            with self.lock:
+                self.hot = made
+                self.hot_stats["phases"] += 1
+                self.hot_stats["kubbis"] += len(made)
+            self.stop_flag.wait(self.hot_window)
+            with self.lock:
+                self.hot = []
+
     def client_loop(self, client):
         rng = random.Random(f"{self.seed}/client/{client}")
         while not self.stop_flag.is_set():
             with self.lock:
                 n = len(self.pool)
+                hot = list(self.hot)
+            if hot and rng.random() < HOT_SHARE:
+                # No think time: the point is claims of one kubbi racing each other.
+                kb = rng.choice(hot)
+                self.claim(client, rng, kb)
+                with self.lock:
+                    self.hot_stats["claims"] += 1
+                continue
             x = rng.random()
             if n < 8 or x < 0.25:
                 self.create(client, rng)
@@ -291,6 +326,10 @@ class Workload:
     def start(self):
         for c in range(self.n_clients):
             t = threading.Thread(target=self.client_loop, args=(c,), name=f"client{c}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        if self.hot_period > 0 and self.hot_window > 0:
+            t = threading.Thread(target=self.hot_loop, name="hot", daemon=True)
             t.start()
             self.threads.append(t)
 

@@ -332,3 +332,17 @@ class RunLevel(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class Contention(unittest.TestCase):
+    def test_counts_claims_that_overlap_another_claim_of_the_same_kubbi(self):
+        def claim(k, t0, t1):
+            return {"op": "claim", "k": k, "t0": t0, "t1": t1}
+        hist = [
+            claim("a", 0.0, 1.0), claim("a", 0.5, 0.6),  # nested: both overlap
+            claim("a", 2.0, 3.0), claim("a", 3.0, 4.0),  # touching ends do not overlap
+            claim("b", 0.2, 0.9),  # another kubbi at the same time: no overlap
+            {"op": "preview", "k": "a", "t0": 2.5, "t1": 2.6},  # not a claim
+            claim("c", 0.0, 5.0), claim("c", 1.0, 2.0), claim("c", 4.0, 6.0),  # chained by the first
+        ]
+        self.assertEqual(checker.contention(hist), {"claims": 8, "claims_overlapping": 5})

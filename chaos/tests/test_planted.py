@@ -99,12 +99,13 @@ class LoopbackCluster(Cluster):
         self.wait_led(timeout)
 
 
-def run(bug, seed, faults=(), duration=5.0):
+def run(bug, seed, faults=(), duration=5.0, extra=()):
     """One run of the suite; returns (report, violation kinds, captured output). The run
     directory (history.jsonl, node logs) is report["run_dir"]; the caller removes it."""
     run_dir = tempfile.mkdtemp(prefix=f"kchaos-planted-{bug or 'clean'}-")
     a = driver.parse(["--seed", str(seed), "--duration", str(duration), "--nodes", str(NODES), "--bin", FAKE,
-                      "--clients", "8", "--timeout", "3", "--recovery-bound", "20", "--faults", ",".join(faults)])
+                      "--clients", "8", "--timeout", "3", "--recovery-bound", "20", "--faults", ",".join(faults),
+                      *extra])
     env = {"FAKEKUBBI_BUG": bug or "", "FAKEKUBBI_SEED": str(seed)}
     cluster = LoopbackCluster(run_dir, env)
     report = {"seed": seed, "bug": bug, "run_dir": run_dir}
@@ -161,6 +162,17 @@ class PlantedBugsFailTheRun(unittest.TestCase):
 
 
 class CorrectServerPasses(unittest.TestCase):
+    def test_hot_keys_race_claims_and_a_correct_server_passes(self):
+        report, kinds, out = run(None, seed=22, duration=6.0, extra=["--hot-period", "1", "--hot-window", "1.5"])
+        why = describe(report, out) + f"\nhot keys: {report.get('hot_keys')}"
+        self.assertEqual((report.get("result"), kinds), ("pass", []), why)
+        hot = report["hot_keys"]
+        self.assertGreaterEqual(hot["phases"], 2, why)
+        # Claims of one kubbi racing each other, by the dozen (a few per run without phases).
+        self.assertGreater(hot["claims"], 50, why)
+        self.assertGreater(hot["claims_overlapping"], 50, why)
+        shutil.rmtree(report["run_dir"])  # kept when an assertion fails
+
     def test_clean_run_under_process_faults_passes(self):
         # Seed 21's nemesis kills the leader first, then pauses a node (leader or follower).
         report, kinds, out = run(None, seed=21, faults=PROCESS_FAULTS, duration=6.0)
