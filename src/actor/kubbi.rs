@@ -218,14 +218,12 @@ impl KubbiState {
         }
     }
 
-    /// The answer to a claim of the ended kubbi: the remembered result when this very request
-    /// was applied already (the router retrying after a failover: the claim counted, and may
-    /// have burned the kubbi, but its reply was lost), else "ended".
+    /// The answer to a claim of the ended kubbi (`state::claim_of_ended`; the router retrying
+    /// after a failover finds the claim counted, and maybe the kubbi burned by it).
     fn refusal(&self, request_id: &RequestId, s: Status) -> Outcome {
         let view = self.ctx.storage.read_view(self.ctx.group);
-        match crate::state::remembered(&view, self.id.shard(), request_id) {
-            Ok(Some(o)) => o,
-            Ok(None) => Outcome::Rejected(Rejection::Ended(s)),
+        match crate::state::claim_of_ended(&view, self.id.shard(), request_id, s) {
+            Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "reading a request's dedup record failed");
                 Outcome::Rejected(Rejection::Ended(s))

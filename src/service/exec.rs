@@ -20,7 +20,7 @@ use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
     Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError,
-    Table, keys, read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage, remembered,
+    Table, claim_of_ended, keys, read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage,
 };
 use crate::storage::Storage;
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -154,13 +154,11 @@ impl Executor {
                     return Ok(ShardReply::Outcome(Outcome::Rejected(Rejection::NotFound)));
                 };
                 if idempotency.is_none() && record.status.is_terminal() {
-                    // An ended kubbi stays ended: answered here as its actor would answer (the
-                    // remembered result if this very request counted before), without waking
-                    // an actor for a claim that cannot change anything.
+                    // Answered here as its actor would answer, without waking an actor for a
+                    // claim that cannot change anything.
                     let view = self.storage.read_view(g);
-                    let answer = remembered(&view, shard, &request_id)
-                        .map_err(from_store)?
-                        .unwrap_or(Outcome::Rejected(Rejection::Ended(record.status)));
+                    let answer = claim_of_ended(&view, shard, &request_id, record.status)
+                        .map_err(from_store)?;
                     return Ok(ShardReply::Outcome(answer));
                 }
                 self.route(lg, record.id, Some(record), |reply| KubbiMsg::Claim {

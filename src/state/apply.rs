@@ -361,6 +361,21 @@ pub fn remembered(
     )
 }
 
+/// The answer to a claim (request `id`, no idempotency key) of a kubbi that ended as `status`:
+/// the claim's remembered outcome if this very request counted before (a retry after a lost
+/// reply), else "ended". An ended kubbi never becomes active again, so nothing is proposed.
+///
+/// # Errors
+/// As [`remembered`].
+pub fn claim_of_ended(
+    s: &impl StateRead,
+    shard: Shard,
+    id: &crate::ids::RequestId,
+    status: Status,
+) -> Result<Outcome, StoreError> {
+    Ok(remembered(s, shard, id)?.unwrap_or(Outcome::Rejected(Rejection::Ended(status))))
+}
+
 /// The outcome as remembered for request-id dedup: without payload bytes.
 fn strip_payload(o: &Outcome) -> Outcome {
     match o {

@@ -14,6 +14,20 @@ fn token_of(created: &Value) -> String {
     created["claim_token"].as_str().expect("token").to_string()
 }
 
+/// Waits up to `within` until the node runs exactly `n` kubbi actors.
+async fn until_live_actors(
+    svc: &kubbi::service::Service,
+    n: usize,
+    within: std::time::Duration,
+    what: &str,
+) {
+    common::eventually(within, what, || {
+        let svc = svc.clone();
+        async move { (svc.live_actors().await == n).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenario_burn_after_read() {
     let n = TestNode::start().await;
@@ -525,27 +539,26 @@ async fn an_ended_kubbis_actor_stops_without_waiting_for_idle() {
         assert_eq!(n.api.delete(&n.key, &id).await.status, StatusCode::OK);
     }
     let svc = n.handle().service.clone();
-    let live = || {
-        let svc = svc.clone();
-        async move { (svc.live_actors().await == 3).then_some(()) }
-    };
     // The three multi-read kubbis keep their actors; the burned and deleted ones do not.
-    common::eventually(
+    until_live_actors(
+        &svc,
+        3,
         std::time::Duration::from_secs(10),
         "ended actors stop",
-        live,
     )
     .await;
-    // A later claim of a burned kubbi is still refused, by a fresh actor that stops as well.
+    // A later claim of a burned kubbi is still refused (without an actor, see
+    // `claims_of_an_ended_kubbi_wake_no_actor`).
     for t in &burned {
         let r = n.api.claim(t).await;
         assert_eq!(r.status, StatusCode::GONE);
         assert_eq!(r.body["status"], "burned");
     }
-    common::eventually(
+    until_live_actors(
+        &svc,
+        3,
         std::time::Duration::from_secs(10),
         "refusing actors stop",
-        live,
     )
     .await;
     n.stop().await;
@@ -564,13 +577,11 @@ async fn claims_of_an_ended_kubbi_wake_no_actor() {
     let token = token_of(&c.body);
     assert_eq!(n.api.claim(&token).await.status, StatusCode::OK);
     let svc = n.handle().service.clone();
-    common::eventually(
+    until_live_actors(
+        &svc,
+        0,
         std::time::Duration::from_secs(10),
         "the burned kubbi's actor passivates",
-        || {
-            let svc = svc.clone();
-            async move { (svc.live_actors().await == 0).then_some(()) }
-        },
     )
     .await;
     let started = svc.actor_activations();
@@ -612,13 +623,11 @@ async fn actors_activate_on_demand_and_passivate_when_idle() {
     let live = n.handle().service.live_actors().await;
     assert!(live > 0 && live <= 20, "{live} actors after claims");
     let svc = n.handle().service.clone();
-    common::eventually(
+    until_live_actors(
+        &svc,
+        0,
         std::time::Duration::from_secs(10),
         "actors passivate",
-        || {
-            let svc = svc.clone();
-            async move { (svc.live_actors().await == 0).then_some(()) }
-        },
     )
     .await;
     // Reactivated on demand, with the right count.
@@ -627,13 +636,11 @@ async fn actors_activate_on_demand_and_passivate_when_idle() {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.body["retrieval_count"], 2);
     }
-    common::eventually(
+    until_live_actors(
+        &svc,
+        0,
         std::time::Duration::from_secs(10),
         "actors passivate again",
-        || {
-            let svc = svc.clone();
-            async move { (svc.live_actors().await == 0).then_some(()) }
-        },
     )
     .await;
     // A kubbi expiring within the idle window gets its actor (and timer) at creation.
@@ -643,13 +650,11 @@ async fn actors_activate_on_demand_and_passivate_when_idle() {
         .await;
     assert_eq!(soon.status, StatusCode::CREATED);
     let svc = n.handle().service.clone();
-    common::eventually(
+    until_live_actors(
+        &svc,
+        1,
         std::time::Duration::from_secs(5),
         "actor activated at creation",
-        || {
-            let svc = svc.clone();
-            async move { (svc.live_actors().await == 1).then_some(()) }
-        },
     )
     .await;
     let detail = format!("/api/v1/kubbis/{}", soon.body["id"].as_str().expect("id"));
@@ -664,13 +669,11 @@ async fn actors_activate_on_demand_and_passivate_when_idle() {
         },
     )
     .await;
-    common::eventually(
+    until_live_actors(
+        &svc,
+        0,
         std::time::Duration::from_secs(10),
         "all actors gone again",
-        || {
-            let svc = svc.clone();
-            async move { (svc.live_actors().await == 0).then_some(()) }
-        },
     )
     .await;
     assert_eq!(
