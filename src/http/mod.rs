@@ -300,6 +300,10 @@ async fn metrics(State(app): State<AppState>) -> Response {
             "kubbi_raft_snapshot_index{{group=\"{g}\"}} {snapshot}"
         );
         let _ = writeln!(raft, "kubbi_raft_purged_index{{group=\"{g}\"}} {purged}");
+        if let Ok(t) = crate::state::read_group_time(&app.storage.read_view(lg.group)) {
+            let ahead = t.saturating_sub(app.service.now());
+            let _ = writeln!(raft, "kubbi_group_time_ahead_ms{{group=\"{g}\"}} {ahead}");
+        }
         if leader
             && lg.group != crate::ids::SYSTEM_GROUP
             && let Ok(s) = crate::state::read_stats(&app.storage.read_view(lg.group))
@@ -314,6 +318,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     out.push_str("# HELP kubbi_raft_applied_index Last applied index of the group on this node.\n# TYPE kubbi_raft_applied_index gauge\n");
     out.push_str("# HELP kubbi_raft_snapshot_index Last log index the group's newest snapshot on this node covers.\n# TYPE kubbi_raft_snapshot_index gauge\n");
     out.push_str("# HELP kubbi_raft_purged_index Last log index purged from the group's log on this node.\n# TYPE kubbi_raft_purged_index gauge\n");
+    out.push_str("# HELP kubbi_group_time_ahead_ms How far the group's time (its latest applied stamp, which never goes back) is ahead of this node's clock; above zero, a leader's clock ran ahead of this node's.\n# TYPE kubbi_group_time_ahead_ms gauge\n");
     out.push_str(&raft);
     gauge(
         &mut out,

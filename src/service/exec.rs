@@ -14,13 +14,14 @@ use crate::actor::{KubbiMsg, ShardCtx, ShardMsg};
 use crate::clock::Clock;
 use crate::config::millis;
 use crate::crypto::MANIFEST_PART;
-use crate::ids::{ApiKeyId, GroupId, KubbiId, SYSTEM_GROUP};
+use crate::ids::{ApiKeyId, GroupId, KubbiId, Millis, SYSTEM_GROUP};
 use crate::raft::client::{self, RaftClientError};
 use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
     Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError,
-    Table, claim_of_ended, keys, read_kubbi, read_kubbi_by_token, read_nodes, read_owner_usage,
+    Table, claim_of_ended, keys, read_group_time, read_kubbi, read_kubbi_by_token, read_nodes,
+    read_owner_usage,
 };
 use crate::storage::Storage;
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -197,7 +198,14 @@ impl Executor {
                 };
                 // Expiry is judged by the leader's clock, as claims are: a node with a skewed
                 // clock must not call a kubbi expired that the leader would still let be claimed.
-                record.status = record.status_at(self.clock.now());
+                let now = self.group_now(&view)?;
+                if record.is_past_deadline(now) {
+                    let view = self.expire_seen(raft, g, &[record.id]).await?;
+                    record = read_kubbi(&view, &record.id)
+                        .map_err(from_store)?
+                        .unwrap_or(record);
+                }
+                record.status = record.status_at(now);
                 let manifest = if with_manifest && record.has_manifest {
                     view.get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
                         .map_err(from_store)?
@@ -209,16 +217,33 @@ impl Executor {
             }
             ShardOp::Get { ids } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
-                let view = self.storage.read_view(g);
-                let mut out = Vec::with_capacity(ids.len());
-                let now = self.clock.now();
+                let mut view = self.storage.read_view(g);
+                let now = self.group_now(&view)?;
+                let mut found = Vec::with_capacity(ids.len());
                 for id in &ids {
-                    if let Some(mut r) = read_kubbi(&view, id).map_err(from_store)? {
-                        r.status = r.status_at(now);
-                        out.push(r);
+                    if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
+                        found.push(r);
                     }
                 }
-                Ok(ShardReply::Records(out))
+                let past: Vec<KubbiId> = found
+                    .iter()
+                    .filter(|r| r.is_past_deadline(now))
+                    .map(|r| r.id)
+                    .collect();
+                if !past.is_empty() {
+                    view = self.expire_seen(raft, g, &past).await?;
+                    for r in &mut found {
+                        if past.contains(&r.id)
+                            && let Some(fresh) = read_kubbi(&view, &r.id).map_err(from_store)?
+                        {
+                            *r = fresh;
+                        }
+                    }
+                }
+                for r in &mut found {
+                    r.status = r.status_at(now);
+                }
+                Ok(ShardReply::Records(found))
             }
             ShardOp::OwnerEntries { owner } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
@@ -305,6 +330,39 @@ impl Executor {
                 .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
                 .unwrap_or_default(),
         })
+    }
+
+    /// The time a read on `view` judges expiry by: this (leading) node's clock, or the group's
+    /// time when an earlier leader's clock ran ahead (the group's time never goes back, see
+    /// `state::apply`), so a read never calls active what the group already saw expire.
+    fn group_now(&self, view: &impl StateRead) -> Result<Millis, ExecError> {
+        Ok(self
+            .clock
+            .now()
+            .max(read_group_time(view).map_err(from_store)?))
+    }
+
+    /// Records the expiry of kubbis a read found past their deadline before the read answers
+    /// `expired`: the answer is then part of the group's history, and no later claim, through
+    /// whichever leader with whichever clock, can succeed where this read said expired.
+    /// Returns a view that holds the expiries.
+    async fn expire_seen(
+        &self,
+        raft: &Raft,
+        g: GroupId,
+        ids: &[KubbiId],
+    ) -> Result<crate::storage::ReadView<'_>, ExecError> {
+        for id in ids {
+            client::propose(
+                raft,
+                &*self.clock,
+                crate::ids::RequestId::random(),
+                Command::Expire { id: *id },
+            )
+            .await
+            .map_err(from_raft)?;
+        }
+        Ok(self.storage.read_view(g))
     }
 
     async fn route(

@@ -247,14 +247,84 @@ struct CreateIdemRecord {
     until: Millis,
 }
 
+/// A store that notes whether an entry wrote anything.
+struct Noting<'a, S> {
+    inner: &'a mut S,
+    wrote: bool,
+}
+
+impl<S: StateStore> StateRead for Noting<'_, S> {
+    fn group(&self) -> GroupId {
+        self.inner.group()
+    }
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(table, key)
+    }
+    fn scan(&self, table: Table, from: &[u8], to: &[u8], limit: usize) -> Result<Rows, StoreError> {
+        self.inner.scan(table, from, to, limit)
+    }
+    fn ownership(&self) -> Result<Option<Ownership>, StoreError> {
+        self.inner.ownership()
+    }
+}
+
+impl<S: StateStore> StateStore for Noting<'_, S> {
+    fn put(&mut self, table: Table, key: Vec<u8>, value: Vec<u8>) {
+        self.wrote = true;
+        self.inner.put(table, key, value);
+    }
+    fn delete(&mut self, table: Table, key: Vec<u8>) {
+        self.wrote = true;
+        self.inner.delete(table, key);
+    }
+}
+
+/// The group's time (see [`apply`]): the latest stamp of an entry that changed its state, 0
+/// before the first.
+///
+/// # Errors
+/// Storage failures, or a value that is not 8 bytes.
+pub fn read_group_time(s: &impl StateRead) -> Result<Millis, StoreError> {
+    match s.get(Table::State, &keys::clock())? {
+        None => Ok(0),
+        Some(v) => {
+            let b: [u8; 8] = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| corrupt(&keys::clock(), "group time is not 8 bytes"))?;
+            Ok(Millis::from_be_bytes(b))
+        }
+    }
+}
+
 /// Applies one committed request. Deterministic: the same state and request give the same
 /// writes and outcome on every replica.
 ///
 /// # Errors
 /// Only for storage failures or corrupt state, never for a request that cannot be honoured
 /// (that is an [`Outcome::Rejected`]).
+///
+/// **The group's time.** An entry is applied at its stamp, or at the latest stamp of an entry
+/// that changed the group's state when that is later (key `m`). Stamps come from whichever node
+/// led when the entry was proposed, and clocks differ and step back; the group's time does not,
+/// so no decision (an expiry above all) is ever taken at an earlier time than one the group
+/// already acted on. An entry that changes nothing (a refusal, a retry, an early expiry) leaves
+/// it alone. A leader whose clock runs ahead moves the group's time with it until real time
+/// catches up: keep clocks synchronised (`kubbi_group_time_ahead_ms` shows the gap per node).
 pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreError> {
-    let now = req.now;
+    let last = read_group_time(s)?;
+    let mut noting = Noting {
+        inner: s,
+        wrote: false,
+    };
+    let outcome = apply_at(&mut noting, req, req.now.max(last))?;
+    if noting.wrote && req.now > last {
+        s.put(Table::State, keys::clock(), req.now.to_be_bytes().to_vec());
+    }
+    Ok(outcome)
+}
+
+fn apply_at(s: &mut impl StateStore, req: &Request, now: Millis) -> Result<Outcome, StoreError> {
     match &req.cmd {
         // Naturally idempotent: no request-id dedup needed.
         Command::Sweep { max } => return sweep(s, now, *max),
@@ -1319,9 +1389,11 @@ mod tests {
             claim_at(&mut s, &c.token_hash, T0 + 2_001 + RETENTION),
             Outcome::Rejected(Rejection::NotFound)
         );
-        // Everything is gone after the last dedup window too: only the (zeroed) totals remain.
+        // Everything is gone after the last dedup window too: only the (zeroed) totals and the
+        // group's time remain.
         sweep_at(&mut s, T0 + 3 * RETENTION);
-        assert_eq!(s.count(Table::State), 1, "{:?}", s.data.keys());
+        assert_eq!(s.count(Table::State), 2, "{:?}", s.data.keys());
+        assert_eq!(read_group_time(&s).expect("reads"), T0 + 3 * RETENTION);
         assert_eq!(read_stats(&s).expect("stats"), ShardStats::default());
     }
 
@@ -1340,6 +1412,49 @@ mod tests {
                 more: true
             }
         );
+    }
+
+    #[test]
+    fn the_group_time_never_goes_back() {
+        let mut s = MemStore::default();
+        let a = new_create(Some(1), 60_000, 1);
+        let b = new_create(Some(5), 600_000, 1);
+        create_one(&mut s, &a);
+        create_one(&mut s, &b);
+        assert_eq!(read_group_time(&s).expect("reads"), T0);
+        // A leader whose clock runs 61 s ahead claims b: the group's time is T0 + 61 s.
+        assert!(matches!(
+            claim_at(&mut s, &b.token_hash, T0 + 61_000),
+            Outcome::Claimed(_)
+        ));
+        assert_eq!(read_group_time(&s).expect("reads"), T0 + 61_000);
+        // The next leader's clock is slower (or this one's stepped back): a claim it stamps
+        // T0 + 1 s is judged at the group's time, so a is expired, as the fast leader saw it.
+        assert_eq!(
+            claim_at(&mut s, &a.token_hash, T0 + 1_000),
+            Outcome::Rejected(Rejection::Ended(Status::Expired))
+        );
+        let rec = read_kubbi(&s, &a.id).expect("reads").expect("present");
+        assert_eq!(rec.ended_at, Some(T0 + 61_000));
+        assert_eq!(
+            read_group_time(&s).expect("reads"),
+            T0 + 61_000,
+            "an earlier stamp leaves the group's time alone"
+        );
+        // No recorded time is earlier than one recorded before it.
+        let Outcome::Claimed(got) = claim_at(&mut s, &b.token_hash, T0 + 2_000) else {
+            panic!("claim failed")
+        };
+        assert_eq!(got.record.first_retrieved_at, Some(T0 + 61_000));
+        assert_eq!(got.record.last_retrieved_at, Some(T0 + 61_000));
+        let c = create_one(&mut s, &new_create(None, 1_000, 1));
+        assert_eq!((c.created_at, c.expires_at), (T0 + 61_000, T0 + 62_000));
+        // Real time catches up: stamps lead again.
+        assert!(matches!(
+            claim_at(&mut s, &b.token_hash, T0 + 70_000),
+            Outcome::Claimed(_)
+        ));
+        assert_eq!(read_group_time(&s).expect("reads"), T0 + 70_000);
     }
 
     #[test]
@@ -1947,7 +2062,7 @@ mod tests {
                     let group_wide = *table == Table::State
                         && matches!(
                             key.first(),
-                            Some(&keys::STATS | &keys::USAGE | &keys::OWNERSHIP)
+                            Some(&keys::STATS | &keys::USAGE | &keys::OWNERSHIP | &keys::CLOCK)
                         );
                     assert!(
                         group_wide || keys::shard_of_key(*table, key).is_some(),

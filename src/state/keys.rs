@@ -20,6 +20,7 @@
 //! | `s` stats | `s` | [`ShardStats`](super::ShardStats) (the group's, derived) |
 //! | `u` owner usage | `u ‖ owner(16)` | [`OwnerUsage`](super::OwnerUsage) (the group's, derived) |
 //! | `w` ownership | `w` | [`Ownership`](super::Ownership): the shard ranges the group serves |
+//! | `m` group time | `m` | `u64 BE`: the latest stamp the group applied (its time never goes back) |
 //! | `g` shard map (system group) | `g` | [`ShardMap`](super::map::ShardMap) |
 //! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 //!
@@ -41,6 +42,7 @@ pub const STATS: u8 = b's';
 pub const USAGE: u8 = b'u';
 pub const OWNERSHIP: u8 = b'w';
 pub const MAP: u8 = b'g';
+pub const CLOCK: u8 = b'm';
 
 /// What a timer does when it is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +127,10 @@ pub fn ownership() -> Vec<u8> {
     vec![OWNERSHIP]
 }
 
+pub fn clock() -> Vec<u8> {
+    vec![CLOCK]
+}
+
 pub fn map() -> Vec<u8> {
     vec![MAP]
 }
@@ -203,7 +209,7 @@ pub fn parse_timer(key: &[u8]) -> Option<(Millis, Timer)> {
 }
 
 /// The logical shard a state-table key belongs to, read from the key's bytes alone; `None`
-/// for the group-wide keys (`s`, `u`, the system group's `a` and `n`) and for anything that is
+/// for the group-wide keys (`s`, `u`, `w`, `m`, the system group's `a` and `n`) and for anything that is
 /// not a well-formed key of a kubbi table.
 pub fn shard_of_key(table: super::Table, key: &[u8]) -> Option<Shard> {
     let at = |i: usize| key.get(i..i + 2).map(|b| u16::from_be_bytes([b[0], b[1]]));

@@ -19,8 +19,8 @@ pub mod map;
 
 pub use apply::{
     Rows, StateRead, StateStore, StoreError, Table, Totals, apply, claim_of_ended, next_timer_due,
-    read_kubbi, read_kubbi_by_token, read_map, read_nodes, read_owner_usage, read_ownership,
-    read_stats, remembered,
+    read_group_time, read_kubbi, read_kubbi_by_token, read_map, read_nodes, read_owner_usage,
+    read_ownership, read_stats, remembered,
 };
 
 use std::fmt;
@@ -143,11 +143,17 @@ impl KubbiRecord {
     /// The status as a reader at `now` must see it: an active kubbi past its expiry is expired
     /// even before the `Expire` entry is applied.
     pub fn status_at(&self, now: Millis) -> Status {
-        if self.status == Status::Active && now >= self.expires_at {
+        if self.is_past_deadline(now) {
             Status::Expired
         } else {
             self.status
         }
+    }
+
+    /// Active as stored, yet at or past its deadline at `now`: its expiry is due but not
+    /// applied yet.
+    pub fn is_past_deadline(&self, now: Millis) -> bool {
+        self.status == Status::Active && now >= self.expires_at
     }
 
     /// Claims left, `None` when unlimited.

@@ -50,8 +50,10 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// Version 1 sent no header; 2 added the logical shard to claims and token reads; 3 applies
 /// creates differently (a retried create is answered from its kubbi record, which keeps no
 /// request-dedup record and is purged no earlier than the dedup window), so replicas of builds
-/// 2 and 3 would hold different state for the same log.
-pub const PROTOCOL: u32 = 3;
+/// 2 and 3 would hold different state for the same log. 4 applies every entry at the group's
+/// time (never before an earlier entry that changed state, key `m`), so 3 and 4 would decide
+/// expiry differently for the same log.
+pub const PROTOCOL: u32 = 4;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.

@@ -601,6 +601,52 @@ async fn claims_of_an_ended_kubbi_wake_no_actor() {
     n.stop().await;
 }
 
+/// A leader's clock that jumps ahead and steps back again (an NTP correction) must not make a
+/// later answer contradict an earlier one: a preview that said `expired` recorded the expiry,
+/// and a claim stamped by the stepped-back clock is judged at the group's time, which never
+/// goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_contradicts_an_earlier_expiry_when_the_clock_steps_back() {
+    let n = TestNode::start().await;
+    let make =
+        |max: u32, ttl: u32| json!({"content": "x", "max_retrievals": max, "ttl_seconds": ttl});
+    let seen = token_of(&n.api.create(&n.key, make(1, 60)).await.body);
+    let unseen = token_of(&n.api.create(&n.key, make(1, 60)).await.body);
+    let clock = n.handle().clock.clone();
+
+    // 61 s ahead, only a preview: it says expired (and records the expiry, stamped then).
+    clock.advance(61_000);
+    let p = n.api.preview(&seen).await;
+    assert_eq!((p.status, p.err_code()), (StatusCode::GONE, "expired"));
+    // Stepped back to real time: the kubbi the preview saw expired stays expired, and so does
+    // the one nobody looked at, as the group's time passed its deadline too.
+    clock.advance(-61_000);
+    for (token, what) in [(&seen, "the previewed kubbi"), (&unseen, "the other kubbi")] {
+        let c = n.api.claim(token).await;
+        assert_eq!(
+            (c.status, c.err_code()),
+            (StatusCode::GONE, "expired"),
+            "{what} was claimed after the group's time passed its deadline: {:?}",
+            c.body
+        );
+        let p = n.api.preview(token).await;
+        assert_eq!((p.status, p.err_code()), (StatusCode::GONE, "expired"));
+    }
+    let ahead = n
+        .api
+        .metrics_text()
+        .await
+        .lines()
+        .filter(|l| l.starts_with("kubbi_group_time_ahead_ms{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max);
+    assert!(
+        ahead >= 55_000.0,
+        "the metric shows the group's time ahead of this node's clock: {ahead}"
+    );
+    n.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actors_activate_on_demand_and_passivate_when_idle() {
     let n = TestNode::start_with(|c| c.actor_idle = std::time::Duration::from_millis(1500)).await;
