@@ -1291,3 +1291,57 @@ async fn a_peer_speaking_another_internal_protocol_is_refused() {
     )
     .await;
 }
+
+/// Issue 22's expiry hole on three nodes: a group led for a moment by a node whose clock runs
+/// 61 s ahead answers a preview `expired`; back under a leader with the right time, no claim of
+/// that kubbi (the read recorded the expiry) nor of another one of the same deadline (the
+/// group's time never goes back) succeeds, through any node. The fast clock is stepped back
+/// right after the preview, before that leader's sweeper looks at its timers, so the sweeper
+/// does not do the recording for the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_seen_through_a_fast_leader_holds_under_the_next_one() {
+    let c = common::inproc::InProcCluster::start(3).await;
+    let key = c.api_key().await;
+    let body = json!({"content": "x", "max_retrievals": 1, "ttl_seconds": 60});
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        let r = c.api(0).create(&key, body.clone()).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        made.push(r.body);
+    }
+    let g = c.group_of(made[0]["id"].as_str().expect("id")).await;
+    assert_eq!(c.group_of(made[1]["id"].as_str().expect("id")).await, g);
+    let token = |i: usize| made[i]["claim_token"].as_str().expect("token").to_string();
+    let (seen, unseen) = (token(0), token(1));
+
+    let fast = 2;
+    let mut said_expired = false;
+    for _ in 0..10 {
+        c.lead(g, fast).await;
+        c.handle(fast).clock.advance(61_000);
+        let p = c.api(fast).preview(&seen).await;
+        c.handle(fast).clock.advance(-61_000);
+        if (p.status, p.err_code()) == (StatusCode::GONE, "expired") {
+            said_expired = true;
+            break;
+        }
+        // The rebalancer took the group back before the preview: it was judged elsewhere.
+        assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+    }
+    assert!(said_expired, "the fast leader never answered the preview");
+
+    c.lead(g, 0).await;
+    for i in 0..3 {
+        for (t, what) in [(&seen, "the previewed kubbi"), (&unseen, "the other kubbi")] {
+            let r = c.api(i).claim(t).await;
+            assert_eq!(
+                (r.status, r.err_code()),
+                (StatusCode::GONE, "expired"),
+                "{what} claimed through node {} after the group saw it expire: {:?}",
+                c.id(i),
+                r.body
+            );
+        }
+    }
+    c.shutdown().await;
+}

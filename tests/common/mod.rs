@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod inproc;
 pub mod logscan;
 
 use std::path::{Path, PathBuf};

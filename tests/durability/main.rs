@@ -565,3 +565,133 @@ async fn a_layout_1_data_directory_is_upgraded_in_place_once_and_serves_everythi
     let c = node.api.claim(&token("delta")).await;
     assert_eq!(c.body["content"], "delta", "{:?}", c.body);
 }
+
+/// Issue 22's lost claim reply, on three nodes through a leader change. Two `max_retrievals: 1`
+/// kubbis are claimed through a follower, which forwards to the leader, and the replies are
+/// lost (the client drops them unread); then the leader stops. A keyed retry through the third
+/// node gets the same bytes with count 1 from the sealed result the claim kept; a bare retry
+/// gets `410 gone` (the at-most-once answer API.md gives claims without a key). When the
+/// window has passed, the keyed retry is refused too, and once every node has snapshotted,
+/// purged and compacted, no file of any node (the stopped one, restarted, included) holds
+/// either ciphertext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_claim_reply_is_answered_again_to_a_keyed_retry_only() {
+    let mut c = common::inproc::InProcCluster::start(3).await;
+    let key = c.api_key().await;
+    let contents = [marker("keyed"), marker("bare")];
+    let mut made = Vec::new();
+    for content in &contents {
+        let r = c
+            .api(0)
+            .create(&key, json!({"content": content, "max_retrievals": 1}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        made.push(r.body);
+    }
+    let leader = 0;
+    let storage = c.handle(leader).storage().clone();
+    let ciphertexts: Vec<Vec<u8>> = made
+        .iter()
+        .map(|b| {
+            let id = id_of(b);
+            let view = storage.read_view(group_of(&storage, &id));
+            let mut end = id.0.to_vec();
+            end.extend_from_slice(&[0xff; 5]);
+            let parts = view
+                .scan(Table::Blob, &id.0, &end, usize::MAX)
+                .expect("scan");
+            assert_eq!(parts.len(), 1);
+            let ct = &parts[0].1;
+            ct[ct.len() - 32..].to_vec()
+        })
+        .collect();
+    drop(storage);
+    let g = c.group_of(made[0]["id"].as_str().expect("id")).await;
+    assert_eq!(c.leader_seen_by(leader, g as u16), Some(c.id(leader)));
+    let token = |i: usize| made[i]["claim_token"].as_str().expect("token").to_string();
+    let idem = marker("idem");
+
+    // Both claims take effect; their replies never reach the client.
+    drop(c.api(1).claim_idem(&token(0), &idem).await);
+    drop(c.api(1).claim(&token(1)).await);
+    c.stop(leader).await;
+    c.wait_all_led().await;
+
+    let keyed = c.api(2).claim_idem(&token(0), &idem).await;
+    assert_eq!(keyed.status, StatusCode::OK, "{:?}", keyed.body);
+    assert_eq!(keyed.body["content"], contents[0].as_str());
+    assert_eq!(keyed.body["retrieval_count"], 1);
+    assert_eq!(keyed.body["burned"], true);
+    let bare = c.api(2).claim(&token(1)).await;
+    assert_eq!((bare.status, bare.err_code()), (StatusCode::GONE, "gone"));
+    // The keyed result is the one ciphertext kept past the burn (invariant 4's exception).
+    let held = |c: &common::inproc::InProcCluster, i: usize, ct: &[u8]| {
+        all_state_values(c.handle(i).storage())
+            .iter()
+            .any(|v| contains(v, ct))
+    };
+    for i in [1, 2] {
+        assert!(
+            held(&c, i, &ciphertexts[0]),
+            "node {i} keeps the keyed result"
+        );
+        assert!(
+            !held(&c, i, &ciphertexts[1]),
+            "node {i} kept the bare claim's payload"
+        );
+    }
+
+    // The window (60 s) passes on the running nodes; the restarted node's clock is behind.
+    for i in [1, 2] {
+        c.handle(i).clock.advance(61_000);
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the keyed result is dropped",
+        || {
+            let api = c.api(1).clone();
+            let (t, idem) = (token(0), idem.clone());
+            async move {
+                let r = api.claim_idem(&t, &idem).await;
+                (r.status == StatusCode::GONE).then_some(())
+            }
+        },
+    )
+    .await;
+    c.restart(leader).await;
+    c.wait_all_led().await;
+    eventually(
+        Duration::from_secs(30),
+        "every node dropped both ciphertexts",
+        || {
+            let gone = (0..3).all(|i| ciphertexts.iter().all(|ct| !held(&c, i, ct)));
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    // The raft logs still hold the creates: the scan below can find a ciphertext.
+    let any_file_holds = || {
+        files_under(c.base.path()).into_iter().any(|f| {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            ciphertexts.iter().any(|ct| contains(&bytes, ct))
+        })
+    };
+    assert!(
+        any_file_holds(),
+        "the raw scan finds nothing even before compaction"
+    );
+    for i in 0..3 {
+        c.handle(i).compact().await.expect("compact");
+    }
+    for f in files_under(c.base.path()) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        for ct in &ciphertexts {
+            assert!(
+                !contains(&bytes, ct),
+                "a ciphertext is left in {}",
+                f.display()
+            );
+        }
+    }
+    c.shutdown().await;
+}
