@@ -219,7 +219,7 @@ async fn list_is_newest_first_paginated_and_filtered() {
         assert_eq!(c.status, StatusCode::CREATED);
         ids.push(c.body["id"].as_str().expect("id").to_string());
         // Distinct creation milliseconds make "newest first" observable.
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        n.handle().clock.advance(2);
     }
     n.api.delete(&n.key, &ids[3]).await;
     let p1 = n.api.get(&n.key, "/api/v1/kubbis?page=1&limit=10").await;

@@ -151,11 +151,22 @@ struct History {
     burned: Vec<String>,
     errors: Vec<String>,
     acked: u64,
+    /// Every acknowledged kubbi, (token, content), in the order acknowledged: every client
+    /// claims among the newest, so clients race on the same kubbis.
+    pool: Vec<(String, String)>,
+    /// Claims in flight per token, and claims started while another of the same kubbi was.
+    in_flight: std::collections::HashMap<String, u32>,
+    overlapping: u64,
 }
+
+/// Claims pick among this many newest kubbis.
+const RACE_WINDOW: usize = 8;
 
 type Shared = std::sync::Arc<std::sync::Mutex<History>>;
 
-/// `clients` closed-loop clients that create and claim through random live nodes until `stop`.
+/// `clients` closed-loop clients that create and claim through random live nodes until `stop`;
+/// each claims one of the [`RACE_WINDOW`] newest kubbis of any client, so claims of one kubbi
+/// overlap (counted in `overlapping`).
 fn load(
     apis: Vec<common::Api>,
     key: String,
@@ -171,7 +182,6 @@ fn load(
             let h = history.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let mut mine: Vec<String> = Vec::new();
                 let mut i = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
@@ -196,11 +206,10 @@ fn load(
                             let mut h = h.lock().expect("lock");
                             h.created.insert(
                                 b["id"].as_str().unwrap_or_default().to_string(),
-                                (token.clone(), content, max),
+                                (token.clone(), content.clone(), max),
                             );
                             h.acked += 1;
-                            drop(h);
-                            mine.push(token);
+                            h.pool.push((token, content));
                         }
                         Ok(r) => {
                             let s = r.status();
@@ -211,26 +220,41 @@ fn load(
                         }
                         Err(_) => {} // a killed node: may or may not have created; not acknowledged
                     }
-                    if mine.is_empty() {
-                        continue;
-                    }
-                    let target = mine[(i * 7) % mine.len()].clone();
-                    *h.lock()
-                        .expect("lock")
-                        .claims_unknown
-                        .entry(target.clone())
-                        .or_insert(0) += 1;
+                    let (target, content) = {
+                        let mut h = h.lock().expect("lock");
+                        if h.pool.is_empty() {
+                            continue;
+                        }
+                        let back = rand::random_range(0..h.pool.len().min(RACE_WINDOW));
+                        let (target, content) = h.pool[h.pool.len() - 1 - back].clone();
+                        *h.claims_unknown.entry(target.clone()).or_insert(0) += 1;
+                        let n = h.in_flight.entry(target.clone()).or_insert(0);
+                        *n += 1;
+                        if *n > 1 {
+                            h.overlapping += 1;
+                        }
+                        (target, content)
+                    };
+                    let done = |h: &mut History| {
+                        if let Some(n) = h.in_flight.get_mut(&target) {
+                            *n -= 1;
+                        }
+                    };
                     let api = &apis[(c + i + 1) % apis.len()];
                     let r = api
                         .http
                         .post(api.url(&format!("/r/{target}/claim")))
                         .send()
                         .await;
-                    let Ok(r) = r else { continue };
+                    let Ok(r) = r else {
+                        done(&mut h.lock().expect("lock"));
+                        continue;
+                    };
                     let status = r.status();
                     let retry = r.headers().get("retry-after").is_some();
                     let body: serde_json::Value = r.json().await.unwrap_or_default();
                     let mut h = h.lock().expect("lock");
+                    done(&mut h);
                     if status == StatusCode::SERVICE_UNAVAILABLE && retry {
                         continue; // indeterminate: stays counted as unknown
                     }
@@ -239,6 +263,9 @@ fn load(
                     }
                     h.acked += 1;
                     if status == StatusCode::OK {
+                        if body["content"] != content.as_str() {
+                            h.errors.push(format!("claim of {target}: other bytes"));
+                        }
                         *h.claims_ok.entry(target.clone()).or_insert(0) += 1;
                         if body["burned"] == true {
                             h.burned.push(target);
@@ -367,6 +394,15 @@ async fn leader_kill_9_under_load_loses_nothing_and_fails_over() {
         &h.errors[..h.errors.len().min(5)]
     );
     verify(c.api(victim), &key, &h).await;
+    assert!(
+        h.overlapping >= 20,
+        "only {} claims overlapped another claim of the same kubbi",
+        h.overlapping
+    );
+    eprintln!(
+        "{} claims overlapped another claim of the same kubbi",
+        h.overlapping
+    );
     assert!(
         failover < std::time::Duration::from_secs(10),
         "failover took {failover:?}"
@@ -1147,6 +1183,40 @@ async fn a_raft_log_is_purged_by_bytes_as_well_as_by_entries() {
     }
 }
 
+/// Whether every data group in a `GET /admin/v1/cluster` answer is led by its preferred
+/// leader (the first of `shard::placement` over the members and their zones, as the rebalancer
+/// computes it), so the rebalancer moves no leadership.
+fn leaders_at_rest(st: &Value) -> bool {
+    let Some(shards) = st["shards"].as_array() else {
+        return false;
+    };
+    let Some(nodes) = st["nodes"].as_array() else {
+        return false;
+    };
+    let candidates: Vec<kubbi::shard::Candidate> = nodes
+        .iter()
+        .filter(|n| n["state"] == "active")
+        .filter_map(|n| {
+            Some(kubbi::shard::Candidate {
+                id: n["id"].as_u64()?,
+                zone: n["zone"].as_str()?.to_string(),
+            })
+        })
+        .collect();
+    let data: Vec<(u16, Option<u64>)> = shards
+        .iter()
+        .filter_map(|g| Some((u16::try_from(g["id"].as_u64()?).ok()?, g["leader"].as_u64())))
+        .filter(|(g, _)| *g != kubbi::ids::SYSTEM_GROUP)
+        .collect();
+    let groups: Vec<u16> = data.iter().map(|(g, _)| *g).collect();
+    let plan = kubbi::shard::placement(&groups, &candidates, 3);
+    !candidates.is_empty()
+        && !data.is_empty()
+        && data.iter().all(|(g, leader)| {
+            leader.is_some() && plan.get(g).and_then(|r| r.first()) == leader.as_ref()
+        })
+}
+
 /// Terms of the groups led by a node other than `not`, as member `i` sees them.
 async fn terms_not_led_by(c: &Cluster, i: usize, not: u64) -> Vec<(Value, u64)> {
     let st = c.status(i).await;
@@ -1171,17 +1241,19 @@ async fn a_follower_waking_from_a_pause_does_not_depose_healthy_leaders() {
     c.wait_all_led().await;
     let frozen = 2;
     let frozen_id = c.members[frozen].id;
-    // Leadership settles first (the rebalancer moves leaders to their preferred nodes).
-    let before = common::eventually(Duration::from_secs(60), "stable leaders", || {
-        let c = &c;
-        async move {
-            let a = terms_not_led_by(c, 0, frozen_id).await;
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            let b = terms_not_led_by(c, 0, frozen_id).await;
-            (a == b && !a.is_empty()).then_some(a)
-        }
-    })
+    // Leadership settles first: every data group led by its preferred node, where the
+    // rebalancer moves it, so the rebalancer has nothing left to move.
+    common::eventually(
+        Duration::from_secs(60),
+        "leaders on their preferred nodes",
+        || {
+            let c = &c;
+            async move { leaders_at_rest(&c.status(0).await).then_some(()) }
+        },
+    )
     .await;
+    let before = terms_not_led_by(&c, 0, frozen_id).await;
+    assert!(!before.is_empty());
     let pid = c.members[frozen]
         .child
         .as_ref()
