@@ -358,7 +358,7 @@ def check(attempts, skew=3.0):
     return violations, stats
 
 
-def run_level(stats, convergence, nemesis_failures, not_serving, unresolved, recovery_bound):
+def run_level(stats, convergence, nemesis_failures, not_serving, unresolved, recovery_bound, missing_faults=()):
     """Violations of the run as a whole, beside the per-kubbi ones of `check`. What could not be
     checked fails the run as `not_checked`: a history past the search budget, replica digests
     that could not be compared, a fault the nemesis failed to inject or heal."""
@@ -381,6 +381,9 @@ def run_level(stats, convergence, nemesis_failures, not_serving, unresolved, rec
         v.append(Violation("not_checked", None,
                            f"{stats['search_budget_exceeded']} kubbis' histories exceeded the linearizability "
                            "search budget", []))
+    if missing_faults:
+        v.append(Violation("not_checked", None,
+                           "fault kinds never injected: " + ", ".join(missing_faults), []))
     if nemesis_failures:
         v.append(Violation("not_checked", None,
                            f"{len(nemesis_failures)} nemesis steps failed: " + "; ".join(nemesis_failures[:5]), []))

@@ -18,7 +18,8 @@ from .workload import History, Workload
 
 CHAOS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_FAULTS = ["kill_one", "kill_leaders", "kill_minority", "pause", "partition_halves", "partition_leader",
-              "partition_oneway", "clock_skew", "power_loss", "disk_full", "membership"]
+              "partition_oneway", "clock_skew", "power_loss", "disk_full", "membership", "hot_leader",
+              "overlap"]
 RECOVERY_BOUND_S = 60.0
 
 
@@ -39,7 +40,11 @@ def parse(argv):
     ap.add_argument("--initial-groups", "--shards", dest="groups", type=int, default=0,
                     help="data raft groups of the new cluster (default 0: one per node, kubbi's default)")
     ap.add_argument("--faults", default=",".join(ALL_FAULTS), help="comma-separated fault kinds")
-    ap.add_argument("--skew", type=int, default=2, help="clock skew injected on the faketime node, seconds")
+    ap.add_argument("--skew", type=int, default=10, help="clock skew injected on the faketime node, seconds")
+    ap.add_argument("--quiet", default=None, help="LO,HI seconds between faults (default 2,6)")
+    ap.add_argument("--hold", default=None, help="LO,HI seconds a fault is held (default 4,12)")
+    ap.add_argument("--require-every-fault", action="store_true",
+                    help="fail the run (not_checked) when a fault kind of --faults was never injected")
     ap.add_argument("--out", default=None, help="run directory (default chaos/.runs/seed-S-TIME)")
     ap.add_argument("--keep", action="store_true", help="keep data directories even when the run passes")
     ap.add_argument("--timeout", type=float, default=5.0, help="client request timeout, seconds")
@@ -55,15 +60,26 @@ def parse(argv):
             ap.error(f"unknown fault {f}; known: {', '.join(ALL_FAULTS)}")
     if a.nodes < 3:
         ap.error("--nodes must be at least 3")
+    a.nemesis_timing = {}
+    for name in ("quiet", "hold"):
+        v = getattr(a, name)
+        if v is None:
+            continue
+        try:
+            lo, hi = (float(x) for x in v.split(","))
+        except ValueError:
+            ap.error(f"--{name} takes LO,HI seconds, e.g. 1,3")
+        if not 0 <= lo <= hi:
+            ap.error(f"--{name}: need 0 <= LO <= HI")
+        a.nemesis_timing[name] = (lo, hi)
     return a
 
 
 def layout(n):
-    """Which nodes get lazyfs, the small disk and the faketime clock."""
-    lazy = {1, 2} if n >= 5 else {1}
-    small = {3} if n >= 5 else {2}
-    skewed = {n}
-    return lazy, small, skewed
+    """Which nodes get lazyfs, the small disk and the faketime clock. Two lazyfs nodes on any
+    cluster: on 3 nodes they are a quorum of every group, so a power loss of both keeps only what
+    was fsync'd on a majority, and a missing fsync loses acknowledged writes."""
+    return {1, 2}, {3}, {n}
 
 
 def summarize_ops(entries):
@@ -161,13 +177,31 @@ def fault_details(entries):
     """Evidence that the faults bit: unsynced bytes dropped, ENOSPC seen, joins completed."""
     d = {"power_loss_unsynced_bytes_dropped": 0, "power_loss_node_cuts": 0, "disk_full_enospc_logged": 0,
          "disk_full_restarts_while_full": 0, "disk_full_node_exited_while_full": 0,
-         "membership_joins_completed": 0, "membership_removes_completed": 0}
+         "membership_joins_completed": 0, "membership_removes_completed": 0,
+         "power_loss_of_two_nodes_at_once": 0, "clock_steps_seen": 0, "clock_steps_back": 0,
+         "clock_skew_leader_kills": 0, "hot_leader_hits": 0, "overlap_leader_kills_while_split": 0}
+    last_skew = {}
     for e in entries:
         k, ph = e.get("nemesis"), e.get("phase")
         if k == "power_loss" and ph == "start":
-            for v in (e.get("unsynced_dropped") or {}).values():
+            cut = e.get("unsynced_dropped") or {}
+            for v in cut.values():
                 d["power_loss_node_cuts"] += 1
                 d["power_loss_unsynced_bytes_dropped"] += (v or {}).get("bytes", 0)
+            if len(cut) >= 2:
+                d["power_loss_of_two_nodes_at_once"] += 1
+        elif k == "clock_skew" and ph in ("start", "step") and e.get("took_effect"):
+            d["clock_steps_seen"] += 1
+            node = (e.get("nodes") or [None])[0]
+            if e.get("seconds", 0) < last_skew.get(node, 0):
+                d["clock_steps_back"] += 1
+            last_skew[node] = e.get("seconds", 0)
+        elif k == "clock_skew" and ph == "kill_leader":
+            d["clock_skew_leader_kills"] += 1
+        elif k == "hot_leader" and ph == "start":
+            d["hot_leader_hits"] += 1
+        elif k == "overlap" and ph == "kill_leader":
+            d["overlap_leader_kills_while_split"] += 1
         elif k == "disk_full" and ph == "end" and e.get("enospc_logged"):
             d["disk_full_enospc_logged"] += 1
         elif k == "disk_full" and ph == "restarted_while_full":
@@ -225,8 +259,10 @@ def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, ne
 
         wl = Workload(a.seed, nodes_fn, keys, history, clients=a.clients, timeout=a.timeout,
                       hot_period=a.hot_period, hot_window=a.hot_window)
+        timing = dict(getattr(a, "nemesis_timing", None) or {})
+        timing.update(nemesis_timing or {})
         nem = Nemesis(a.seed, cluster, history, a.faults, skew_s=a.skew, spare=spare, on_membership=on_membership,
-                      **(nemesis_timing or {}))
+                      hot=wl.hot_ids if a.hot_period > 0 else None, **timing)
         wl.start()
         nem.start(a.duration)
         while history.now() < a.duration and not stop_requested.is_set():
@@ -249,6 +285,7 @@ def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, ne
         report["sweep_s"] = round(time.monotonic() - t_sweep, 2)
         report["sweep_unresolved"] = unresolved[:20]
         report["faults"] = dict(sorted(nem.counts.items()))
+        report["faults_missing"] = [k for k in a.faults if not nem.counts.get(k)]
         report["fault_details"] = fault_details(history.entries)
         report["nemesis_problems"] = nem.failures
         cluster.stop()
@@ -256,7 +293,9 @@ def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, ne
 
         entries = history.entries
         violations, stats = checker.check(entries, skew=skew_bound)
-        extra = checker.run_level(stats, conv, nem.failures, not_serving, unresolved, a.recovery_bound)
+        missing = report["faults_missing"] if getattr(a, "require_every_fault", False) else []
+        extra = checker.run_level(stats, conv, nem.failures, not_serving, unresolved, a.recovery_bound,
+                                  missing_faults=missing)
         violations = extra + violations
         report["ops"] = summarize_ops(entries)
         report["ops_total"] = sum(1 for e in entries if "op" in e)
@@ -303,7 +342,10 @@ def main(argv=None):
         spare = Node(cluster, a.nodes + 1)
         cluster.nodes[spare.id] = spare
         spare.removed = True  # not a member until it joins
-    skew_bound = (a.skew if skewed else 0) + 1.0
+    # The skewed node's clock spans [-skew, +skew] over a run: a kubbi it stamped while behind
+    # can be judged by it while ahead, so deadlines move by up to twice the skew (plus 1 s of
+    # scheduling and rounding).
+    skew_bound = (2 * a.skew if skewed else 0) + 1.0
     report = {"seed": a.seed, "duration_s": a.duration, "nodes": a.nodes, "clients": a.clients,
               "initial_groups": a.groups, "bin": a.bin, "faults_enabled": a.faults, "run_dir": run_dir,
               "layout": {"lazyfs": sorted(lazy), "small_disk": sorted(small), "faketime": sorted(skewed),
@@ -363,6 +405,8 @@ def print_summary(r):
     if "faults" in r:
         print("faults: " + (", ".join(f"{k} {v}" for k, v in r["faults"].items()) or "none"))
         print("fault evidence: " + ", ".join(f"{k} {v}" for k, v in r.get("fault_details", {}).items()))
+        if r.get("faults_missing"):
+            print("fault kinds never injected: " + ", ".join(r["faults_missing"]))
     if r.get("nemesis_problems"):
         print("nemesis problems: " + "; ".join(r["nemesis_problems"][:5]))
     if "recovery_s" in r:

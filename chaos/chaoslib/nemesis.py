@@ -1,6 +1,6 @@
 """Seeded fault injection while the workload runs.
 
-One fault at a time: quiet for a few seconds, take the next kind (every kind once per round, in a
+One fault at a time (`overlap`, `clock_skew` and `hot_leader` combine two): quiet for a few seconds, take the next kind (every kind once per round, in a
 seeded order), inject, hold, heal. Kinds:
 
   kill_one         kill -9 one node, restart it on its data directory
@@ -10,8 +10,17 @@ seeded order), inject, hold, heal. Kinds:
   partition_halves symmetric split into a random majority and minority (nft drops both ways)
   partition_leader isolate the node leading the most shards from every other node
   partition_oneway one node stops receiving from the others but can still send to them
-  clock_skew       move the wall clock of the faketime node by +-skew seconds, then back
+  clock_skew       move the wall clock of the faketime node by +-skew seconds, step it to the
+                   other side (a step back of 2x skew when it started ahead), then to 0; meanwhile
+                   kill -9 the leader of the most groups (not the skewed node), so leadership
+                   moves under the skew. Each step is checked through `now_ms` of the node's GET /health.
   power_loss       kill -9 a lazyfs node and drop its FUSE layer's unsynced writes, restart
+                   (half the time every lazyfs node at once: two on 3 nodes, a quorum, so only
+                   what was fsync'd survives on a majority)
+  hot_leader       during a hot-key phase of the workload (waits for one), kill -9, pause or
+                   isolate the node leading the hot kubbis' group
+  overlap          isolate the followers of the hot (else a random) group from each other, then
+                   kill -9 its leader while they are apart: no quorum until the heal
   disk_full        fill the tmpfs data directory of the small-disk node, hold, free it
                    (the node is restarted if it is not ready 10 s after space returns)
   membership       join a spare node under traffic; the next time, drain and remove it (then
@@ -31,7 +40,7 @@ from .cluster import http_json
 
 class Nemesis:
     def __init__(self, seed, cluster, history, kinds, skew_s=2, quiet=(2.0, 6.0), hold=(4.0, 12.0),
-                 spare=None, on_membership=None):
+                 spare=None, on_membership=None, hot=None):
         self.rng = random.Random(f"{seed}/nemesis")
         self.c = cluster
         self.h = history
@@ -41,6 +50,7 @@ class Nemesis:
         self.hold = hold
         self.spare = spare  # Node not yet in the cluster
         self.on_membership = on_membership
+        self.hot = hot  # () -> ids of the workload's hot kubbis (empty outside a hot phase)
         self.stop_flag = threading.Event()
         self.thread = None
         self.counts = {}
@@ -50,7 +60,7 @@ class Nemesis:
         self.membership_phase = 0
         # nft rules exist only where a partition kind is enabled; otherwise heal() leaves the
         # network alone (a loopback cluster in the tests has no namespaces to clean).
-        self.net_faults = any(k.startswith("partition") for k in kinds)
+        self.net_faults = any(k.startswith("partition") or k in ("hot_leader", "overlap") for k in kinds)
 
     def event(self, kind, phase, **kw):
         e = {"nemesis": kind, "phase": phase, "t": round(self.h.now(), 6), "w": round(time.time(), 3)}
@@ -82,6 +92,60 @@ class Nemesis:
 
     def sleep(self, s):
         self.stop_flag.wait(s)
+
+    def group_of_kubbi(self, status, kid):
+        shard = int(kid.replace("-", "")[:4], 16)
+        for g in status.get("shards", []):
+            if any(lo <= shard < hi for lo, hi in g.get("ranges") or []):
+                return g
+        return None
+
+    def wait_hot(self, timeout):
+        """The ids of the workload's hot kubbis, waiting up to `timeout` s for a phase."""
+        deadline = time.monotonic() + timeout
+        while self.hot is not None and not self.stop_flag.is_set():
+            ids = self.hot()
+            if ids or time.monotonic() >= deadline:
+                return ids
+            self.sleep(0.2)
+        return []
+
+    def hot_group(self, timeout=0.0):
+        """(group id, leader id, replica ids) of the hot kubbis' group, or None."""
+        ids = self.wait_hot(timeout)
+        if not ids:
+            return None
+        try:
+            g = self.group_of_kubbi(self.c.any_status(), ids[0])
+        except Exception:  # noqa: BLE001
+            return None
+        if g is None or not isinstance(g.get("leader"), int):
+            return None
+        return g["id"], g["leader"], list(g.get("replicas") or [])
+
+    def clock_offset(self, nd):
+        """Seconds the node's wall clock is ahead of ours, from `now_ms` of its GET /health (the
+        Date header lags a step back: the HTTP server caches it until its clock passes the
+        next second it expected)."""
+        t0 = time.time()
+        _, body = http_json("GET", nd.url("/health"), timeout=2)
+        t1 = time.time()
+        return body["now_ms"] / 1000.0 - (t0 + t1) / 2
+
+    def skew_to(self, nd, seconds):
+        """Sets the node's skew and waits until its clock shows it; False if it never does."""
+        nd.set_skew(seconds)
+        deadline = time.monotonic() + 6
+        seen = None
+        while time.monotonic() < deadline:
+            try:
+                seen = self.clock_offset(nd)
+                if abs(seen - seconds) <= 1.0:
+                    return True, round(seen, 1)
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(0.3)
+        return False, seen
 
     # faults
     def do_kill(self, kind, ids):
@@ -145,11 +209,86 @@ class Nemesis:
             return False
         nd = skewed[0]
         s = self.skew_s if self.rng.random() < 0.5 else -self.skew_s
-        self.event("clock_skew", "start", nodes=[nd.id], seconds=s)
-        nd.set_skew(s)
-        self.sleep(self.rng.uniform(*self.hold) * 2)
-        nd.set_skew(0)
-        self.event("clock_skew", "end", nodes=[nd.id])
+        steps = []
+        for target in (s, -s, 0):
+            ok, seen = self.skew_to(nd, target)
+            steps.append({"set": target, "seen": seen, "took_effect": ok})
+            if not ok and nd.alive() and not nd.stopped:
+                self.failures.append(f"clock_skew: node {nd.id} set to {target:+d} s shows {seen}")
+            self.event("clock_skew", "start" if target == s else "step", nodes=[nd.id], seconds=target,
+                       seen=seen, took_effect=ok)
+            if target == s:
+                # Leadership moves while the clock is off: kill the busiest leader (not this node).
+                lead = [i for i in self.top_leaders(1) if i != nd.id]
+                if lead:
+                    self.event("clock_skew", "kill_leader", nodes=lead)
+                    self.c.nodes[lead[0]].kill9()
+                    self.sleep(self.rng.uniform(*self.hold) / 2)
+                    self.c.nodes[lead[0]].start()
+            if target != 0:
+                self.sleep(self.rng.uniform(*self.hold))
+        self.event("clock_skew", "end", nodes=[nd.id], steps=steps)
+        return True
+
+    def do_hot_leader(self):
+        hot = self.hot_group(timeout=30.0)
+        if hot is None:
+            return False
+        g, lead, _ = hot
+        if lead not in self.c.nodes or self.c.nodes[lead].removed:
+            return False
+        nd = self.c.nodes[lead]
+        how = self.rng.choice(["kill", "pause", "isolate"])
+        self.event("hot_leader", "start", nodes=[lead], group=g, how=how)
+        if how == "kill":
+            nd.kill9()
+            self.sleep(self.rng.uniform(*self.hold))
+            nd.start()
+        elif how == "pause":
+            nd.sigstop()
+            self.sleep(self.rng.uniform(*self.hold))
+            nd.sigcont()
+        else:
+            others = [m.id for m in self.members() if m.id != lead]
+            netns.block(lead, drop_in_from=others, drop_out_to=others)
+            for i in others:
+                netns.block(i, drop_in_from=[lead], drop_out_to=[lead])
+            self.partitioned.update(others + [lead])
+            self.sleep(self.rng.uniform(*self.hold))
+            self.heal_net()
+        self.event("hot_leader", "end", nodes=[lead], group=g, how=how)
+        return True
+
+    def do_overlap(self):
+        hot = self.hot_group(timeout=0.0)
+        if hot is None:
+            try:
+                st = self.c.any_status()
+            except Exception:  # noqa: BLE001
+                return False
+            led = [g for g in st.get("shards", []) if isinstance(g.get("leader"), int) and g.get("id") != 0]
+            if not led:
+                return False
+            g = self.rng.choice(led)
+            hot = (g["id"], g["leader"], list(g.get("replicas") or []))
+        g, lead, replicas = hot
+        followers = [i for i in replicas if i != lead and i in self.c.nodes and not self.c.nodes[i].removed]
+        if lead not in self.c.nodes or len(followers) < 2:
+            return False
+        a, b = followers[:1], followers[1:]
+        for i in a:
+            netns.block(i, drop_in_from=b, drop_out_to=b)
+        for i in b:
+            netns.block(i, drop_in_from=a, drop_out_to=a)
+        self.partitioned.update(followers)
+        self.event("overlap", "start", group=g, groups=[a, b], nodes=[lead], hot=self.hot is not None and bool(self.hot()))
+        self.sleep(self.rng.uniform(1.0, 3.0))
+        self.c.nodes[lead].kill9()
+        self.event("overlap", "kill_leader", group=g, nodes=[lead])
+        self.sleep(self.rng.uniform(*self.hold))
+        self.heal_net()
+        self.c.nodes[lead].start()
+        self.event("overlap", "end", group=g, nodes=[lead])
         return True
 
     def do_power_loss(self):
@@ -340,6 +479,10 @@ class Nemesis:
             return self.do_disk_full()
         if kind == "membership":
             return self.do_membership()
+        if kind == "hot_leader":
+            return self.do_hot_leader()
+        if kind == "overlap":
+            return self.do_overlap()
         raise ValueError(kind)
 
     def start(self, end_t):

@@ -276,6 +276,11 @@ class Workload:
                 kb.terminal = True
                 kb.after_terminal += 1
 
+    def hot_ids(self):
+        """Ids of the current hot-key phase's kubbis (empty between phases)."""
+        with self.lock:
+            return [kb.id for kb in self.hot if kb.id]
+
     def hot_loop(self):
         """Every hot_period seconds, a phase of hot_window seconds in which most claims of every
         client go to HOT_KUBBIS fresh kubbis of 1-5 retrievals."""

@@ -318,6 +318,7 @@ class RunLevel(unittest.TestCase):
                                                                            "reason": "timeout"}}),
                            ["not_checked"]),
             "nemesis": (dict(nemesis_failures=["partition: heal failed"]), ["not_checked"]),
+            "fault never injected": (dict(missing_faults=["overlap"]), ["not_checked"]),
             "sweep": (dict(unresolved=["k7"]), ["recovery"]),
             "serving": (dict(not_serving=[2]), ["recovery"]),
             "digests differ": (dict(convergence={"converged": True, "digests": {

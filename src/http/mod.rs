@@ -905,6 +905,8 @@ async fn health(State(app): State<AppState>) -> Response {
         "node_id": app.service.node_id(),
         "groups": total,
         "groups_with_leader": led,
+        // The node's wall clock: operators (and the chaos nemesis) compare nodes for skew.
+        "now_ms": app.service.now(),
     });
     let code = if ok {
         StatusCode::OK

@@ -253,7 +253,8 @@ fn schemas() -> Value {
             "remaining_reads": {"type": ["integer", "null"]}, "burned": {"type": "boolean"}}},
         "Health": {"type": "object", "required": ["status"], "properties": {
             "status": {"type": "string", "enum": ["ok", "degraded"]}, "version": {"type": "string"},
-            "node_id": {"type": "integer"}, "groups": {"type": "integer"}, "groups_with_leader": {"type": "integer"}}},
+            "node_id": {"type": "integer"}, "groups": {"type": "integer"}, "groups_with_leader": {"type": "integer"},
+            "now_ms": {"type": "integer", "description": "This node's wall clock, milliseconds since the epoch (compare nodes for skew)"}}},
         "Liveness": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}},
         "ApiKeyRequest": {"type": "object", "additionalProperties": false, "properties": {
             "label": {"type": ["string", "null"], "maxLength": 128},

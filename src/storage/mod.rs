@@ -18,7 +18,7 @@ pub mod layout;
 mod syncer;
 mod view;
 
-pub use syncer::Syncer;
+pub use syncer::{Syncer, UNSAFE_SKIP_FSYNC_ENV};
 pub use view::{GroupTxn, ReadView};
 
 use std::path::Path;

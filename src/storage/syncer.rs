@@ -16,6 +16,10 @@ use rocksdb::DB;
 
 type Callback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
+/// Set to `1`, a node never fsyncs its WAL yet acknowledges as if it had. **Loses acknowledged
+/// writes on a power cut**: it exists only so the durability tests can prove they catch that.
+pub const UNSAFE_SKIP_FSYNC_ENV: &str = "KUBBI_UNSAFE_SKIP_FSYNC";
+
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
 struct Queue {
@@ -26,6 +30,9 @@ struct Queue {
     fsyncs: AtomicU64,
     /// Fails every fsync from now on (fault injection in tests: a disk that stopped syncing).
     fail: AtomicBool,
+    /// Writes the WAL to the OS but never fsyncs it ([`UNSAFE_SKIP_FSYNC_ENV`]): a planted bug,
+    /// so the power-cut tests can show they catch a node that acknowledges unsynced writes.
+    skip: bool,
     /// Duration of each fsync.
     latency: crate::metrics::Histogram,
     /// Waiters served per fsync (group commit width).
@@ -47,9 +54,16 @@ impl Syncer {
             stop: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            skip: std::env::var(UNSAFE_SKIP_FSYNC_ENV).is_ok_and(|v| v == "1"),
             latency: crate::metrics::Histogram::default(),
             batch: crate::metrics::Histogram::new(BATCH_BUCKETS),
         });
+        if q.skip {
+            tracing::error!(
+                "{UNSAFE_SKIP_FSYNC_ENV}=1: the WAL is never fsync'd; acknowledged writes are \
+                 lost on a power cut (a planted bug for durability tests, never for use)"
+            );
+        }
         let q2 = q.clone();
         let thread = std::thread::Builder::new()
             .name("kubbi-wal-sync".into())
@@ -136,7 +150,7 @@ fn run(db: &DB, q: &Queue) {
             Err("injected fsync failure".to_string())
         } else {
             // Everything written to the WAL before this call reaches stable storage here.
-            db.flush_wal(true).map_err(|e| e.to_string())
+            db.flush_wal(!q.skip).map_err(|e| e.to_string())
         };
         q.fsyncs.fetch_add(1, Ordering::Relaxed);
         q.latency.observe(started.elapsed().as_secs_f64());

@@ -358,6 +358,12 @@ async fn versions_headers_and_health() {
     let h = n.api.get("", "/health").await;
     assert_eq!(h.status, StatusCode::OK);
     assert_eq!(h.body["status"], "ok");
+    let now = n.handle().service.now();
+    let shown = h.body["now_ms"].as_u64().expect("now_ms");
+    assert!(
+        shown <= now && now - shown < 60_000,
+        "/health shows the node's clock: {shown} vs {now}"
+    );
     assert_eq!(n.api.get("", "/health/live").await.status, StatusCode::OK);
     assert_eq!(n.api.get("", "/health/ready").await.status, StatusCode::OK);
     let unknown = n.api.get(&n.key, "/api/v1/nothing").await;
