@@ -99,6 +99,13 @@ impl Storage {
         // token collision checks: three per create) skips the SSTs, and memtable blooms so it
         // skips the memtable's skiplist too. The raft log is only ever scanned by range: no
         // filters there.
+        //
+        // Filters and indexes are **partitioned** (4 KiB pieces under a small top-level index
+        // that stays pinned): a whole-file filter of a large SST (an L1 file of small keys holds
+        // about a million, a 1.2 MiB filter) is bigger than one shard of the block cache, so it
+        // was evicted as soon as it was read, and after a burst of 200k creates every point
+        // lookup read and checksummed it again from the file: half of a node's CPU, claims 4x
+        // slower (benches/README.md, "Claims after a burst").
         let cache = rocksdb::Cache::new_lru_cache(64 << 20);
         let table = |bloom: bool| {
             let mut t = rocksdb::BlockBasedOptions::default();
@@ -108,6 +115,10 @@ impl Storage {
                 t.set_whole_key_filtering(true);
                 t.set_cache_index_and_filter_blocks(true);
                 t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+                t.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+                t.set_partition_filters(true);
+                t.set_metadata_block_size(4096);
+                t.set_pin_top_level_index_and_filter(true);
             }
             t
         };
