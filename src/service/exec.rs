@@ -191,21 +191,14 @@ impl Executor {
             } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
                 let view = self.storage.read_view(g);
-                let Some(mut record) =
+                let Some(record) =
                     read_kubbi_by_token(&view, shard, &token_hash).map_err(from_store)?
                 else {
                     return Ok(ShardReply::Record(None));
                 };
-                // Expiry is judged by the leader's clock, as claims are: a node with a skewed
-                // clock must not call a kubbi expired that the leader would still let be claimed.
-                let now = self.group_now(&view)?;
-                if record.is_past_deadline(now) {
-                    let view = self.expire_seen(raft, g, &[record.id]).await?;
-                    record = read_kubbi(&view, &record.id)
-                        .map_err(from_store)?
-                        .unwrap_or(record);
-                }
-                record.status = record.status_at(now);
+                let mut judged = [record];
+                let view = self.judge(raft, g, view, &mut judged).await?;
+                let [record] = judged;
                 let manifest = if with_manifest && record.has_manifest {
                     view.get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
                         .map_err(from_store)?
@@ -217,32 +210,14 @@ impl Executor {
             }
             ShardOp::Get { ids } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
-                let mut view = self.storage.read_view(g);
-                let now = self.group_now(&view)?;
+                let view = self.storage.read_view(g);
                 let mut found = Vec::with_capacity(ids.len());
                 for id in &ids {
                     if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
                         found.push(r);
                     }
                 }
-                let past: Vec<KubbiId> = found
-                    .iter()
-                    .filter(|r| r.is_past_deadline(now))
-                    .map(|r| r.id)
-                    .collect();
-                if !past.is_empty() {
-                    view = self.expire_seen(raft, g, &past).await?;
-                    for r in &mut found {
-                        if past.contains(&r.id)
-                            && let Some(fresh) = read_kubbi(&view, &r.id).map_err(from_store)?
-                        {
-                            *r = fresh;
-                        }
-                    }
-                }
-                for r in &mut found {
-                    r.status = r.status_at(now);
-                }
+                self.judge(raft, g, view, &mut found).await?;
                 Ok(ShardReply::Records(found))
             }
             ShardOp::OwnerEntries { owner } => {
@@ -342,27 +317,45 @@ impl Executor {
             .max(read_group_time(view).map_err(from_store)?))
     }
 
-    /// Records the expiry of kubbis a read found past their deadline before the read answers
-    /// `expired`: the answer is then part of the group's history, and no later claim, through
-    /// whichever leader with whichever clock, can succeed where this read said expired.
-    /// Returns a view that holds the expiries.
-    async fn expire_seen(
-        &self,
+    /// Sets the status of `records` (read from `view`) as a reader must see it now, judged at
+    /// the group's time as claims are (a node with a skewed clock must not call a kubbi expired
+    /// that the leader would still let be claimed). The expiry of a kubbi found past its
+    /// deadline is recorded before the read answers `expired`: the answer is then part of the
+    /// group's history, and no later claim, through whichever leader with whichever clock, can
+    /// succeed where this read said expired. Returns the view to read the rest of the answer
+    /// from (a fresh one when expiries were recorded).
+    async fn judge<'s>(
+        &'s self,
         raft: &Raft,
         g: GroupId,
-        ids: &[KubbiId],
-    ) -> Result<crate::storage::ReadView<'_>, ExecError> {
-        for id in ids {
-            client::propose(
-                raft,
-                &*self.clock,
-                crate::ids::RequestId::random(),
-                Command::Expire { id: *id },
-            )
-            .await
-            .map_err(from_raft)?;
+        view: crate::storage::ReadView<'s>,
+        records: &mut [KubbiRecord],
+    ) -> Result<crate::storage::ReadView<'s>, ExecError> {
+        let now = self.group_now(&view)?;
+        let past: Vec<KubbiId> = records
+            .iter()
+            .filter(|r| r.is_past_deadline(now))
+            .map(|r| r.id)
+            .collect();
+        let mut view = view;
+        if !past.is_empty() {
+            for id in &past {
+                let expire = Command::Expire { id: *id };
+                client::propose(raft, &*self.clock, crate::ids::RequestId::random(), expire)
+                    .await
+                    .map_err(from_raft)?;
+            }
+            view = self.storage.read_view(g);
+            for r in records.iter_mut().filter(|r| past.contains(&r.id)) {
+                if let Some(fresh) = read_kubbi(&view, &r.id).map_err(from_store)? {
+                    *r = fresh;
+                }
+            }
         }
-        Ok(self.storage.read_view(g))
+        for r in records.iter_mut() {
+            r.status = r.status_at(now);
+        }
+        Ok(view)
     }
 
     async fn route(
