@@ -2,8 +2,12 @@
 //! shard succeeds through another node; the node is restarted between rounds.
 //!
 //! ```text
-//! cargo bench --bench failover -- --nodes 3 --rounds 10 [--heartbeat-ms 100]
+//! cargo bench --bench failover -- --nodes 3 --rounds 10 [--heartbeat-ms 100] [--quiet 1]
 //! ```
+//!
+//! With `--quiet 1` each kill waits until the probe's group has gone quiet on its leader
+//! (`raft::quiet`: no heartbeats, the followers watch the leader's liveness pings), so it
+//! measures the failover of a quiet group; by default the probe's create has just woken it.
 //!
 //! Starts its own cluster with `cluster/up` (this build's `kubbi` binary) in a temp dir and
 //! stops it with `cluster/down`. Reports every round and the median, min and max.
@@ -38,6 +42,7 @@ async fn main() {
     let nodes = arg("--nodes", 3);
     let rounds = arg("--rounds", 10);
     let heartbeat = arg("--heartbeat-ms", 100);
+    let quiet = arg("--quiet", 0) != 0;
     let root = env!("CARGO_MANIFEST_DIR");
     let dir = tempfile::tempdir().expect("tempdir");
     let run = dir.path().join("run");
@@ -101,11 +106,44 @@ async fn main() {
         )
         .await
         .expect("status");
-        let leader = st["shards"]
+        // The group whose shard-map ranges hold the probe's logical shard.
+        let group = st["shards"]
             .as_array()
-            .and_then(|s| s.iter().find(|s| s["id"] == shard))
-            .and_then(|s| s["leader"].as_u64())
-            .expect("leader");
+            .and_then(|gs| {
+                gs.iter().find(|g| {
+                    g["ranges"].as_array().is_some_and(|rs| {
+                        rs.iter().any(|r| {
+                            r[0].as_u64()
+                                .zip(r[1].as_u64())
+                                .is_some_and(|(lo, hi)| (lo..hi).contains(&u64::from(shard)))
+                        })
+                    })
+                })
+            })
+            .expect("the probe's group");
+        let (group_id, leader) = (
+            group["id"].as_u64().expect("group id"),
+            group["leader"].as_u64().expect("leader"),
+        );
+        if quiet {
+            let series = format!("kubbi_raft_quiet{{group=\"{group_id}\"}} 1");
+            let metrics = format!("{}/metrics", url(&state, (leader - 1) as usize));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let text = match http.get(&metrics).send().await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                if text.lines().any(|l| l == series) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "group {group_id} never went quiet"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
         let victim = (leader - 1) as usize;
         let survivor = (victim + 1) % nodes as usize;
         let pid = state["nodes"][victim]["pid"].as_u64().expect("pid");
@@ -127,7 +165,7 @@ async fn main() {
         }
         let t = killed.elapsed();
         println!(
-            "round {round}: shard {shard}, killed node {leader}, first claim after {:.0} ms",
+            "round {round}: shard {shard} (group {group_id}), killed node {leader}, first claim after {:.0} ms",
             t.as_secs_f64() * 1000.0
         );
         times.push(t);
@@ -181,7 +219,12 @@ async fn main() {
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
-        "\nfailover over {rounds} leader kills ({nodes} nodes, heartbeat {heartbeat} ms): median {:.0} ms, min {:.0} ms, max {:.0} ms",
+        "\nfailover over {rounds} leader kills ({nodes} nodes, heartbeat {heartbeat} ms, {}): median {:.0} ms, min {:.0} ms, max {:.0} ms",
+        if quiet {
+            "quiet groups"
+        } else {
+            "awake groups"
+        },
         ms(times[times.len() / 2]),
         ms(times[0]),
         ms(times[times.len() - 1])

@@ -75,6 +75,8 @@ pub struct RaftTuning {
     /// ... or after a group's log took in this many bytes, whichever comes first: 20,000
     /// entries of 1 MiB payloads would hold 20 GB of log.
     pub snapshot_every_bytes: u64,
+    /// A group idle this long goes quiet (`raft::quiet`); 0: never.
+    pub quiet_after_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -85,6 +87,7 @@ impl Default for RaftTuning {
             election_timeout_max_ms: 1000,
             snapshot_every_entries: 20_000,
             snapshot_every_bytes: 128 << 20,
+            quiet_after_ms: 2000,
         }
     }
 }
@@ -543,6 +546,11 @@ pub struct ServeArgs {
     /// ... or once its log took in this many MiB, whichever comes first.
     #[arg(long, env = "KUBBI_RAFT_SNAPSHOT_EVERY_MIB", default_value_t = 128)]
     pub raft_snapshot_every_mib: u64,
+    /// A raft group with no writes for this many milliseconds, applied and with every replica
+    /// caught up, goes quiet: no heartbeats, no election timers; one liveness ping per node
+    /// pair watches its leader instead, and any write wakes it. 0 keeps every group ticking.
+    #[arg(long, env = "KUBBI_RAFT_QUIET_AFTER_MS", default_value_t = 2000)]
+    pub raft_quiet_after_ms: u64,
 }
 
 impl ServeArgs {
@@ -613,6 +621,7 @@ impl ServeArgs {
         c.raft.election_timeout_max_ms = self.raft_heartbeat_ms * 10;
         c.raft.snapshot_every_entries = self.raft_snapshot_every.max(1);
         c.raft.snapshot_every_bytes = self.raft_snapshot_every_mib.max(1).saturating_mul(1 << 20);
+        c.raft.quiet_after_ms = self.raft_quiet_after_ms;
         c.cluster = ClusterConfig {
             internal_addr: self.internal_addr,
             advertise_internal: self.advertise_internal,

@@ -1,7 +1,7 @@
 //! The node-to-node messages of the internal port (`/internal/v1/...`), bincode-encoded:
 //! the request bodies a node decodes (raft append / vote / pre-vote / transfer-leader, snapshot
-//! parts, forwarded shard operations, joins) and the replies it decodes from its peers (the
-//! shard map a joining node reads included).
+//! parts, forwarded shard operations, joins, liveness pings) and the replies it decodes from its
+//! peers (the shard map a joining node reads included).
 //! The internal port requires the cluster secret, so an attacker here is a peer that is
 //! compromised or speaking another version, or a corrupted stream.
 //!
@@ -25,7 +25,10 @@ use kubbi::raft::{SnapshotData, TypeConfig};
 use kubbi::state::NodeRecord;
 use kubbi::state::map::ShardMap;
 use kubbi::state::{Outcome, Rejection};
-use kubbi::transport::messages::{ExecError, NodeStatus, ShardOp, ShardReply, SnapshotPart};
+use kubbi::raft::quiet::QuietGroup;
+use kubbi::transport::messages::{
+    ExecError, Liveness, NodeStatus, ShardOp, ShardReply, SnapshotPart,
+};
 use libfuzzer_sys::fuzz_target;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
@@ -196,6 +199,25 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
     ));
     s.push((13, encode(&ShardMap::first(3, |g| vec![u64::from(g) + 1]))));
     s.push((13, encode(&ShardMap::legacy(4, |g| vec![u64::from(g) % 3 + 1]))));
+    s.push((14, encode(&Liveness::default())));
+    s.push((
+        14,
+        encode(&Liveness {
+            quiet: vec![
+                QuietGroup {
+                    group: 0,
+                    term: 3,
+                    last_log_index: Some(41),
+                },
+                QuietGroup {
+                    group: 65535,
+                    term: 1,
+                    last_log_index: None,
+                },
+            ],
+            awake: vec![1, 2],
+        }),
+    ));
     s
 }
 
@@ -203,7 +225,7 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
     let Some((&sel, data)) = data.split_first() else {
         return;
     };
-    match sel % 14 {
+    match sel % 15 {
         // Requests (internal::raft_rpc, internal::shard, internal::join).
         0 => {
             if let Some(r) = round_trip::<AppendEntriesRequest<TypeConfig>>("append", data) {
@@ -253,6 +275,8 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
                 let _ = m.validate();
             }
         }
+        // A liveness ping (internal::liveness).
+        14 => drop(round_trip_eq::<Liveness>("liveness", data)),
         _ => {
             if let Some(s) = round_trip::<NodeStatus>("status reply", data) {
                 let _ = format!("{s:?}");

@@ -54,6 +54,7 @@ pub fn internal_router(state: Arc<InternalState>) -> Router {
         .route("/internal/v1/status", post(status))
         .route(crate::node::map::MAP_PATH, post(shard_map))
         .route(crate::transport::KEYS_REFRESH_PATH, post(refresh_keys))
+        .route(crate::transport::messages::LIVENESS_PATH, post(liveness))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
@@ -207,16 +208,31 @@ async fn raft_rpc(
         return refuse(StatusCode::NOT_FOUND, "no such group");
     };
     let raft = &lg.raft;
+    // Whether the message wakes a quiet follower (`raft::quiet`): anything but a heartbeat
+    // without entries or a pre-vote.
+    let mut wakes = true;
     let r: Result<Response, Undecodable> = async {
         Ok(match kind.as_str() {
-            "append" => reply(
-                &raft
-                    .append_entries(body(&b)?)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
+            "append" => {
+                let req: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> = body(&b)?;
+                wakes = !req.entries.is_empty();
+                reply(&raft.append_entries(req).await.map_err(|e| e.to_string()))
+            }
             "vote" => reply(&raft.vote(body(&b)?).await.map_err(|e| e.to_string())),
-            "prevote" => reply(&raft.pre_vote(body(&b)?).await.map_err(|e| e.to_string())),
+            "prevote" => {
+                wakes = false;
+                let mut r = raft.pre_vote(body(&b)?).await.map_err(|e| e.to_string());
+                // A quiet follower that hears the leader's liveness pings says no, as an awake
+                // one that hears heartbeats does (`Quiet::hears_leader`). Refusing a pre-vote
+                // is always safe: a pre-vote changes nothing.
+                if let Ok(resp) = &mut r
+                    && resp.vote_granted
+                    && st.exec.quiet().hears_leader(group, Instant::now())
+                {
+                    resp.vote_granted = false;
+                }
+                reply(&r)
+            }
             "transfer" => reply(
                 &raft
                     .handle_transfer_leader(body(&b)?)
@@ -231,7 +247,21 @@ async fn raft_rpc(
         })
     }
     .await;
+    // After the message was handled: a follower's leader lease is fresh when its ticker starts.
+    st.exec.quiet().after_message(group, wakes);
     r.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A peer's liveness ping: the heartbeat of the groups it leads quietly.
+async fn liveness(State(st): State<Arc<InternalState>>, headers: HeaderMap, b: Bytes) -> Response {
+    let ping: crate::transport::messages::Liveness = match body(&b) {
+        Ok(p) => p,
+        Err(r) => return r.into_response(),
+    };
+    // `guard` checked the secret and that the sender's incarnation is the known one.
+    let from = header_u64(&headers, H_FROM).unwrap_or(0);
+    st.exec.quiet().on_ping(from, &ping, Instant::now());
+    reply(&())
 }
 
 /// How long an unfinished snapshot upload is kept.

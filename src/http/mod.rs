@@ -258,6 +258,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .append_latency
         .render("kubbi_raft_append_duration_seconds", "", &mut out);
     let exec = app.service.router().executor().clone();
+    exec.quiet().render(&mut out);
     let me = exec.node_id();
     let (mut active, mut bytes) = (0u64, 0u64);
     let mut raft = String::new();

@@ -32,15 +32,16 @@ use crate::http::internal::{InternalState, internal_router};
 use crate::http::{AppState, router};
 use crate::ids::{GroupId, RequestId, SYSTEM_GROUP};
 use crate::raft::client::{self, known_leader};
+use crate::raft::quiet::{self, Quiet, QuietTiming};
 use crate::raft::state_machine::ApplyObserver;
 use crate::raft::{LogStore, NodeInfo, Raft, StateMachine};
 use crate::service::{Directory, Executor, KeyCache, LocalGroup, Router, Service};
 use crate::shard::{Candidate, placement, replicas};
 use crate::state::{Command, NodeRecord, NodeState, Outcome, next_timer_due, read_nodes};
 use crate::storage::{CF_RAFT_META, Storage, group_key};
-use crate::transport::messages::{NodeStatus, ShardOp, ShardReply};
+use crate::transport::messages::{LIVENESS_PATH, Liveness, NodeStatus, ShardOp, ShardReply};
 use crate::transport::raft_network::NetworkFactory;
-use crate::transport::{AddressBook, Identity, Peers};
+use crate::transport::{AddressBook, Identity, Lane, Peers};
 
 /// Starting a node failed.
 #[derive(Debug, thiserror::Error)]
@@ -572,6 +573,40 @@ async fn log_budget_loop(groups: Vec<(GroupId, Raft, Arc<AtomicU64>)>, budget: u
 /// How often [`log_budget_loop`] looks at the logs.
 const LOG_BUDGET_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// Moves every group's quiet state on (`raft::quiet`) and tells every peer, once per
+/// `ping_every`, which groups this node leads, quiet and awake: that ping is the quiet groups'
+/// heartbeat.
+///
+/// A single node (no peers) parks its groups' tickers the same way: a single voter needs no
+/// heartbeat and no election timer.
+async fn quiet_loop(quiet: Arc<Quiet>, peers: Option<Peers>) {
+    let every = quiet.timing().ping_every;
+    let mut next_ping = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(quiet::CHECK_EVERY.min(every)).await;
+        let beat = quiet.check(std::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        let Some(peers) = &peers else { continue };
+        if now < next_ping {
+            continue;
+        }
+        next_ping = now + every;
+        let body = crate::codec::encode::<Liveness>(&beat);
+        for id in peers.book().ids() {
+            let (peers, body) = (peers.clone(), body.clone());
+            // Fire and forget: a ping that does not arrive is what the peer watches for.
+            tokio::spawn(async move {
+                let r: Result<(), _> = peers
+                    .post_bytes(id, LIVENESS_PATH, body, every * 2, Lane::BySize)
+                    .await;
+                if let Err(e) = r {
+                    tracing::debug!(peer = id, error = %e, "liveness ping not delivered");
+                }
+            });
+        }
+    }
+}
+
 /// Releases raft snapshot pins nobody reads from: a pinned RocksDB snapshot keeps deleted
 /// ciphertext of every group in the files (see `raft::snapshot`).
 async fn release_pins_loop(storage: Arc<Storage>) {
@@ -1097,11 +1132,21 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             ctx: Some(ctx),
         });
     }
+    let quiet = Arc::new(Quiet::new(
+        config.node_id,
+        QuietTiming::new(
+            Duration::from_millis(config.raft.quiet_after_ms),
+            Duration::from_millis(config.raft.election_timeout_min_ms),
+            Duration::from_millis(config.raft.election_timeout_max_ms),
+        ),
+        local.iter().map(|lg| (lg.group, lg.raft.clone())),
+    ));
     let exec = Arc::new(Executor::new(
         config.node_id,
         storage.clone(),
         dyn_clock.clone(),
         local,
+        quiet.clone(),
     ));
     let directory = Arc::new(Directory::default());
     if let Ok(nodes) = read_nodes(&storage.read_view(SYSTEM_GROUP))
@@ -1249,6 +1294,9 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
             p.clone(),
             config.node_id,
         )));
+    }
+    if quiet.timing().enabled() {
+        tasks.push(tokio::spawn(quiet_loop(quiet.clone(), peers.clone())));
     }
     tasks.push(tokio::spawn(release_pins_loop(storage.clone())));
     tasks.push(tokio::spawn(log_budget_loop(

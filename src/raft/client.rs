@@ -9,6 +9,7 @@ use std::time::Duration;
 use openraft::ReadPolicy;
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::errors::ForwardReason;
 
 use super::{NodeId, Raft};
 use crate::clock::Clock;
@@ -70,6 +71,7 @@ async fn propose_inner(
 ) -> Result<Outcome, RaftClientError> {
     let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
     let mut backoff = Duration::from_millis(10);
+    let mut renewed = false;
     loop {
         let req = Request {
             request_id,
@@ -91,6 +93,18 @@ async fn propose_inner(
         };
         let retry = match err {
             RaftError::Fatal(f) => return Err(RaftClientError::Stopped(f.to_string())),
+            // This node leads, but no quorum acknowledged it within the lease, and openraft
+            // takes writes only within it: the group was quiet (no heartbeats) or this node was
+            // paused. One heartbeat round renews it, then the write goes at once.
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f))
+                if f.reason == ForwardReason::LeaseExpired && !renewed =>
+            {
+                renewed = true;
+                match renew_lease(raft).await {
+                    Ok(()) => continue,
+                    Err(e) => e,
+                }
+            }
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_id {
                 Some(l) if l != *raft.node_id() => {
                     return Err(RaftClientError::NotLeader { leader: Some(l) });
@@ -159,6 +173,31 @@ pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Renews this leader's lease with a read-index round: a heartbeat that a quorum answers. A
+/// leader takes writes and membership changes only within its lease, and the leader of a quiet
+/// group (`raft::quiet`) sends no heartbeats, so its lease has run out when the next one comes.
+///
+/// # Errors
+/// `NotLeader`, `NoQuorum` or `Stopped`.
+pub async fn renew_lease(raft: &Raft) -> Result<(), RaftClientError> {
+    match tokio::time::timeout(
+        ATTEMPT_TIMEOUT,
+        raft.ensure_linearizable(ReadPolicy::ReadIndex),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(RaftError::Fatal(f))) => Err(RaftClientError::Stopped(f.to_string())),
+        Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+            Err(RaftClientError::NotLeader {
+                leader: f.leader_id.filter(|l| l != raft.node_id()),
+            })
+        }
+        Ok(Err(RaftError::APIError(e))) => Err(RaftClientError::NoQuorum(e.to_string())),
+        Err(_) => Err(RaftClientError::NoQuorum("read index timed out".into())),
     }
 }
 

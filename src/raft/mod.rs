@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod log_store;
+pub mod quiet;
 pub mod seed;
 pub mod snapshot;
 pub mod state_machine;

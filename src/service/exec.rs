@@ -41,6 +41,7 @@ pub struct Executor {
     storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
     groups: BTreeMap<GroupId, LocalGroup>,
+    quiet: Arc<crate::raft::quiet::Quiet>,
 }
 
 fn from_raft(e: RaftClientError) -> ExecError {
@@ -64,13 +65,20 @@ impl Executor {
         storage: Arc<Storage>,
         clock: Arc<dyn Clock>,
         groups: Vec<LocalGroup>,
+        quiet: Arc<crate::raft::quiet::Quiet>,
     ) -> Self {
         Self {
             node_id,
             storage,
             clock,
             groups: groups.into_iter().map(|g| (g.group, g)).collect(),
+            quiet,
         }
+    }
+
+    /// Which of this node's groups are quiet (`raft::quiet`).
+    pub fn quiet(&self) -> &Arc<crate::raft::quiet::Quiet> {
+        &self.quiet
     }
 
     pub fn group(&self, g: GroupId) -> Option<&LocalGroup> {
@@ -415,6 +423,8 @@ async fn reconfigure(
     voters: BTreeMap<u64, NodeInfo>,
     learners: BTreeMap<u64, NodeInfo>,
 ) -> Result<(), ExecError> {
+    // A membership change needs the leader's lease, which a quiet group's leader has let run out.
+    client::renew_lease(raft).await.map_err(from_raft)?;
     let m = raft.metrics().borrow_watched().clone();
     let membership = m.membership_config.membership();
     let known: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();

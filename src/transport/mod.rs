@@ -52,8 +52,10 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// request-dedup record and is purged no earlier than the dedup window), so replicas of builds
 /// 2 and 3 would hold different state for the same log. 4 applies every entry at the group's
 /// time (never before an earlier entry that changed state, key `m`), so 3 and 4 would decide
-/// expiry differently for the same log.
-pub const PROTOCOL: u32 = 4;
+/// expiry differently for the same log. 5 adds liveness pings that stand in for the heartbeats
+/// of quiet groups (`raft::quiet`): a node of 4 would take a quiet leader's silence for its
+/// death and depose it.
+pub const PROTOCOL: u32 = 5;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.

@@ -1234,7 +1234,8 @@ async fn terms_not_led_by(c: &Cluster, i: usize, not: u64) -> Vec<(Value, u64)> 
 /// A follower frozen past its election timeout (SIGSTOP: a long GC-like pause, or a raft core
 /// that fell behind) wakes with every election timer expired. With Pre-Vote it first asks
 /// whether it could win, the others still hear from their leaders and say no, and no group it
-/// did not lead changes term or leader.
+/// did not lead changes term or leader. The groups are quiet when it freezes, so it also
+/// counts its leaders' silence from when it resumed, not from before the pause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_waking_from_a_pause_does_not_depose_healthy_leaders() {
     let c = Cluster::start(3).await;
@@ -1252,6 +1253,9 @@ async fn a_follower_waking_from_a_pause_does_not_depose_healthy_leaders() {
         },
     )
     .await;
+    // And they have gone quiet (`raft::quiet`, after 2 s by default): no heartbeat renews any
+    // follower's lease, so what says no to the woken node's pre-votes is the liveness pings.
+    wait_all_quiet(&c, "before the pause").await;
     let before = terms_not_led_by(&c, 0, frozen_id).await;
     assert!(!before.is_empty());
     let pid = c.members[frozen]
@@ -1416,4 +1420,118 @@ async fn an_expiry_seen_through_a_fast_leader_holds_under_the_next_one() {
         }
     }
     c.shutdown().await;
+}
+
+/// Whether every group's replica on member `i` is quiet (`kubbi_raft_quiet` of each group 1).
+async fn all_quiet(c: &Cluster, i: usize) -> bool {
+    let m = c.api(i).metrics_text().await;
+    let quiet: Vec<&str> = m
+        .lines()
+        .filter(|l| l.starts_with("kubbi_raft_quiet{"))
+        .collect();
+    // The system group and one data group per node.
+    quiet.len() == c.members.len() + 1 && quiet.iter().all(|l| l.ends_with(" 1"))
+}
+
+async fn wait_all_quiet(c: &Cluster, what: &str) {
+    for i in 0..c.members.len() {
+        if c.members[i].child.is_none() {
+            continue;
+        }
+        common::eventually(
+            Duration::from_secs(30),
+            &format!("{what}: every group quiet on member {i}"),
+            || async move { all_quiet(c, i).await.then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Groups with nothing to do go quiet on every replica (no ticks, heartbeats or election
+/// timers; a liveness ping per node pair instead). A write through any node wakes its group,
+/// which goes quiet again without an election, and when the leader of a quiet group dies
+/// (kill -9: no ping any more), its followers notice and elect a new one that serves what was
+/// written before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_dies() {
+    let mut c = Cluster::start_with(3, &["--raft-quiet-after-ms", "300"]).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    wait_all_quiet(&c, "after start").await;
+    let terms = terms_not_led_by(&c, 0, 0).await;
+
+    // A write wakes its group; a claim through another node (a forward) is answered.
+    let created = c
+        .api(1)
+        .create(&key, json!({"content": "quiet", "max_retrievals": 2}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let token = created.body["claim_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let claim = c.api(2).claim(&token).await;
+    assert_eq!(claim.status, StatusCode::OK, "{:?}", claim.body);
+    assert_eq!(claim.body["content"], "quiet");
+    let woke: u64 = {
+        let mut n = 0;
+        for i in 0..3 {
+            let m = c.api(i).metrics_text().await;
+            n += sample(&m, "kubbi_raft_quiet_wakes_total{reason=\"message\"}").unwrap_or(0);
+        }
+        n
+    };
+    assert!(woke >= 1, "a follower woke on the write's entries");
+    wait_all_quiet(&c, "after the write").await;
+    assert_eq!(
+        terms_not_led_by(&c, 0, 0).await,
+        terms,
+        "going quiet and waking changed no term or leader\n{}",
+        c.logs_tail()
+    );
+
+    // The quiet leader of the kubbi's group dies; the others notice its silence.
+    let shard = kubbi::ids::ClaimToken::parse(&token)
+        .expect("token")
+        .shard();
+    let group = common::group_of_shard(&c.status(0).await, shard).expect("a group");
+    let leader = c.leader_of(0, group).await.expect("a leader");
+    let dead = c.index_of(leader);
+    c.kill9(dead);
+    let survivor = (dead + 1) % 3;
+    let claim = common::eventually(
+        Duration::from_secs(30),
+        "a claim through a survivor after the quiet leader died",
+        || {
+            let (api, token) = (c.api(survivor).clone(), token.clone());
+            async move {
+                let r = api.claim(&token).await;
+                (r.status == StatusCode::OK).then_some(r)
+            }
+        },
+    )
+    .await;
+    assert_eq!(claim.body["content"], "quiet");
+    assert_eq!(claim.body["burned"], true, "the second of two claims");
+    let new_leader = c.leader_of(survivor, group).await;
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "group {group} led by {new_leader:?} after node {leader} died"
+    );
+    // The first survivor to notice the silence stands; the other may wake on its vote.
+    let mut wakes = String::new();
+    let mut silent = 0;
+    for i in (0..3).filter(|&i| i != dead) {
+        let m = c.api(i).metrics_text().await;
+        silent += sample(&m, "kubbi_raft_quiet_wakes_total{reason=\"silence\"}").unwrap_or(0);
+        for l in m
+            .lines()
+            .filter(|l| l.starts_with("kubbi_raft_quiet_wakes_total"))
+        {
+            wakes.push_str(&format!("member {i}: {l}\n"));
+        }
+    }
+    assert!(
+        silent >= 1,
+        "a survivor woke on the leader's silence\n{wakes}"
+    );
 }
