@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 import uuid
 
 from . import checker, deps, netns
@@ -110,6 +111,31 @@ def recovery(wl, cluster, bound):
         if pending:
             time.sleep(0.5)
     return time.monotonic() - t0, sorted(pending)
+
+
+def quiet_evidence(cluster):
+    """Sums, over the live nodes, how often their groups went quiet and why they woke
+    (`kubbi_raft_quiet_parks_total`, `kubbi_raft_quiet_wakes_total{reason}`; counters since each
+    node's last start): evidence that the run exercised quiet groups (`src/raft/quiet.rs`)."""
+    out = {}
+    for nd in cluster.active():
+        if nd.proc is None:
+            continue
+        try:
+            with urllib.request.urlopen(f"http://{nd.http}/metrics", timeout=5) as r:
+                text = r.read().decode()
+        except Exception:  # noqa: BLE001
+            continue
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == "kubbi_raft_quiet_parks_total":
+                key = "parks"
+            elif name.startswith('kubbi_raft_quiet_wakes_total{reason="'):
+                key = "wakes_" + name.split('"')[1]
+            else:
+                continue
+            out[key] = out.get(key, 0) + int(float(value))
+    return out
 
 
 def convergence(cluster, bound=60.0):
@@ -288,6 +314,7 @@ def exercise(a, cluster, report, skew_bound, spare=None, stop_requested=None, ne
         report["faults_missing"] = [k for k in a.faults if not nem.counts.get(k)]
         report["fault_details"] = fault_details(history.entries)
         report["nemesis_problems"] = nem.failures
+        report["quiet"] = quiet_evidence(cluster)
         cluster.stop()
         history.close()
 
@@ -405,6 +432,9 @@ def print_summary(r):
     if "faults" in r:
         print("faults: " + (", ".join(f"{k} {v}" for k, v in r["faults"].items()) or "none"))
         print("fault evidence: " + ", ".join(f"{k} {v}" for k, v in r.get("fault_details", {}).items()))
+        if r.get("quiet"):
+            print("quiet groups (live nodes, since their last start): "
+                  + ", ".join(f"{k} {v}" for k, v in r["quiet"].items()))
         if r.get("faults_missing"):
             print("fault kinds never injected: " + ", ".join(r["faults_missing"]))
     if r.get("nemesis_problems"):

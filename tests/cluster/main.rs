@@ -1535,3 +1535,98 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
         "a survivor woke on the leader's silence\n{wakes}"
     );
 }
+
+/// A quiet cluster, a kubbi in the group member `via` does not lead, and that group's leader.
+async fn quiet_cluster_with_a_probe() -> (Cluster, String, String, u64, u64) {
+    let c = Cluster::start_with(3, &["--raft-quiet-after-ms", "300"]).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    let created = c
+        .api(0)
+        .create(&key, json!({"content": "probe", "max_retrievals": 100}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let token = created.body["claim_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    let shard = kubbi::ids::ClaimToken::parse(&token)
+        .expect("token")
+        .shard();
+    let group = common::group_of_shard(&c.status(0).await, shard).expect("a group");
+    wait_all_quiet(&c, "before the fault").await;
+    let leader = c.leader_of(0, group).await.expect("a leader");
+    (c, key, token, group, leader)
+}
+
+/// Claims `token` through member `via` until one succeeds (30 s at most).
+async fn claim_through(c: &Cluster, via: usize, token: &str, what: &str) {
+    let r = common::eventually(Duration::from_secs(30), what, || {
+        let (api, token) = (c.api(via).clone(), token.to_string());
+        async move {
+            let r = api.claim(&token).await;
+            (r.status == StatusCode::OK).then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(r.body["content"], "probe");
+}
+
+/// The leader of a quiet group freezes (SIGSTOP): its pings stop, the others elect a leader
+/// and serve the group; when it thaws it follows the new leader and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_quiet_leader_is_replaced_and_follows_when_it_thaws() {
+    let (c, _key, token, group, leader) = quiet_cluster_with_a_probe().await;
+    let frozen = c.index_of(leader);
+    let via = (frozen + 1) % 3;
+    signal(&c, frozen, "STOP");
+    claim_through(&c, via, &token, "a claim while the quiet leader is frozen").await;
+    let new_leader = c.leader_of(via, group).await;
+    signal(&c, frozen, "CONT");
+    assert!(
+        new_leader.is_some_and(|l| l != leader),
+        "group {group} led by {new_leader:?} with node {leader} frozen"
+    );
+    // Thawed, it learns the new term and reports the same leader as the others.
+    common::eventually(Duration::from_secs(30), "the thawed node follows", || {
+        let c = &c;
+        async move {
+            let theirs = c.leader_of(via, group).await?;
+            let mine = c.leader_of(frozen, group).await?;
+            (mine == theirs && theirs != leader).then_some(())
+        }
+    })
+    .await;
+    claim_through(&c, frozen, &token, "a claim through the thawed node").await;
+}
+
+/// The leader of a quiet group is killed and restarted at once, back within its followers'
+/// silence bound (2 s) while they still follow it quietly. Whether it takes its group back at its
+/// old term or the followers elect another (they wake when its pings stop listing the group, or
+/// on silence), the group is led again, every node sees one leader, and it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_leader_restarted_at_once_gets_its_group_led_again() {
+    let (mut c, _key, token, group, leader) = quiet_cluster_with_a_probe().await;
+    let i = c.index_of(leader);
+    c.kill9(i);
+    c.spawn(i, false);
+    c.wait_up(i).await;
+    claim_through(
+        &c,
+        (i + 1) % 3,
+        &token,
+        "a claim after the leader's restart",
+    )
+    .await;
+    claim_through(&c, i, &token, "a claim through the restarted node").await;
+    common::eventually(Duration::from_secs(30), "one leader seen by all", || {
+        let c = &c;
+        async move {
+            let mut seen = Vec::new();
+            for m in 0..3 {
+                seen.push(c.leader_of(m, group).await?);
+            }
+            seen.windows(2).all(|w| w[0] == w[1]).then_some(())
+        }
+    })
+    .await;
+}
