@@ -667,7 +667,7 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                     .map(|r| format!("{}..{}", r[0], r[1]))
                     .collect();
                 println!(
-                    "  {:>6}  shards {:<14} leader {:<4} replicas {:<12} learners {:<8} applied {:<8} lag {}",
+                    "  {:>6}  shards {:<14} leader {:<4} replicas {:<12} learners {:<8} applied {:<8} lag {}{}",
                     s["id"].to_string(),
                     if ranges.is_empty() {
                         "-".to_string()
@@ -678,7 +678,8 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                     s["replicas"].to_string(),
                     s["learners"].to_string(),
                     s["applied_index"].to_string(),
-                    s["replication_lag"]
+                    s["replication_lag"],
+                    if s["quiet"] == true { "  quiet" } else { "" }
                 );
             }
         }

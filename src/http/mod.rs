@@ -795,6 +795,7 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
                     "applied_index": s.last_applied,
                     "last_log_index": s.last_log,
                     "replication_lag": lag,
+                    "quiet": s.quiet,
                 }));
             }
             Err(e) => shards

@@ -277,7 +277,9 @@ fn schemas() -> Value {
                 "leader": {"type": ["integer", "null"]},
                 "term": {"type": "integer"}, "replicas": {"type": "array", "items": {"type": "integer"}},
                 "learners": {"type": "array", "items": {"type": "integer"}}, "applied_index": {"type": ["integer", "null"]},
-                "last_log_index": {"type": ["integer", "null"]}, "replication_lag": {"type": "object"}, "error": {"type": "string"}}}}}},
+                "last_log_index": {"type": ["integer", "null"]}, "replication_lag": {"type": "object"},
+                "quiet": {"type": "boolean", "description": "The group is quiet on its leader: no writes for a while, every replica caught up, no heartbeats (a liveness ping per node pair instead)"},
+                "error": {"type": "string"}}}}}},
         "NodeRequest": {"type": "object", "additionalProperties": false, "required": ["id", "internal"], "properties": {
             "id": {"type": "integer", "minimum": 1}, "internal": {"type": "string"}, "http": {"type": "string"}, "zone": {"type": "string"}}},
         "NodeState": {"type": "object", "properties": {"id": {"type": "integer"}, "internal": {"type": "string"}, "state": {"type": "string"}}}

@@ -312,6 +312,7 @@ impl Executor {
                 .as_ref()
                 .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
                 .unwrap_or_default(),
+            quiet: self.quiet.is_quiet(g),
         })
     }
 

@@ -98,6 +98,8 @@ pub struct GroupStatus {
     pub last_log: Option<u64>,
     /// Matched log index per replica (leader only): replication lag is `last_log - matched`.
     pub matched: BTreeMap<u64, Option<u64>>,
+    /// Whether the group is quiet on this node (`raft::quiet`): on its leader, no heartbeats.
+    pub quiet: bool,
 }
 
 /// The answer to a [`ShardOp`].

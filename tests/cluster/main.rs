@@ -1457,18 +1457,25 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
     let mut c = Cluster::start_with(3, &["--raft-quiet-after-ms", "300"]).await;
     let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
     wait_all_quiet(&c, "after start").await;
+    // `GET /admin/v1/cluster` (and `kubbi cluster status`) says so, from each group's leader.
+    common::eventually(
+        Duration::from_secs(10),
+        "status shows every group quiet",
+        || {
+            let c = &c;
+            async move {
+                let st = c.status(1).await;
+                let groups = st["shards"].as_array()?;
+                (groups.len() == 4 && groups.iter().all(|g| g["quiet"] == true)).then_some(())
+            }
+        },
+    )
+    .await;
     let terms = terms_not_led_by(&c, 0, 0).await;
 
     // A write wakes its group; a claim through another node (a forward) is answered.
-    let created = c
-        .api(1)
-        .create(&key, json!({"content": "quiet", "max_retrievals": 2}))
-        .await;
-    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
-    let token = created.body["claim_token"]
-        .as_str()
-        .expect("token")
-        .to_string();
+    let body = json!({"content": "quiet", "max_retrievals": 2});
+    let (token, group) = create_probe(&c, &key, 1, body).await;
     let claim = c.api(2).claim(&token).await;
     assert_eq!(claim.status, StatusCode::OK, "{:?}", claim.body);
     assert_eq!(claim.body["content"], "quiet");
@@ -1490,10 +1497,6 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
     );
 
     // The quiet leader of the kubbi's group dies; the others notice its silence.
-    let shard = kubbi::ids::ClaimToken::parse(&token)
-        .expect("token")
-        .shard();
-    let group = common::group_of_shard(&c.status(0).await, shard).expect("a group");
     let leader = c.leader_of(0, group).await.expect("a leader");
     let dead = c.index_of(leader);
     c.kill9(dead);
@@ -1536,14 +1539,9 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
     );
 }
 
-/// A quiet cluster, a kubbi in the group member `via` does not lead, and that group's leader.
-async fn quiet_cluster_with_a_probe() -> (Cluster, String, String, u64, u64) {
-    let c = Cluster::start_with(3, &["--raft-quiet-after-ms", "300"]).await;
-    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
-    let created = c
-        .api(0)
-        .create(&key, json!({"content": "probe", "max_retrievals": 100}))
-        .await;
+/// Creates a kubbi through member `via`: its claim token and the raft group that holds it.
+async fn create_probe(c: &Cluster, key: &str, via: usize, body: Value) -> (String, u64) {
+    let created = c.api(via).create(key, body).await;
     assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     let token = created.body["claim_token"]
         .as_str()
@@ -1553,9 +1551,19 @@ async fn quiet_cluster_with_a_probe() -> (Cluster, String, String, u64, u64) {
         .expect("token")
         .shard();
     let group = common::group_of_shard(&c.status(0).await, shard).expect("a group");
+    (token, group)
+}
+
+/// A quiet cluster with a kubbi that has 100 reads (content "probe"): its token, its group and
+/// that group's leader.
+async fn quiet_cluster_with_a_probe() -> (Cluster, String, u64, u64) {
+    let c = Cluster::start_with(3, &["--raft-quiet-after-ms", "300"]).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
+    let body = json!({"content": "probe", "max_retrievals": 100});
+    let (token, group) = create_probe(&c, &key, 0, body).await;
     wait_all_quiet(&c, "before the fault").await;
     let leader = c.leader_of(0, group).await.expect("a leader");
-    (c, key, token, group, leader)
+    (c, token, group, leader)
 }
 
 /// Claims `token` through member `via` until one succeeds (30 s at most).
@@ -1575,7 +1583,7 @@ async fn claim_through(c: &Cluster, via: usize, token: &str, what: &str) {
 /// and serve the group; when it thaws it follows the new leader and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_quiet_leader_is_replaced_and_follows_when_it_thaws() {
-    let (c, _key, token, group, leader) = quiet_cluster_with_a_probe().await;
+    let (c, token, group, leader) = quiet_cluster_with_a_probe().await;
     let frozen = c.index_of(leader);
     let via = (frozen + 1) % 3;
     signal(&c, frozen, "STOP");
@@ -1605,7 +1613,7 @@ async fn a_frozen_quiet_leader_is_replaced_and_follows_when_it_thaws() {
 /// on silence), the group is led again, every node sees one leader, and it serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_leader_restarted_at_once_gets_its_group_led_again() {
-    let (mut c, _key, token, group, leader) = quiet_cluster_with_a_probe().await;
+    let (mut c, token, group, leader) = quiet_cluster_with_a_probe().await;
     let i = c.index_of(leader);
     c.kill9(i);
     c.spawn(i, false);
