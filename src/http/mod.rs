@@ -258,7 +258,6 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .append_latency
         .render("kubbi_raft_append_duration_seconds", "", &mut out);
     let exec = app.service.router().executor().clone();
-    exec.quiet().render(&mut out);
     let me = exec.node_id();
     let (mut active, mut bytes) = (0u64, 0u64);
     let mut raft = String::new();
@@ -278,6 +277,11 @@ async fn metrics(State(app): State<AppState>) -> Response {
             u8::from(leader)
         );
         let _ = writeln!(raft, "kubbi_raft_term{{group=\"{g}\"}} {}", st.term);
+        let _ = writeln!(
+            raft,
+            "kubbi_raft_quiet{{group=\"{g}\"}} {}",
+            u8::from(st.quiet)
+        );
         let _ = writeln!(
             raft,
             "kubbi_raft_last_log_index{{group=\"{g}\"}} {}",
@@ -315,12 +319,28 @@ async fn metrics(State(app): State<AppState>) -> Response {
     }
     out.push_str("# HELP kubbi_raft_is_leader Whether this node leads the group.\n# TYPE kubbi_raft_is_leader gauge\n");
     out.push_str("# HELP kubbi_raft_term Current raft term of the group on this node.\n# TYPE kubbi_raft_term gauge\n");
+    out.push_str("# HELP kubbi_raft_quiet Whether this node's replica of the group is quiet (its ticker parked).\n# TYPE kubbi_raft_quiet gauge\n");
     out.push_str("# HELP kubbi_raft_last_log_index Last log index of the group on this node.\n# TYPE kubbi_raft_last_log_index gauge\n");
     out.push_str("# HELP kubbi_raft_applied_index Last applied index of the group on this node.\n# TYPE kubbi_raft_applied_index gauge\n");
     out.push_str("# HELP kubbi_raft_snapshot_index Last log index the group's newest snapshot on this node covers.\n# TYPE kubbi_raft_snapshot_index gauge\n");
     out.push_str("# HELP kubbi_raft_purged_index Last log index purged from the group's log on this node.\n# TYPE kubbi_raft_purged_index gauge\n");
     out.push_str("# HELP kubbi_group_time_ahead_ms How far the group's time (its latest applied stamp, which never goes back) is ahead of this node's clock; above zero, a leader's clock ran ahead of this node's.\n# TYPE kubbi_group_time_ahead_ms gauge\n");
     out.push_str(&raft);
+    let (parks, wakes) = exec.quiet().counts();
+    gauge(
+        &mut out,
+        "kubbi_raft_quiet_parks_total",
+        "counter",
+        "Times a replica went quiet.",
+        parks,
+    );
+    out.push_str("# HELP kubbi_raft_quiet_wakes_total Times a quiet replica woke, by reason.\n# TYPE kubbi_raft_quiet_wakes_total counter\n");
+    for (reason, n) in wakes {
+        let _ = writeln!(
+            out,
+            "kubbi_raft_quiet_wakes_total{{reason=\"{reason}\"}} {n}"
+        );
+    }
     gauge(
         &mut out,
         "kubbi_kubbis_active",

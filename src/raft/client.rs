@@ -138,11 +138,25 @@ async fn propose_inner(
 /// # Errors
 /// `NotLeader`, `NoQuorum` or `Stopped`.
 pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
-    let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
-    let mut backoff = Duration::from_millis(10);
     // A lease read never waits for a quorum (its wait is zero); it may wait for the local
     // apply to reach what the leader committed, which the attempt timeout bounds.
-    let mut policy = ReadPolicy::LeaseRead;
+    confirm(raft, ReadPolicy::LeaseRead).await
+}
+
+/// Renews this leader's lease with a read-index round: a heartbeat that a quorum answers. A
+/// leader takes writes and membership changes only within its lease, and the leader of a quiet
+/// group (`raft::quiet`) sends no heartbeats, so its lease has run out when the next one comes.
+///
+/// # Errors
+/// `NotLeader`, `NoQuorum` or `Stopped`.
+pub async fn renew_lease(raft: &Raft) -> Result<(), RaftClientError> {
+    confirm(raft, ReadPolicy::ReadIndex).await
+}
+
+/// Confirms leadership by `policy`, falling back from a lease read to a read index.
+async fn confirm(raft: &Raft, mut policy: ReadPolicy) -> Result<(), RaftClientError> {
+    let deadline = tokio::time::Instant::now() + LEADERLESS_PATIENCE;
+    let mut backoff = Duration::from_millis(10);
     loop {
         let r =
             tokio::time::timeout(ATTEMPT_TIMEOUT, raft.ensure_linearizable(policy.clone())).await;
@@ -173,31 +187,6 @@ pub async fn linearizable(raft: &Raft) -> Result<(), RaftClientError> {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(200));
-    }
-}
-
-/// Renews this leader's lease with a read-index round: a heartbeat that a quorum answers. A
-/// leader takes writes and membership changes only within its lease, and the leader of a quiet
-/// group (`raft::quiet`) sends no heartbeats, so its lease has run out when the next one comes.
-///
-/// # Errors
-/// `NotLeader`, `NoQuorum` or `Stopped`.
-pub async fn renew_lease(raft: &Raft) -> Result<(), RaftClientError> {
-    match tokio::time::timeout(
-        ATTEMPT_TIMEOUT,
-        raft.ensure_linearizable(ReadPolicy::ReadIndex),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(RaftError::Fatal(f))) => Err(RaftClientError::Stopped(f.to_string())),
-        Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-            Err(RaftClientError::NotLeader {
-                leader: f.leader_id.filter(|l| l != raft.node_id()),
-            })
-        }
-        Ok(Err(RaftError::APIError(e))) => Err(RaftClientError::NoQuorum(e.to_string())),
-        Err(_) => Err(RaftClientError::NoQuorum("read index timed out".into())),
     }
 }
 

@@ -34,7 +34,6 @@
 //! timeout.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -156,7 +155,8 @@ impl View {
     }
 }
 
-/// Why a quiet group woke (the label of `kubbi_raft_quiet_wakes_total`).
+/// Why a quiet group woke (the label of `kubbi_raft_quiet_wakes_total`); the discriminant
+/// indexes [`Quiet`]'s counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wake {
     /// Its leader's log moved (a write) or a replica fell behind.
@@ -338,9 +338,7 @@ impl Quiet {
                 r.raft.runtime_config().tick(false);
             }
             Act::Wake(why) => {
-                if let Some(i) = WAKES.iter().position(|w| *w == why) {
-                    self.wakes[i].fetch_add(1, Ordering::Relaxed);
-                }
+                self.wakes[why as usize].fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(group = g, reason = why.label(), "quiet group woke");
                 r.raft.runtime_config().tick(true);
             }
@@ -477,36 +475,14 @@ impl Quiet {
         self.replicas.get(&g).is_some_and(|r| r.lock().is_quiet())
     }
 
-    /// Appends the quiet metrics.
-    pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP kubbi_raft_quiet Whether this node's replica of the group is quiet (its ticker parked).\n# TYPE kubbi_raft_quiet gauge\n");
-        for (&g, r) in &self.replicas {
-            let label = if g == crate::ids::SYSTEM_GROUP {
-                "system".to_string()
-            } else {
-                g.to_string()
-            };
-            let _ = writeln!(
-                out,
-                "kubbi_raft_quiet{{group=\"{label}\"}} {}",
-                u8::from(r.lock().is_quiet())
-            );
-        }
-        out.push_str("# HELP kubbi_raft_quiet_parks_total Times a replica went quiet.\n# TYPE kubbi_raft_quiet_parks_total counter\n");
-        let _ = writeln!(
-            out,
-            "kubbi_raft_quiet_parks_total {}",
-            self.parks.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP kubbi_raft_quiet_wakes_total Times a quiet replica woke, by reason.\n# TYPE kubbi_raft_quiet_wakes_total counter\n");
-        for (w, n) in WAKES.iter().zip(&self.wakes) {
-            let _ = writeln!(
-                out,
-                "kubbi_raft_quiet_wakes_total{{reason=\"{}\"}} {}",
-                w.label(),
-                n.load(Ordering::Relaxed)
-            );
-        }
+    /// How often a replica went quiet, and how often a quiet one woke, by reason (the label
+    /// of `kubbi_raft_quiet_wakes_total`), since this node started.
+    pub fn counts(&self) -> (u64, Vec<(&'static str, u64)>) {
+        let wakes = WAKES
+            .iter()
+            .map(|w| (w.label(), self.wakes[*w as usize].load(Ordering::Relaxed)))
+            .collect();
+        (self.parks.load(Ordering::Relaxed), wakes)
     }
 }
 

@@ -1501,18 +1501,8 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
     let dead = c.index_of(leader);
     c.kill9(dead);
     let survivor = (dead + 1) % 3;
-    let claim = common::eventually(
-        Duration::from_secs(30),
-        "a claim through a survivor after the quiet leader died",
-        || {
-            let (api, token) = (c.api(survivor).clone(), token.clone());
-            async move {
-                let r = api.claim(&token).await;
-                (r.status == StatusCode::OK).then_some(r)
-            }
-        },
-    )
-    .await;
+    let what = "a claim through a survivor after the quiet leader died";
+    let claim = claim_through(&c, survivor, &token, what).await;
     assert_eq!(claim.body["content"], "quiet");
     assert_eq!(claim.body["burned"], true, "the second of two claims");
     let new_leader = c.leader_of(survivor, group).await;
@@ -1567,15 +1557,20 @@ async fn quiet_cluster_with_a_probe() -> (Cluster, String, u64, u64) {
 }
 
 /// Claims `token` through member `via` until one succeeds (30 s at most).
-async fn claim_through(c: &Cluster, via: usize, token: &str, what: &str) {
-    let r = common::eventually(Duration::from_secs(30), what, || {
+async fn claim_through(c: &Cluster, via: usize, token: &str, what: &str) -> common::Resp {
+    common::eventually(Duration::from_secs(30), what, || {
         let (api, token) = (c.api(via).clone(), token.to_string());
         async move {
             let r = api.claim(&token).await;
             (r.status == StatusCode::OK).then_some(r)
         }
     })
-    .await;
+    .await
+}
+
+/// [`claim_through`] of the probe of [`quiet_cluster_with_a_probe`].
+async fn claim_probe(c: &Cluster, via: usize, token: &str, what: &str) {
+    let r = claim_through(c, via, token, what).await;
     assert_eq!(r.body["content"], "probe");
 }
 
@@ -1587,7 +1582,7 @@ async fn a_frozen_quiet_leader_is_replaced_and_follows_when_it_thaws() {
     let frozen = c.index_of(leader);
     let via = (frozen + 1) % 3;
     signal(&c, frozen, "STOP");
-    claim_through(&c, via, &token, "a claim while the quiet leader is frozen").await;
+    claim_probe(&c, via, &token, "a claim while the quiet leader is frozen").await;
     let new_leader = c.leader_of(via, group).await;
     signal(&c, frozen, "CONT");
     assert!(
@@ -1604,7 +1599,7 @@ async fn a_frozen_quiet_leader_is_replaced_and_follows_when_it_thaws() {
         }
     })
     .await;
-    claim_through(&c, frozen, &token, "a claim through the thawed node").await;
+    claim_probe(&c, frozen, &token, "a claim through the thawed node").await;
 }
 
 /// The leader of a quiet group is killed and restarted at once, back within its followers'
@@ -1625,7 +1620,7 @@ async fn a_quiet_leader_restarted_at_once_gets_its_group_led_again() {
         "a claim after the leader's restart",
     )
     .await;
-    claim_through(&c, i, &token, "a claim through the restarted node").await;
+    claim_probe(&c, i, &token, "a claim through the restarted node").await;
     common::eventually(Duration::from_secs(30), "one leader seen by all", || {
         let c = &c;
         async move {
