@@ -39,14 +39,16 @@ enum Cmd {
     Inspect {
         #[command(flatten)]
         c: ClientArgs,
-        /// Claim URL or token.
+        /// Claim URL or token (a token may start with `-`).
+        #[arg(allow_hyphen_values = true)]
         claim: String,
     },
     /// Claim a payload: text to stdout, package files into --out (never overwriting without --force).
     Claim {
         #[command(flatten)]
         c: ClientArgs,
-        /// Claim URL or token.
+        /// Claim URL or token (a token may start with `-`).
+        #[arg(allow_hyphen_values = true)]
         claim: String,
         /// Directory for package files (default: the current directory).
         #[arg(long)]

@@ -154,6 +154,18 @@ async fn send_inspect_claim_text_and_stdin() {
         claimed.contains("12345678901234567890"),
         "digits kept: {claimed}"
     );
+    // One token in 64 starts with `-`: it is a token, not an option. (This one is unknown: the
+    // server's answer, not a usage error, proves it got there.)
+    let hyphen = format!("-{}", &token[1..]);
+    for cmd in ["inspect", "claim"] {
+        let r = run(&n, s(&[cmd, &hyphen]), None).await;
+        let err = String::from_utf8_lossy(&r.stderr).to_string();
+        assert!(
+            !r.status.success() && !err.contains("unexpected argument"),
+            "{cmd} {hyphen}: exit {:?}: {err}",
+            r.status.code()
+        );
+    }
     n.stop().await;
 }
 
