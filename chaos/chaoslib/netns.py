@@ -13,15 +13,18 @@ from and/or output to other nodes' addresses, so they can be symmetric or one-wa
 import ctypes
 import os
 import subprocess
+import time
 
-HUB = "kchaos-hub"
+# Every name starts with PREFIX, so a test can build its own topology beside a run's.
+PREFIX = "kchaos"
+HUB = f"{PREFIX}-hub"
 SUBNET = "10.77.0"
 CLIENT_IP = f"{SUBNET}.254"
 CLONE_NEWNET = 0x40000000
 
 
 def ns_name(i):
-    return f"kchaos-n{i}"
+    return f"{PREFIX}-n{i}"
 
 
 def ip_of(i):
@@ -37,7 +40,7 @@ def sh(*args, check=True, inp=None):
 
 def existing():
     r = sh("ip", "netns", "list", check=False)
-    return [line.split()[0] for line in r.stdout.splitlines() if line.startswith("kchaos-")]
+    return [line.split()[0] for line in r.stdout.splitlines() if line.startswith(f"{PREFIX}-")]
 
 
 def teardown():
@@ -53,14 +56,34 @@ def setup_hub():
     sh("ip", "-n", HUB, "link", "set", "br0", "up")
 
 
+def hub_has_link(name):
+    return sh("ip", "-n", HUB, "link", "show", name, check=False).returncode == 0
+
+
 def add_node(i):
+    """(Re)creates node i's namespace and its veth into the bridge.
+
+    A node that joins again (the membership fault joins, removes and joins the same spare)
+    finds its old namespace. Deleting a namespace frees its veth pair asynchronously, in the
+    kernel's netns cleanup work, so the hub-side end `vn<i>` can outlive `ip netns del` for a
+    moment and the new `link add` would answer "File exists". The hub end is deleted first,
+    explicitly (that deletes the pair at once), and its absence is waited for with a deadline.
+    """
     ns = ns_name(i)
+    veth = f"vn{i}"
+    if hub_has_link(veth):
+        sh("ip", "-n", HUB, "link", "del", veth, check=False)
     if ns in existing():
         sh("ip", "netns", "del", ns, check=False)
+    deadline = time.monotonic() + 10
+    while hub_has_link(veth):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{veth} is still in {HUB} 10 s after it was deleted")
+        time.sleep(0.05)
     sh("ip", "netns", "add", ns)
-    sh("ip", "-n", HUB, "link", "add", f"vn{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-    sh("ip", "-n", HUB, "link", "set", f"vn{i}", "master", "br0")
-    sh("ip", "-n", HUB, "link", "set", f"vn{i}", "up")
+    sh("ip", "-n", HUB, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+    sh("ip", "-n", HUB, "link", "set", veth, "master", "br0")
+    sh("ip", "-n", HUB, "link", "set", veth, "up")
     sh("ip", "-n", ns, "addr", "add", f"{ip_of(i)}/24", "dev", "eth0")
     sh("ip", "-n", ns, "link", "set", "eth0", "up")
     sh("ip", "-n", ns, "link", "set", "lo", "up")
