@@ -105,6 +105,14 @@ enum ClusterCmd {
     Status,
     /// Drain a node (its replicas move away) and retire it.
     Remove { id: u64 },
+    /// Split a data group online: the upper half of its widest shard range (or, with --at,
+    /// the rest of the range from that shard on) moves to a new group on the same replicas.
+    Split {
+        group: u16,
+        /// The first logical shard to move.
+        #[arg(long)]
+        at: Option<u16>,
+    },
     /// Pre-register a node by id and internal address (it can also just start with --join).
     Add {
         id: u64,
@@ -696,6 +704,28 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
             println!(
                 "node {id} is {}: its replicas move away, then it is removed",
                 r["state"].as_str().unwrap_or("?")
+            );
+        }
+        ClusterCmd::Split { group, at } => {
+            let r = admin_call(
+                &admin,
+                reqwest::Method::POST,
+                &format!("/admin/v1/groups/{group}/split"),
+                Some(serde_json::json!({ "at": at })),
+            )
+            .await?;
+            let ranges: Vec<String> = r["ranges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|x| format!("{}..{}", x[0], x[1]))
+                .collect();
+            println!(
+                "group {} split: shards {} now served by group {} (shard map version {})",
+                r["source"],
+                ranges.join(","),
+                r["target"],
+                r["map_version"]
             );
         }
         ClusterCmd::Add { id, internal, zone } => {

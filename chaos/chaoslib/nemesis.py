@@ -25,6 +25,10 @@ seeded order), inject, hold, heal. Kinds:
                    (the node is restarted if it is not ready 10 s after space returns)
   membership       join a spare node under traffic; the next time, drain and remove it (then
                    wipe it, so the time after it joins again as a new member)
+  split            split a random data group online (POST /admin/v1/groups/{g}/split through a
+                   random node) under traffic; a third of the time kill -9 the group's leader,
+                   a third of the time isolate it, while the split runs (then the split is
+                   finished by the system group's leader after the heal)
 
 Every injection and heal is an event in the history file ({"nemesis": ...}).
 """
@@ -60,7 +64,8 @@ class Nemesis:
         self.membership_phase = 0
         # nft rules exist only where a partition kind is enabled; otherwise heal() leaves the
         # network alone (a loopback cluster in the tests has no namespaces to clean).
-        self.net_faults = any(k.startswith("partition") or k in ("hot_leader", "overlap") for k in kinds)
+        self.net_faults = any(k.startswith("partition") or k in ("hot_leader", "overlap", "split")
+                              for k in kinds)
 
     def event(self, kind, phase, **kw):
         e = {"nemesis": kind, "phase": phase, "t": round(self.h.now(), 6), "w": round(time.time(), 3)}
@@ -367,6 +372,53 @@ class Nemesis:
         self.event("disk_full", "end", nodes=[nd.id], enospc_logged=enospc, restarted=restarted)
         return True
 
+    def do_split(self):
+        st = self.c.any_status()
+        groups = [g for g in st.get("shards", []) if g.get("id") != "system"
+                  and any(hi - lo >= 2 for lo, hi in g.get("ranges") or [])]
+        if not groups:
+            return False
+        g = self.rng.choice(groups)
+        how = self.rng.choice(["plain", "kill_leader", "isolate_leader"])
+        via = self.rng.choice([nd for nd in self.members() if nd.alive()])
+        self.event("split", "start", group=g["id"], via=via.id, how=how, leader=g.get("leader"))
+        answer = {}
+
+        def drive():
+            try:
+                answer["status"], answer["body"] = http_json(
+                    "POST", via.url(f"/admin/v1/groups/{g['id']}/split"), {}, token=self.c.admin, timeout=90)
+            except Exception as e:  # noqa: BLE001
+                answer["error"] = str(e)
+
+        t = threading.Thread(target=drive, name="split", daemon=True)
+        t.start()
+        lead = g.get("leader")
+        hit = None
+        if how != "plain" and isinstance(lead, int) and lead in self.c.nodes and lead != via.id:
+            self.sleep(self.rng.uniform(0.05, 1.0))
+            if how == "kill_leader":
+                self.c.nodes[lead].kill9()
+            else:
+                ids = [nd.id for nd in self.members()]
+                self.partitioned.update(ids)
+                others = sorted(j for j in ids if j != lead)
+                netns.block(lead, drop_in_from=others, drop_out_to=others)
+                for i in others:
+                    netns.block(i, drop_in_from=[lead], drop_out_to=[lead])
+            hit = lead
+            self.event("split", how, nodes=[lead])
+            self.sleep(self.rng.uniform(*self.hold))
+            if how == "kill_leader":
+                self.c.nodes[lead].start()
+            else:
+                self.heal_net()
+        t.join(120)
+        body = answer.get("body") if isinstance(answer.get("body"), dict) else {}
+        self.event("split", "end", group=g["id"], how=how, hit=hit, status=answer.get("status"),
+                   target=body.get("target"), error=answer.get("error") or body.get("message"))
+        return True
+
     def do_membership(self):
         if self.spare is None:
             return False
@@ -483,6 +535,8 @@ class Nemesis:
             return self.do_hot_leader()
         if kind == "overlap":
             return self.do_overlap()
+        if kind == "split":
+            return self.do_split()
         raise ValueError(kind)
 
     def start(self, end_t):

@@ -76,6 +76,7 @@ pub enum Handler {
     Digest,
     NodeAdd,
     NodeRemove,
+    GroupSplit,
 }
 
 /// The public API: `(method, path template, handler)`.
@@ -99,6 +100,7 @@ pub const ROUTES: &[(&str, &str, Handler)] = &[
     ("GET", "/admin/v1/digest", Handler::Digest),
     ("POST", "/admin/v1/nodes", Handler::NodeAdd),
     ("DELETE", "/admin/v1/nodes/{id}", Handler::NodeRemove),
+    ("POST", "/admin/v1/groups/{id}/split", Handler::GroupSplit),
 ];
 
 fn method_router(method: &str, h: Handler) -> axum::routing::MethodRouter<AppState> {
@@ -128,6 +130,7 @@ fn method_router(method: &str, h: Handler) -> axum::routing::MethodRouter<AppSta
         Handler::Digest => on(filter, digest),
         Handler::NodeAdd => on(filter, add_node),
         Handler::NodeRemove => on(filter, remove_node),
+        Handler::GroupSplit => on(filter, split_group),
     }
 }
 
@@ -763,7 +766,7 @@ async fn revoke_api_key(
 async fn digest(State(app): State<AppState>, _admin: Admin) -> Result<Json<Value>, ApiError> {
     let exec = app.service.router().executor().clone();
     let mut groups = Vec::new();
-    let mut ids: Vec<crate::ids::GroupId> = exec.groups().map(|lg| lg.group).collect();
+    let mut ids: Vec<crate::ids::GroupId> = exec.groups().iter().map(|lg| lg.group).collect();
     ids.sort_unstable();
     for g in ids {
         let (applied, d) = crate::raft::state_machine::group_digest(&app.storage, g)
@@ -910,6 +913,56 @@ async fn remove_node(
         })
         .await?;
     Ok(Json(json!({"id": r.id, "state": r.state.as_str()})))
+}
+
+/// `POST /admin/v1/groups/{id}/split` with `{}` or `{"at": shard}`: splits a data group online
+/// (`service::split`) and answers once the new group serves its range.
+async fn split_group(
+    State(app): State<AppState>,
+    _admin: Admin,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let group = id
+        .ok()
+        .and_then(|Path(s)| s.parse::<crate::ids::GroupId>().ok())
+        .filter(|g| *g != crate::ids::SYSTEM_GROUP)
+        .ok_or_else(|| ApiError::not_found("group"))?;
+    let bytes = json_body(&headers, body, 1024, app.service.limits().body_timeout).await?;
+    let v = validate::parse_json(&bytes)?;
+    let mut errs = Vec::new();
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::validation(vec![
+            "the body must be a JSON object".into(),
+        ]));
+    };
+    for k in obj.keys().filter(|k| k.as_str() != "at") {
+        errs.push(format!(
+            "unknown field `{}`",
+            k.chars().take(64).collect::<String>()
+        ));
+    }
+    let at = match obj.get("at") {
+        None | Some(Value::Null) => None,
+        Some(a) => match a.as_u64().and_then(|a| u16::try_from(a).ok()) {
+            Some(a) => Some(a),
+            None => {
+                errs.push("at must be a logical shard, 0 to 65535".into());
+                None
+            }
+        },
+    };
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    let done = app.service.split_group(group, at).await?;
+    Ok(Json(json!({
+        "source": done.source,
+        "target": done.target,
+        "ranges": done.ranges,
+        "map_version": done.map_version,
+    })))
 }
 
 // ---- health --------------------------------------------------------------------------------

@@ -125,6 +125,13 @@ pub fn operation(h: Handler) -> Value {
             "operationId": "removeNode", "tags": ["operator"], "summary": "Drain and retire a node", "security": admin,
             "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 1}}],
             "responses": {"200": ok("Leaving", "NodeState")}}),
+        Handler::GroupSplit => json!({
+            "operationId": "splitGroup", "tags": ["operator"],
+            "summary": "Split a data group online: [at, end) of its range holding `at`, or the upper half of its widest range, moves to a new group on the same replicas; answers once the new group serves it",
+            "security": admin,
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 0, "maximum": 65533}}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SplitRequest"}}}},
+            "responses": {"200": ok("Split", "SplitDone")}}),
     };
     let codes: &[(&str, &str)] = match h {
         Handler::Create => &[
@@ -161,6 +168,16 @@ pub fn operation(h: Handler) -> Value {
             ("400", "validation_error"),
             ("404", "not_found"),
             ("410", "expired or gone"),
+            ("503", "unavailable"),
+        ],
+        Handler::GroupSplit => &[
+            ("400", "validation_error"),
+            ("401", "unauthorized"),
+            ("404", "not_found"),
+            ("408", "request_timeout"),
+            ("409", "conflict"),
+            ("413", "payload_too_large"),
+            ("415", "unsupported_media_type"),
             ("503", "unavailable"),
         ],
         Handler::KeyCreate | Handler::NodeAdd => &[
@@ -282,6 +299,12 @@ fn schemas() -> Value {
                 "error": {"type": "string"}}}}}},
         "NodeRequest": {"type": "object", "additionalProperties": false, "required": ["id", "internal"], "properties": {
             "id": {"type": "integer", "minimum": 1}, "internal": {"type": "string"}, "http": {"type": "string"}, "zone": {"type": "string"}}},
+        "SplitRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "at": {"type": ["integer", "null"], "minimum": 0, "maximum": 65535, "description": "The first logical shard to move (default: the middle of the group's widest range)"}}},
+        "SplitDone": {"type": "object", "required": ["source", "target", "ranges", "map_version"], "properties": {
+            "source": {"type": "integer"}, "target": {"type": "integer"},
+            "ranges": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}},
+            "map_version": {"type": "integer"}}},
         "NodeState": {"type": "object", "properties": {"id": {"type": "integer"}, "internal": {"type": "string"}, "state": {"type": "string"}}}
     });
     // Apart from the literal above: serde_json's macro recursion limit.

@@ -12,19 +12,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::async_runtime::WatchReceiver;
-use ractor::{Actor, ActorRef};
+use ractor::ActorRef;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
+mod groups;
 pub mod map;
 
-use crate::actor::{ShardActor, ShardCtx, ShardMsg};
+use crate::actor::ShardMsg;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, read_secret_file, write_secret_file};
 use crate::crypto::{self, KeyRing};
@@ -34,13 +35,12 @@ use crate::ids::{GroupId, RequestId, SYSTEM_GROUP};
 use crate::raft::client::{self, known_leader};
 use crate::raft::quiet::{self, Quiet, QuietTiming};
 use crate::raft::state_machine::ApplyObserver;
-use crate::raft::{LogStore, NodeInfo, Raft, StateMachine};
-use crate::service::{Directory, Executor, KeyCache, LocalGroup, Router, Service};
+use crate::raft::{NodeInfo, Raft};
+use crate::service::{Directory, Executor, KeyCache, Router, Service};
 use crate::shard::{Candidate, placement, replicas};
 use crate::state::{Command, NodeRecord, NodeState, Outcome, next_timer_due, read_nodes};
 use crate::storage::{CF_RAFT_META, Storage, group_key};
 use crate::transport::messages::{LIVENESS_PATH, Liveness, NodeStatus, ShardOp, ShardReply};
-use crate::transport::raft_network::NetworkFactory;
 use crate::transport::{AddressBook, Identity, Lane, Peers};
 
 /// Starting a node failed.
@@ -88,8 +88,8 @@ pub struct NodeHandle {
     stop: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
-    rafts: Vec<Raft>,
-    actors: Vec<ActorRef<ShardMsg>>,
+    /// Every group this node runs (more start while it runs).
+    exec: Arc<Executor>,
 }
 
 impl NodeHandle {
@@ -106,8 +106,8 @@ impl NodeHandle {
     /// # Errors
     /// When a group cannot snapshot or purge within 30 s, or RocksDB fails.
     pub async fn compact(&self) -> Result<(), NodeError> {
-        for r in &self.rafts {
-            snapshot_and_purge(r, Duration::from_secs(30), true).await?;
+        for lg in self.exec.groups() {
+            snapshot_and_purge(&lg.raft, Duration::from_secs(30), true).await?;
         }
         // The snapshots just built pin views from before their purges; release them (and any
         // other unread pin) so the compaction may drop what was deleted.
@@ -137,14 +137,22 @@ impl NodeHandle {
             t.abort();
             let _ = t.await;
         }
-        for a in &self.actors {
-            let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        let groups = self.exec.groups();
+        for lg in &groups {
+            for t in &lg.tasks {
+                t.abort();
+            }
         }
-        for r in &self.rafts {
-            let _ = r.shutdown().await;
+        for lg in &groups {
+            if let Some(a) = &lg.actor {
+                let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+            }
         }
-        drop(self.rafts);
-        drop(self.actors);
+        for lg in &groups {
+            let _ = lg.raft.shutdown().await;
+        }
+        drop(groups);
+        drop(self.exec);
         drop(self.service);
         // In-flight work (a proposal task, a snapshot reader) may still hold the database for a
         // moment; wait for it so the data directory is free when this returns.
@@ -544,16 +552,18 @@ async fn snapshot_and_purge(
 /// Bounds each group's raft log by bytes as well as by entries (openraft's policy): a group
 /// whose log took in `budget` bytes since its last compaction here is snapshotted and purged.
 /// A follower that still needed the purged entries catches up from the snapshot.
-async fn log_budget_loop(groups: Vec<(GroupId, Raft, Arc<AtomicU64>)>, budget: u64) {
-    let mut marks = vec![0u64; groups.len()];
+async fn log_budget_loop(exec: Arc<Executor>, budget: u64) {
+    let mut marks: BTreeMap<GroupId, u64> = BTreeMap::new();
     loop {
         tokio::time::sleep(LOG_BUDGET_CHECK_EVERY).await;
-        for ((g, raft, appended), mark) in groups.iter().zip(marks.iter_mut()) {
-            let now = appended.load(Ordering::Relaxed);
+        for lg in exec.groups() {
+            let g = &lg.group;
+            let mark = marks.entry(lg.group).or_insert(0);
+            let now = lg.log_bytes.load(Ordering::Relaxed);
             if now.saturating_sub(*mark) < budget {
                 continue;
             }
-            match snapshot_and_purge(raft, Duration::from_secs(30), false).await {
+            match snapshot_and_purge(&lg.raft, Duration::from_secs(30), false).await {
                 Ok(()) => {
                     *mark = now;
                     tracing::debug!(
@@ -706,7 +716,21 @@ async fn rebalance_once(
         statuses.push(st);
     }
 
-    let plan = placement(&service.shard_map().group_ids(), &candidates, rf);
+    // Splits left half-way (their driver's node failed, or it gave up waiting) are finished
+    // first: until then their source serves nothing of the range.
+    if service
+        .shard_map()
+        .groups
+        .values()
+        .any(|e| matches!(e.state, crate::state::map::GroupState::Splitting { .. }))
+    {
+        let done = service.finish_splits().await?;
+        if !done.is_empty() {
+            tracing::info!(splits = done.len(), "finished splits left under way");
+            return Ok(true);
+        }
+    }
+    let plan = placement(&service.data_groups(), &candidates, rf);
     let mut changed = false;
     for (g, target) in &plan {
         let st = match service.router().call(*g, ShardOp::Status).await? {
@@ -847,7 +871,14 @@ async fn formed_elsewhere(peers: &Peers, g: GroupId, replicas: &[u64], me: u64) 
 /// # Errors
 /// Invalid configuration, unreadable secrets, a data directory of another node or one the
 /// cluster refuses, storage or raft start-up failures, or an address that cannot be bound.
-pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
+pub fn start(config: Config) -> futures::future::BoxFuture<'static, Result<NodeHandle, NodeError>> {
+    // Boxed: this future nests raft's start-up, the shard map's and the groups' ones; callers
+    // awaiting it inside their own futures would otherwise need a higher recursion limit to
+    // compute its layout.
+    Box::pin(start_node(config))
+}
+
+async fn start_node(config: Config) -> Result<NodeHandle, NodeError> {
     config.validate().map_err(NodeError::Config)?;
     std::fs::create_dir_all(&config.data_dir).map_err(io(format!(
         "cannot create the data directory {}",
@@ -962,14 +993,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
 
     let keys = KeyCache::load(storage.clone())?;
     let metrics = Arc::new(crate::metrics::Metrics::default());
-    let observer: Arc<dyn ApplyObserver> = Arc::new(Observers(vec![
-        keys.clone(),
-        metrics.lifecycle.clone(),
-        Arc::new(MemberObserver {
-            book: book.clone(),
-            me: config.node_id,
-        }),
-    ]));
     let rcfg = raft_config(&config)?;
 
     let bootstrap: Vec<Candidate> = if cc.internal_addr.is_none() {
@@ -1001,29 +1024,64 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         })
         .await?,
     );
-    let data_groups = shard_map.group_ids();
+    let map_cache = crate::service::MapCache::new(shard_map.clone(), storage.clone());
+    let observer: Arc<dyn ApplyObserver> = Arc::new(Observers(vec![
+        keys.clone(),
+        metrics.lifecycle.clone(),
+        Arc::new(MemberObserver {
+            book: book.clone(),
+            me: config.node_id,
+        }),
+        map_cache.clone(),
+    ]));
+    let quiet = Arc::new(Quiet::new(
+        config.node_id,
+        QuietTiming::new(
+            Duration::from_millis(config.raft.quiet_after_ms),
+            Duration::from_millis(config.raft.election_timeout_min_ms),
+            Duration::from_millis(config.raft.election_timeout_max_ms),
+        ),
+        std::iter::empty(),
+    ));
+    let exec = Arc::new(Executor::new(
+        config.node_id,
+        storage.clone(),
+        dyn_clock.clone(),
+        Vec::new(),
+        quiet.clone(),
+    ));
+    let starter = groups::GroupStarter {
+        me: config.node_id,
+        rcfg: rcfg.clone(),
+        storage: storage.clone(),
+        peers: peers.clone(),
+        observer: observer.clone(),
+        clock: dyn_clock.clone(),
+        actor_idle: config.actor_idle,
+        quiet: quiet.clone(),
+        exec: exec.clone(),
+    };
+    // The map's groups that can start now (a split's target waits for its fence, see
+    // `groups`), then the system group.
+    for (g, plan) in groups::pending(&starter, &shard_map)? {
+        groups::carry_out(&starter, g, plan).await?;
+    }
+    starter.start(SYSTEM_GROUP).await?;
+    let data_groups: Vec<GroupId> = exec
+        .groups()
+        .iter()
+        .map(|lg| lg.group)
+        .filter(|g| *g != SYSTEM_GROUP)
+        .collect();
     let groups: Vec<GroupId> = data_groups
         .iter()
         .copied()
         .chain(std::iter::once(SYSTEM_GROUP))
         .collect();
-    let mut rafts = Vec::with_capacity(groups.len());
-    let mut log_bytes = Vec::with_capacity(groups.len());
-    for &g in &groups {
-        let log = LogStore::new(storage.clone(), g);
-        let appended = log.appended_bytes();
-        let raft = Raft::new(
-            config.node_id,
-            rcfg.clone(),
-            NetworkFactory::new(g, peers.clone()),
-            log,
-            StateMachine::new(storage.clone(), g, observer.clone()),
-        )
-        .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
-        log_bytes.push((g, raft.clone(), appended));
-        rafts.push(raft);
-    }
+    let rafts: Vec<Raft> = groups
+        .iter()
+        .filter_map(|g| exec.group(*g).map(|lg| lg.raft.clone()))
+        .collect();
 
     // Form the groups of a new cluster, each by its preferred leader.
     let mut initialised_system = false;
@@ -1089,65 +1147,6 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     }
 
     let mut tasks = Vec::new();
-    let mut actors = Vec::new();
-    let mut local = Vec::new();
-    for (raft, &g) in rafts.iter().zip(&groups) {
-        tasks.push(tokio::spawn(sweep_loop(
-            config.node_id,
-            g,
-            raft.clone(),
-            storage.clone(),
-            dyn_clock.clone(),
-        )));
-        if g == SYSTEM_GROUP {
-            local.push(LocalGroup {
-                group: g,
-                raft: raft.clone(),
-                actor: None,
-                ctx: None,
-            });
-            continue;
-        }
-        let ctx = Arc::new(ShardCtx {
-            group: g,
-            raft: raft.clone(),
-            storage: storage.clone(),
-            clock: dyn_clock.clone(),
-            idle: config.actor_idle,
-            activations: std::sync::atomic::AtomicU64::new(0),
-        });
-        let (actor, _) = Actor::spawn(None, ShardActor, ctx.clone())
-            .await
-            .map_err(|e| NodeError::Raft(format!("cannot start shard actor {g}: {e}")))?;
-        tasks.push(tokio::spawn(leadership_watch(
-            config.node_id,
-            raft.clone(),
-            actor.clone(),
-        )));
-        actors.push(actor.clone());
-        local.push(LocalGroup {
-            group: g,
-            raft: raft.clone(),
-            actor: Some(actor),
-            ctx: Some(ctx),
-        });
-    }
-    let quiet = Arc::new(Quiet::new(
-        config.node_id,
-        QuietTiming::new(
-            Duration::from_millis(config.raft.quiet_after_ms),
-            Duration::from_millis(config.raft.election_timeout_min_ms),
-            Duration::from_millis(config.raft.election_timeout_max_ms),
-        ),
-        local.iter().map(|lg| (lg.group, lg.raft.clone())),
-    ));
-    let exec = Arc::new(Executor::new(
-        config.node_id,
-        storage.clone(),
-        dyn_clock.clone(),
-        local,
-        quiet.clone(),
-    ));
     let directory = Arc::new(Directory::default());
     if let Ok(nodes) = read_nodes(&storage.read_view(SYSTEM_GROUP))
         && !nodes.is_empty()
@@ -1184,7 +1183,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         dyn_clock.clone(),
         config.limits.clone(),
         keyring,
-        shard_map.clone(),
+        map_cache.clone(),
         router_,
         keys,
     );
@@ -1300,8 +1299,12 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
     }
     tasks.push(tokio::spawn(release_pins_loop(storage.clone())));
     tasks.push(tokio::spawn(log_budget_loop(
-        log_bytes,
+        exec.clone(),
         config.raft.snapshot_every_bytes,
+    )));
+    tasks.push(tokio::spawn(groups::groups_loop(
+        starter,
+        map_cache.clone(),
     )));
     tasks.push(tokio::spawn(key_lease_loop(service.clone())));
     tasks.push(tokio::spawn(map::keep(service.clone(), storage.clone())));
@@ -1341,8 +1344,7 @@ pub async fn start(config: Config) -> Result<NodeHandle, NodeError> {
         stop,
         servers,
         tasks,
-        rafts,
-        actors,
+        exec,
     })
 }
 

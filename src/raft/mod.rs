@@ -36,6 +36,16 @@ pub struct NodeInfo {
     pub zone: String,
 }
 
+impl From<&crate::state::Replica> for NodeInfo {
+    fn from(r: &crate::state::Replica) -> Self {
+        Self {
+            http: r.http.clone(),
+            internal: r.internal.clone(),
+            zone: r.zone.clone(),
+        }
+    }
+}
+
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.internal, self.zone)

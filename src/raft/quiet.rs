@@ -34,8 +34,8 @@
 //! timeout.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -287,7 +287,8 @@ impl Replica {
 pub struct Quiet {
     me: NodeId,
     timing: QuietTiming,
-    replicas: BTreeMap<GroupId, Replica>,
+    /// Groups start while the node runs (a split's target), so the set is behind a lock.
+    replicas: RwLock<BTreeMap<GroupId, Arc<Replica>>>,
     /// When each peer's last liveness ping arrived.
     heard: Mutex<HashMap<NodeId, Instant>>,
     /// When the last [`Quiet::check`] ran, and since when silence counts: a node that was
@@ -304,25 +305,49 @@ impl Quiet {
         timing: QuietTiming,
         groups: impl IntoIterator<Item = (GroupId, Raft)>,
     ) -> Self {
-        let now = Instant::now();
-        Self {
+        let q = Self {
             me,
             timing,
-            replicas: groups
-                .into_iter()
-                .map(|(g, raft)| {
-                    let state = Mutex::new(State::Awake {
-                        index: None,
-                        since: now,
-                    });
-                    (g, Replica { raft, state })
-                })
-                .collect(),
+            replicas: RwLock::new(BTreeMap::new()),
             heard: Mutex::new(HashMap::new()),
             clock: Mutex::new((None, None)),
             wakes: Default::default(),
             parks: AtomicU64::new(0),
+        };
+        for (g, raft) in groups {
+            q.add(g, raft);
         }
+        q
+    }
+
+    /// Watches group `g` from now on (awake); a group already watched is left as it is.
+    pub fn add(&self, g: GroupId, raft: Raft) {
+        let state = Mutex::new(State::Awake {
+            index: None,
+            since: Instant::now(),
+        });
+        self.replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(g)
+            .or_insert_with(|| Arc::new(Replica { raft, state }));
+    }
+
+    fn replicas(&self) -> Vec<(GroupId, Arc<Replica>)> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(g, r)| (*g, r.clone()))
+            .collect()
+    }
+
+    fn replica(&self, g: GroupId) -> Option<Arc<Replica>> {
+        self.replicas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&g)
+            .cloned()
     }
 
     pub fn timing(&self) -> QuietTiming {
@@ -366,7 +391,7 @@ impl Quiet {
             c.1
         };
         let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (&g, r) in &self.replicas {
+        for (g, r) in self.replicas() {
             let v = r.view(self.me);
             let mut st = r.lock();
             let from = match *st {
@@ -376,7 +401,7 @@ impl Quiet {
             let (next, act) = on_check(*st, &v, now, self.timing.after, self.timing.silence, from);
             *st = next;
             drop(st);
-            self.act(g, r, act);
+            self.act(g, &r, act);
             match next {
                 State::Leading { term, index } => beat.quiet.push(QuietGroup {
                     group: g,
@@ -400,7 +425,7 @@ impl Quiet {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(from, now);
-        for (&g, r) in &self.replicas {
+        for (g, r) in self.replicas() {
             let mut st = r.lock();
             let listed = beat.quiet.iter().find(|q| q.group == g);
             match *st {
@@ -412,7 +437,7 @@ impl Quiet {
                         since: now,
                     };
                     drop(st);
-                    self.act(g, r, Act::Wake(Wake::Leadership));
+                    self.act(g, &r, Act::Wake(Wake::Leadership));
                 }
                 State::Awake { .. } => {
                     let Some(q) = listed else { continue };
@@ -425,7 +450,7 @@ impl Quiet {
                         index: q.last_log_index,
                     };
                     drop(st);
-                    self.act(g, r, Act::Park);
+                    self.act(g, &r, Act::Park);
                 }
                 _ => {}
             }
@@ -439,7 +464,7 @@ impl Quiet {
         if !wakes || !self.timing.enabled() {
             return;
         }
-        let Some(r) = self.replicas.get(&g) else {
+        let Some(r) = self.replica(g) else {
             return;
         };
         let mut st = r.lock();
@@ -451,7 +476,7 @@ impl Quiet {
             since: Instant::now(),
         };
         drop(st);
-        self.act(g, r, Act::Wake(Wake::Message));
+        self.act(g, &r, Act::Wake(Wake::Message));
     }
 
     /// Whether this node follows `g` quietly and heard its leader's liveness ping within
@@ -460,7 +485,7 @@ impl Quiet {
     /// this a node that merely lost touch with the leader (cut off from it alone, or slow to
     /// hear) would win the pre-vote and depose a healthy leader.
     pub fn hears_leader(&self, g: GroupId, now: Instant) -> bool {
-        let Some(State::Following { leader, .. }) = self.replicas.get(&g).map(|r| *r.lock()) else {
+        let Some(State::Following { leader, .. }) = self.replica(g).map(|r| *r.lock()) else {
             return false;
         };
         self.heard
@@ -472,7 +497,7 @@ impl Quiet {
 
     /// Whether this node's replica of `g` is quiet.
     pub fn is_quiet(&self, g: GroupId) -> bool {
-        self.replicas.get(&g).is_some_and(|r| r.lock().is_quiet())
+        self.replica(g).is_some_and(|r| r.lock().is_quiet())
     }
 
     /// How often a replica went quiet, and how often a quiet one woke, by reason (the label

@@ -31,8 +31,8 @@ use super::{LogId, NodeId, NodeInfo, StoredMembership, TypeConfig, io_err};
 use crate::codec::{decode, encode};
 use crate::ids::{GroupId, Millis};
 use crate::state::{
-    KubbiRecord, Ownership, ShardRange, ShardStats, StateRead, Table, Totals, day_of, in_ranges,
-    keys,
+    KubbiRecord, MovedRanges, Ownership, ShardRange, ShardStats, StateRead, Table, Totals, day_of,
+    in_ranges, keys,
 };
 use crate::storage::{CF_BLOB, CF_RAFT_LOG, CF_RAFT_META, CF_STATE, Storage, group_key};
 
@@ -50,6 +50,23 @@ pub struct SeedPlan {
     pub voters: BTreeMap<NodeId, NodeInfo>,
     /// The fence's stamped time: creates of its UTC day are what the copied usage counts.
     pub now: Millis,
+}
+
+impl SeedPlan {
+    /// The seed of `fence` (a fence in `source`'s ownership record).
+    pub fn of_fence(source: GroupId, fence: &MovedRanges) -> Self {
+        Self {
+            source,
+            target: fence.group,
+            ranges: fence.ranges.clone(),
+            voters: fence
+                .voters
+                .iter()
+                .map(|r| (r.id, NodeInfo::from(r)))
+                .collect(),
+            now: fence.at,
+        }
+    }
 }
 
 /// What a seed did.
@@ -320,6 +337,13 @@ mod tests {
                     ranges: vec![FENCE],
                     target: TARGET,
                     map_version: 2,
+                    voters: (1..=3)
+                        .map(|id| crate::state::Replica {
+                            id,
+                            internal: format!("10.0.0.{id}:7070"),
+                            ..Default::default()
+                        })
+                        .collect(),
                 },
             )],
         );

@@ -2,13 +2,15 @@
 //! else answers `NotLeader` with its best leader hint and the caller goes there (one hop).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::ChangeMembers;
 use openraft::async_runtime::WatchReceiver;
 use ractor::ActorRef;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 use crate::actor::{KubbiMsg, ShardCtx, ShardMsg};
 use crate::clock::Clock;
@@ -19,9 +21,9 @@ use crate::raft::client::{self, RaftClientError};
 use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
-    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Rejection, StateRead, StoreError,
-    Table, claim_of_ended, keys, read_group_time, read_kubbi, read_kubbi_by_token, read_nodes,
-    read_owner_usage,
+    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Ownership, Rejection, Served,
+    StateRead, StoreError, Table, claim_of_ended, keys, read_group_time, read_kubbi,
+    read_kubbi_by_token, read_nodes, read_owner_usage,
 };
 use crate::storage::Storage;
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -33,14 +35,19 @@ pub struct LocalGroup {
     /// The shard's actor registry (kubbi shards only).
     pub actor: Option<ActorRef<ShardMsg>>,
     pub ctx: Option<Arc<ShardCtx>>,
+    /// Bytes appended to the group's raft log since this node started (the log's byte budget).
+    pub log_bytes: Arc<AtomicU64>,
+    /// The group's own loops (sweeper, leadership watch), stopped with the node.
+    pub tasks: Vec<JoinHandle<()>>,
 }
 
-/// Every group of this node.
+/// Every group of this node. Groups are added while the node runs (a split's target starts on
+/// the replicas that seed it), never removed before it stops.
 pub struct Executor {
     node_id: u64,
     storage: Arc<Storage>,
     clock: Arc<dyn Clock>,
-    groups: BTreeMap<GroupId, LocalGroup>,
+    groups: RwLock<BTreeMap<GroupId, Arc<LocalGroup>>>,
     quiet: Arc<crate::raft::quiet::Quiet>,
 }
 
@@ -71,9 +78,19 @@ impl Executor {
             node_id,
             storage,
             clock,
-            groups: groups.into_iter().map(|g| (g.group, g)).collect(),
+            groups: RwLock::new(groups.into_iter().map(|g| (g.group, Arc::new(g))).collect()),
             quiet,
         }
+    }
+
+    /// Runs `lg` from now on; `false` (and `lg` is dropped) when the group already runs here.
+    pub fn add(&self, lg: LocalGroup) -> bool {
+        let mut groups = self.groups.write().unwrap_or_else(|p| p.into_inner());
+        if groups.contains_key(&lg.group) {
+            return false;
+        }
+        groups.insert(lg.group, Arc::new(lg));
+        true
     }
 
     /// Which of this node's groups are quiet (`raft::quiet`).
@@ -81,12 +98,22 @@ impl Executor {
         &self.quiet
     }
 
-    pub fn group(&self, g: GroupId) -> Option<&LocalGroup> {
-        self.groups.get(&g)
+    pub fn group(&self, g: GroupId) -> Option<Arc<LocalGroup>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&g)
+            .cloned()
     }
 
-    pub fn groups(&self) -> impl Iterator<Item = &LocalGroup> {
-        self.groups.values()
+    /// The groups this node runs, in order.
+    pub fn groups(&self) -> Vec<Arc<LocalGroup>> {
+        self.groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn node_id(&self) -> u64 {
@@ -95,7 +122,7 @@ impl Executor {
 
     /// What `owner` holds in group `g` as this node's replica has applied it, if it has one.
     pub fn local_usage(&self, g: GroupId, owner: &ApiKeyId) -> Option<OwnerUsage> {
-        self.groups.get(&g)?;
+        self.group(g)?;
         read_owner_usage(&self.storage.read_view(g), owner)
             .map_err(|e| tracing::warn!(group = g, error = %e, "cannot read owner usage"))
             .ok()
@@ -123,7 +150,19 @@ impl Executor {
     }
 
     async fn execute_inner(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ExecError> {
-        let lg = self.groups.get(&g).ok_or(ExecError::NoSuchGroup)?;
+        // A proposal of a shard fenced here is answered by the state machine; the router sends
+        // it on to the group named.
+        match self.execute_op(g, op).await? {
+            ShardReply::Outcome(Outcome::Moved { group, map_version }) => {
+                Err(ExecError::Moved { group, map_version })
+            }
+            ShardReply::Outcome(Outcome::Rejected(Rejection::NotOwned)) => Err(ExecError::NotOwned),
+            reply => Ok(reply),
+        }
+    }
+
+    async fn execute_op(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ExecError> {
+        let lg = self.group(g).ok_or(ExecError::NoSuchGroup)?;
         let raft = &lg.raft;
         match op {
             ShardOp::Create { request_id, create } => {
@@ -150,6 +189,7 @@ impl Executor {
                 idempotency,
             } => {
                 self.must_lead(raft)?;
+                serves(&self.storage.read_view(g), shard)?;
                 let read = || read_kubbi_by_token(&self.storage.read_view(g), shard, &token_hash);
                 let record = match read().map_err(from_store)? {
                     Some(r) => Some(r),
@@ -170,7 +210,7 @@ impl Executor {
                         .map_err(from_store)?;
                     return Ok(ShardReply::Outcome(answer));
                 }
-                self.route(lg, record.id, Some(record), |reply| KubbiMsg::Claim {
+                self.route(&lg, record.id, Some(record), |reply| KubbiMsg::Claim {
                     request_id,
                     idempotency,
                     reply,
@@ -184,7 +224,8 @@ impl Executor {
                 owner,
             } => {
                 self.must_lead(raft)?;
-                self.route(lg, id, None, |reply| KubbiMsg::Delete {
+                serves(&self.storage.read_view(g), id.shard())?;
+                self.route(&lg, id, None, |reply| KubbiMsg::Delete {
                     request_id,
                     owner,
                     reply,
@@ -199,6 +240,7 @@ impl Executor {
             } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
                 let view = self.storage.read_view(g);
+                serves(&view, shard)?;
                 let Some(record) =
                     read_kubbi_by_token(&view, shard, &token_hash).map_err(from_store)?
                 else {
@@ -220,7 +262,17 @@ impl Executor {
                 client::linearizable(raft).await.map_err(from_raft)?;
                 let view = self.storage.read_view(g);
                 let mut found = Vec::with_capacity(ids.len());
+                let own = view.ownership().map_err(from_store)?;
                 for id in &ids {
+                    match Ownership::serves(own.as_ref(), id.shard()) {
+                        Served::Here => {}
+                        // One moved away is read where it went (the router follows).
+                        Served::Moved { group, map_version } => {
+                            return Err(ExecError::Moved { group, map_version });
+                        }
+                        // Not this group's: another group answers for it.
+                        Served::NotOwned => continue,
+                    }
                     if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
                         found.push(r);
                     }
@@ -240,11 +292,19 @@ impl Executor {
                         usize::MAX,
                     )
                     .map_err(from_store)?;
+                let own = view.ownership().map_err(from_store)?;
                 let entries = rows
                     .iter()
                     .map(|(k, v)| {
                         OwnerEntry::decode(k, v).ok_or_else(|| {
                             ExecError::Internal("undecodable owner index entry".into())
+                        })
+                    })
+                    // A range fenced here is listed by the group it moved to (both hold its
+                    // keys until the release).
+                    .filter(|e| {
+                        e.as_ref().map_or(true, |e| {
+                            Ownership::serves(own.as_ref(), e.id.shard()) == Served::Here
                         })
                     })
                     .collect::<Result<Vec<_>, _>>()?;
@@ -295,7 +355,7 @@ impl Executor {
 
     /// This node's view of group `g`.
     pub fn status(&self, g: GroupId) -> Option<GroupStatus> {
-        let lg = self.groups.get(&g)?;
+        let lg = self.group(g)?;
         let m = lg.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         Some(GroupStatus {
@@ -395,8 +455,8 @@ impl Executor {
 
     /// Kubbi actors this node has started since it started.
     pub fn actor_activations(&self) -> u64 {
-        self.groups
-            .values()
+        self.groups()
+            .iter()
             .filter_map(|lg| lg.ctx.as_ref())
             .map(|c| c.activations.load(std::sync::atomic::Ordering::Relaxed))
             .sum()
@@ -405,7 +465,7 @@ impl Executor {
     /// Number of live kubbi actors on this node.
     pub async fn live_actors(&self) -> usize {
         let mut n = 0;
-        for lg in self.groups.values() {
+        for lg in self.groups() {
             if let Some(a) = &lg.actor {
                 let (tx, rx) = oneshot::channel();
                 if a.send_message(ShardMsg::LiveActors(tx)).is_ok() {
@@ -414,6 +474,16 @@ impl Executor {
             }
         }
         n
+    }
+}
+
+/// `Ok` when the group of `view` serves `shard`; otherwise where it went, or that it is not
+/// this group's (a read must never answer "not found" for a kubbi that moved).
+fn serves(view: &impl StateRead, shard: crate::ids::Shard) -> Result<(), ExecError> {
+    match Ownership::serves(view.ownership().map_err(from_store)?.as_ref(), shard) {
+        Served::Here => Ok(()),
+        Served::Moved { group, map_version } => Err(ExecError::Moved { group, map_version }),
+        Served::NotOwned => Err(ExecError::NotOwned),
     }
 }
 

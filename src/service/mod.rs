@@ -15,8 +15,10 @@
 
 pub mod exec;
 pub mod keys;
+pub mod map_cache;
 pub mod model;
 pub mod router;
+pub mod split;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use zeroize::Zeroizing;
 
 pub use exec::{Executor, LocalGroup};
 pub use keys::KeyCache;
+pub use map_cache::MapCache;
 pub use model::*;
 pub use router::{Directory, Router};
 
@@ -54,9 +57,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     limits: Limits,
     keyring: KeyRing,
-    /// Which group serves each logical shard (fixed for the life of the process until splits
-    /// change it online).
-    map: Arc<ShardMap>,
+    /// Which group serves each logical shard (changed online by splits).
+    map: Arc<MapCache>,
     router: Arc<Router>,
     keys: Arc<KeyCache>,
     /// When a request last began renewing the key cache (concurrent requests share one).
@@ -130,7 +132,7 @@ impl Service {
         clock: Arc<dyn Clock>,
         limits: Limits,
         keyring: KeyRing,
-        map: Arc<ShardMap>,
+        map: Arc<MapCache>,
         router: Arc<Router>,
         keys: Arc<KeyCache>,
     ) -> Self {
@@ -162,13 +164,23 @@ impl Service {
     }
 
     /// The shard map this node routes by.
-    pub fn shard_map(&self) -> &Arc<ShardMap> {
+    pub fn shard_map(&self) -> Arc<ShardMap> {
+        self.inner.map.get()
+    }
+
+    /// The cache of the shard map (its changes can be waited for).
+    pub fn map_cache(&self) -> &Arc<MapCache> {
         &self.inner.map
     }
 
-    /// The data groups, in order.
+    /// The data groups that serve shards, in order (a group being split off serves none
+    /// until its split is done).
     pub fn data_groups(&self) -> Vec<GroupId> {
-        self.inner.map.group_ids()
+        let map = self.inner.map.get();
+        let mut groups: Vec<GroupId> = map.ranges.iter().map(|r| r.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
     }
 
     pub fn router(&self) -> &Arc<Router> {
@@ -179,6 +191,7 @@ impl Service {
     fn group_of(&self, shard: Shard) -> Result<GroupId, ApiError> {
         self.inner
             .map
+            .get()
             .group_of(shard)
             .ok_or_else(|| ApiError::not_found("kubbi"))
     }
@@ -403,7 +416,7 @@ impl Service {
         input: CreateInput,
         idem: Option<CreateIdempotencyInput>,
     ) -> Result<Created, ApiError> {
-        let map = &self.inner.map;
+        let map = self.inner.map.get();
         let idem_hash = idem.as_ref().map(|i| {
             let mut m = producer.key.id.0.to_vec();
             m.extend_from_slice(i.key.as_bytes());
@@ -420,7 +433,7 @@ impl Service {
                 None => self
                     .inner
                     .router
-                    .local_leader_group(map.groups.keys().copied())
+                    .local_leader_group(map.ranges.iter().map(|r| r.group))
                     .and_then(|g| map.random_shard_of(g))
                     .unwrap_or_else(rand::random),
             }

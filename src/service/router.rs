@@ -175,7 +175,7 @@ impl Router {
         tracing::Instrument::instrument(self.call_inner(g, op), span).await
     }
 
-    async fn call_inner(&self, g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
+    async fn call_inner(&self, mut g: GroupId, op: ShardOp) -> Result<ShardReply, ApiError> {
         let deadline = tokio::time::Instant::now() + ROUTE_PATIENCE;
         let mut encoded: Option<Vec<u8>> = None;
         // The known leader first; the full candidate list (which reads raft metrics and the
@@ -191,6 +191,9 @@ impl Router {
         };
         let mut backoff = Duration::from_millis(20);
         let mut hops = 0;
+        // Redirects followed: a shard moves at most once per split, so a chain this long is a
+        // loop between two maps that disagree (retried with backoff instead).
+        let mut moves = 0;
         loop {
             let result = match &self.peers {
                 Some(peers) if target != self.me => {
@@ -241,6 +244,29 @@ impl Router {
                     hops += 1;
                     self.directory.set_leader(g, l);
                     target = l;
+                    continue;
+                }
+                Err(ExecError::Moved { group, map_version }) if group != g && moves < 4 => {
+                    // Split off to `group`: the same operation (same request id) goes there at
+                    // once. This node's map catches up as the system group replicates.
+                    tracing::debug!(
+                        from = g,
+                        to = group,
+                        map_version,
+                        op = op.name(),
+                        "shard moved"
+                    );
+                    moves += 1;
+                    g = group;
+                    candidates.clear();
+                    next = 0;
+                    target = match self.directory.leader(g) {
+                        Some(l) => l,
+                        None => {
+                            candidates = self.candidates(g);
+                            candidates.first().copied().unwrap_or(self.me)
+                        }
+                    };
                     continue;
                 }
                 Err(ExecError::Internal(m)) => {

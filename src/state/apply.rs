@@ -333,7 +333,8 @@ fn apply_at(s: &mut impl StateStore, req: &Request, now: Millis) -> Result<Outco
             ranges,
             target,
             map_version,
-        } => return split(s, ranges, *target, *map_version),
+            voters,
+        } => return split(s, ranges, *target, *map_version, voters, now),
         Command::Release { target } => return release(s, *target, now),
         _ => {}
     }
@@ -1018,8 +1019,13 @@ fn split(
     ranges: &[ShardRange],
     target: crate::ids::GroupId,
     map_version: u64,
+    voters: &[super::Replica],
+    now: Millis,
 ) -> Result<Outcome, StoreError> {
-    // Only a group that the shard map adopted can be split.
+    // Only a group that the shard map adopted can be split, and only to some voters.
+    if voters.is_empty() {
+        return Ok(Outcome::Rejected(Rejection::BadRanges));
+    }
     let Some(own) = s.ownership()? else {
         return Ok(Outcome::Rejected(Rejection::BadRanges));
     };
@@ -1032,7 +1038,7 @@ fn split(
             Outcome::Rejected(Rejection::BadRanges)
         });
     }
-    let Some(next) = own.fenced(ranges, target, map_version) else {
+    let Some(next) = own.fenced(ranges, target, map_version, voters, now) else {
         return Ok(Outcome::Rejected(Rejection::BadRanges));
     };
     s.put(Table::State, keys::ownership(), encode(&next));
@@ -2086,6 +2092,10 @@ mod tests {
             ranges: ranges.to_vec(),
             target,
             map_version: 2,
+            voters: vec![crate::state::Replica {
+                id: 1,
+                ..Default::default()
+            }],
         };
         apply(s, &req(T0, cmd)).expect("applies")
     }
@@ -2115,10 +2125,12 @@ mod tests {
             None,
             "past the space"
         );
-        let fenced = own.fenced(&[(150, 200), (0, 10)], 9, 4).expect("owned");
+        let fenced = own
+            .fenced(&[(150, 200), (0, 10)], 9, 4, &[], 0)
+            .expect("owned");
         assert_eq!(fenced.owned, vec![(10, 60), (100, 150)]);
-        assert_eq!(own.fenced(&[(55, 70)], 9, 4), None, "not all owned");
-        assert_eq!(own.fenced(&[], 9, 4), None, "nothing");
+        assert_eq!(own.fenced(&[(55, 70)], 9, 4, &[], 0), None, "not all owned");
+        assert_eq!(own.fenced(&[], 9, 4, &[], 0), None, "nothing");
         let at = |shard| Ownership::serves(Some(&fenced), shard);
         assert_eq!(at(10), Served::Here);
         assert_eq!(at(149), Served::Here);

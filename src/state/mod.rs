@@ -397,6 +397,9 @@ pub enum Command {
         ranges: Vec<ShardRange>,
         target: GroupId,
         map_version: u64,
+        /// The target's first voters (this group's, when it was fenced): every replica that
+        /// seeds the target from its copy starts it with this membership.
+        voters: Vec<Replica>,
     },
     /// Drops the keys of the ranges fenced for `target` once `target` serves them; commands of
     /// those shards are still answered `Moved`.
@@ -470,6 +473,15 @@ fn subtract(from: &[ShardRange], cut: &[ShardRange]) -> Option<Vec<ShardRange>> 
     Some(out)
 }
 
+/// A replica of a raft group as a fence names it: a node and where to reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: u64,
+    pub http: String,
+    pub internal: String,
+    pub zone: String,
+}
+
 /// Ranges a group fenced for another group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MovedRanges {
@@ -478,6 +490,10 @@ pub struct MovedRanges {
     pub map_version: u64,
     /// Their keys are gone from this group.
     pub released: bool,
+    /// The target's first voters: the replicas of this group that seed it (`raft::seed`).
+    pub voters: Vec<Replica>,
+    /// The fence's stamped time (the seeded usage counts the creates of its UTC day).
+    pub at: Millis,
 }
 
 /// Which logical shards a data group serves (state key `w`), replicated like everything else.
@@ -535,7 +551,14 @@ impl Ownership {
     }
 
     /// This ownership after fencing `ranges` for `target`: `None` when they are not all owned.
-    pub fn fenced(&self, ranges: &[ShardRange], target: GroupId, map_version: u64) -> Option<Self> {
+    pub fn fenced(
+        &self,
+        ranges: &[ShardRange],
+        target: GroupId,
+        map_version: u64,
+        voters: &[Replica],
+        at: Millis,
+    ) -> Option<Self> {
         if normalize(ranges)?.is_empty() {
             return None;
         }
@@ -546,6 +569,8 @@ impl Ownership {
             group: target,
             map_version,
             released: false,
+            voters: voters.to_vec(),
+            at,
         });
         Some(Self { owned, moved })
     }

@@ -134,6 +134,13 @@ pub enum ExecError {
     /// This node does not run that group.
     #[error("no such group")]
     NoSuchGroup,
+    /// The operation's shard was split off to `group` (fenced in this group's log at map
+    /// version `map_version`): nothing was done here; send it there.
+    #[error("shard moved to group {group} (map version {map_version})")]
+    Moved { group: GroupId, map_version: u64 },
+    /// This group does not serve the operation's shard: the sender's shard map is wrong.
+    #[error("shard not served by this group")]
+    NotOwned,
 }
 
 /// One part of a snapshot being sent to a follower.

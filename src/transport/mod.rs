@@ -54,8 +54,9 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// time (never before an earlier entry that changed state, key `m`), so 3 and 4 would decide
 /// expiry differently for the same log. 5 adds liveness pings that stand in for the heartbeats
 /// of quiet groups (`raft::quiet`): a node of 4 would take a quiet leader's silence for its
-/// death and depose it.
-pub const PROTOCOL: u32 = 5;
+/// death and depose it. 6 adds the split's fence with its voters and the `Moved`/`NotOwned`
+/// answers of a forwarded operation.
+pub const PROTOCOL: u32 = 6;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.

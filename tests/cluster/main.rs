@@ -823,6 +823,45 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
         "{text}"
     );
 
+    // An online split through the CLI, then a refused one (a shard the group does not serve).
+    let url = format!("http://{}", nodes[0]["http"].as_str().expect("h"));
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .args(args)
+            .args(["--url", &url])
+            .env("KUBBI_ADMIN_TOKEN", &admin)
+            .output()
+            .expect("kubbi cluster")
+    };
+    let split = cli(&["cluster", "split", "2", "--at", "50000"]);
+    let text = String::from_utf8_lossy(&split.stdout);
+    assert!(
+        split.status.success(),
+        "{}",
+        String::from_utf8_lossy(&split.stderr)
+    );
+    assert!(
+        text.contains(
+            "group 2 split: shards 50000..65536 now served by group 3 (shard map version 3)"
+        ),
+        "{text}"
+    );
+    let refused = cli(&["cluster", "split", "2", "--at", "100"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("409") && err.contains("no range to split at shard 100"),
+        "{err}"
+    );
+    let status = cli(&["cluster", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("groups (shard map version 3):")
+            && text.contains("shards 43690..50000 ")
+            && text.contains("shards 50000..65536 "),
+        "{text}"
+    );
+
     let _ = again.kill();
     let _ = again.wait();
     // cluster/down removes the run directory: keep its node logs for the scan.
@@ -1630,6 +1669,252 @@ async fn a_quiet_leader_restarted_at_once_gets_its_group_led_again() {
             }
             seen.windows(2).all(|w| w[0] == w[1]).then_some(())
         }
+    })
+    .await;
+}
+
+/// The logical shard of a kubbi id (its first two bytes).
+fn shard_of_id(id: &str) -> u16 {
+    u16::from_str_radix(&id[..4], 16).expect("hex id")
+}
+
+fn post_idem(
+    api: &common::Api,
+    key: &str,
+    path: &str,
+    idem: &str,
+    body: &Value,
+) -> reqwest::RequestBuilder {
+    api.http
+        .post(api.url(path))
+        .bearer_auth(key)
+        .header("Idempotency-Key", idem)
+        .json(body)
+}
+
+/// A split under create/claim load through every node loses and doubles nothing: every
+/// acknowledged create is there with its exact count, an idempotent create retried across the
+/// split returns its first kubbi, a claim retried with its key across the split replays its
+/// payload and counts once, the new group serves the moved range, the map partitions the shard
+/// space, and every group's replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_under_load_loses_and_doubles_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "split").await;
+    let before = c.status(0).await;
+    let source = before["shards"]
+        .as_array()
+        .expect("shards")
+        .iter()
+        .find(|s| s["id"] != "system")
+        .expect("a data group")
+        .clone();
+    let g = source["id"].as_u64().expect("group id");
+    let (lo, hi) = (
+        source["ranges"][0][0].as_u64().expect("lo"),
+        source["ranges"][0][1].as_u64().expect("hi"),
+    );
+    let mid = lo + (hi - lo) / 2;
+    let moves = |id: &str| (mid..hi).contains(&u64::from(shard_of_id(id)));
+
+    // Idempotent creates (their shard comes from the key's hash) and keyed claims, before.
+    let mut idem_creates = Vec::new();
+    for i in 0..60 {
+        let body = json!({"content": format!("idem {i}"), "max_retrievals": 3});
+        let r = c
+            .api(i % 3)
+            .send(post_idem(
+                c.api(i % 3),
+                &key,
+                "/api/v1/kubbis",
+                &format!("job-{i}"),
+                &body,
+            ))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        idem_creates.push((format!("job-{i}"), body, r.body));
+    }
+    let moving: Vec<_> = idem_creates
+        .iter()
+        .filter(|(_, _, b)| moves(b["id"].as_str().expect("id")))
+        .cloned()
+        .collect();
+    assert!(
+        !moving.is_empty(),
+        "no idempotent create landed in the range that moves (60 tries)"
+    );
+    let mut keyed_claims = Vec::new();
+    for (i, (_, _, b)) in moving.iter().enumerate() {
+        let token = b["claim_token"].as_str().expect("token");
+        let r = c
+            .api(i % 3)
+            .send(
+                c.api(i % 3)
+                    .http
+                    .post(c.api(i % 3).url(&format!("/r/{token}/claim")))
+                    .header("Idempotency-Key", format!("claim-{i}")),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        keyed_claims.push((token.to_string(), format!("claim-{i}"), r.body));
+    }
+
+    let history: Shared = Default::default();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let apis: Vec<common::Api> = (0..3).map(|i| c.api(i).clone()).collect();
+    let clients = load(apis, key.clone(), 12, history.clone(), stop.clone());
+    common::eventually(Duration::from_secs(30), "load running", || async {
+        (history.lock().expect("lock").acked > 100).then_some(())
+    })
+    .await;
+
+    let split = c
+        .api(1)
+        .send(
+            c.api(1)
+                .http
+                .post(c.api(1).url(&format!("/admin/v1/groups/{g}/split")))
+                .bearer_auth(&c.admin)
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(
+        split.status,
+        StatusCode::OK,
+        "{:?}\n{}",
+        split.body,
+        c.logs_tail()
+    );
+    let target = split.body["target"].as_u64().expect("target");
+    assert_eq!(split.body["source"], g);
+    assert_eq!(split.body["ranges"], json!([[mid, hi]]));
+    let acked_at_split = history.lock().expect("lock").acked;
+    common::eventually(Duration::from_secs(30), "load after the split", || async {
+        (history.lock().expect("lock").acked > acked_at_split + 200).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.await.expect("client");
+    }
+    let h = std::mem::take(&mut *history.lock().expect("lock"));
+    assert!(h.errors.is_empty(), "errors under load: {:?}", h.errors);
+    verify(c.api(2), &key, &h).await;
+    let in_target = h.created.keys().filter(|id| moves(id)).count();
+    assert!(
+        in_target > 0,
+        "no create of the load landed in the moved range"
+    );
+
+    // Every node routes by a map where the target serves the range, and the ranges partition
+    // the shard space.
+    for i in 0..3 {
+        let st = common::eventually(
+            Duration::from_secs(10),
+            "the new map everywhere",
+            || async {
+                let st = c.status(i).await;
+                (st["map_version"] == split.body["map_version"]).then_some(st)
+            },
+        )
+        .await;
+        let mut ranges: Vec<(u64, u64, u64)> = st["shards"]
+            .as_array()
+            .expect("shards")
+            .iter()
+            .filter(|s| s["id"] != "system")
+            .flat_map(|s| {
+                let id = s["id"].as_u64().expect("id");
+                s["ranges"]
+                    .as_array()
+                    .expect("ranges")
+                    .iter()
+                    .map(move |r| (r[0].as_u64().expect("lo"), r[1].as_u64().expect("hi"), id))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ranges.sort_unstable();
+        assert_eq!(ranges.first().map(|r| r.0), Some(0), "{st}");
+        assert_eq!(ranges.last().map(|r| r.1), Some(65_536), "{st}");
+        assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "{st}");
+        assert!(ranges.contains(&(mid, hi, target)), "{st}");
+        assert!(ranges.contains(&(lo, mid, g)), "{st}");
+    }
+
+    // Retries across the split are answered once.
+    for (i, (idem, body, first)) in moving.iter().enumerate() {
+        let again = c
+            .api(i % 3)
+            .send(post_idem(c.api(i % 3), &key, "/api/v1/kubbis", idem, body))
+            .await;
+        assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.body);
+        // The same kubbi (the claim URL names the node asked, which may differ).
+        for field in ["id", "claim_token", "created_at", "expires_at"] {
+            assert_eq!(
+                again.body[field], first[field],
+                "an idempotent create retried across the split: {field}"
+            );
+        }
+    }
+    for (i, (token, idem, first)) in keyed_claims.iter().enumerate() {
+        let again = c
+            .api((i + 1) % 3)
+            .send(
+                c.api((i + 1) % 3)
+                    .http
+                    .post(c.api((i + 1) % 3).url(&format!("/r/{token}/claim")))
+                    .header("Idempotency-Key", idem),
+            )
+            .await;
+        assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+        assert_eq!(again.body["content"], first["content"], "replayed payload");
+        let p = c.api(i % 3).preview(token).await;
+        assert_eq!(p.status, StatusCode::OK, "{:?}", p.body);
+        assert_eq!(
+            p.body["retrieval_count"], 1,
+            "a keyed claim counted twice: {:?}",
+            p.body
+        );
+    }
+    // The list shows each kubbi once (the source no longer lists the moved range): no id
+    // twice over all pages, and every acknowledged one there.
+    let mut listed = std::collections::HashSet::new();
+    for page in 1.. {
+        let list = c
+            .api(page % 3)
+            .get(&key, &format!("/api/v1/kubbis?limit=100&page={page}"))
+            .await;
+        assert_eq!(list.status, StatusCode::OK, "{:?}", list.body);
+        let items = list.body["kubbis"].as_array().expect("kubbis").clone();
+        if items.is_empty() {
+            break;
+        }
+        for it in items {
+            let id = it["id"].as_str().expect("id").to_string();
+            assert!(listed.insert(id.clone()), "{id} listed twice");
+        }
+    }
+    for id in h.created.keys() {
+        assert!(listed.contains(id), "{id} not listed");
+    }
+
+    // Every group's replicas, the new one included, agree at one applied index.
+    common::eventually(Duration::from_secs(30), "replicas agree", || async {
+        let mut per: std::collections::BTreeMap<String, Vec<(Value, String)>> = Default::default();
+        for i in 0..3 {
+            let r = c.api(i).get(&c.admin, "/admin/v1/digest").await;
+            for d in r.body["groups"].as_array().into_iter().flatten() {
+                per.entry(d["id"].to_string())
+                    .or_default()
+                    .push((d["applied_index"].clone(), d["digest"].to_string()));
+            }
+        }
+        (per.len() == 5
+            && per
+                .values()
+                .all(|rows| rows.len() == 3 && rows.iter().all(|r| *r == rows[0])))
+        .then_some(())
     })
     .await;
 }

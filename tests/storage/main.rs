@@ -314,6 +314,12 @@ async fn seeded_replicas_elect_serve_and_a_fourth_catches_up_by_snapshot() {
         ranges: vec![(0x8000, SHARD_SPACE)],
         target: TARGET,
         map_version: 2,
+        voters: (1..=3)
+            .map(|id| kubbi::state::Replica {
+                id,
+                ..Default::default()
+            })
+            .collect(),
     });
     let mut txn = GroupTxn::new(&first, SOURCE);
     for cmd in cmds {
