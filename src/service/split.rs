@@ -231,9 +231,12 @@ impl Service {
             match self.propose(source, fence).await? {
                 Outcome::Ownership(_) => {}
                 Outcome::Rejected(Rejection::BadRanges) => {
+                    // Not fenced for the target (a repeat of its fence is answered alike), so no
+                    // replica seeds it: take it out of the map again.
+                    self.abandon(target).await?;
                     return Err(conflict(format!(
-                        "group {source} does not own shards [{}, {}) (the map and the group \
-                         disagree; the split stays listed until they agree)",
+                        "group {source} does not own all of shards [{}, {}); the split was \
+                         abandoned",
                         range.0, range.1
                     )));
                 }
@@ -269,6 +272,31 @@ impl Service {
             {
                 Some(stored) => {
                     self.inner.map.offer(stored);
+                    return Ok(());
+                }
+                None => self.await_newer_map(map.version).await,
+            }
+        }
+        Err(conflict("the shard map kept changing; try again".into()))
+    }
+
+    /// Takes `target`, still being made, out of the map.
+    async fn abandon(&self, target: GroupId) -> Result<(), ApiError> {
+        for _ in 0..MAP_ATTEMPTS {
+            let map = self.shard_map();
+            let making = map
+                .groups
+                .get(&target)
+                .is_some_and(|e| matches!(e.state, GroupState::Splitting { .. }));
+            if !making {
+                return Ok(());
+            }
+            let mut next = map.as_ref().clone();
+            next.groups.remove(&target);
+            match self.put_map(map.version, next).await? {
+                Some(stored) => {
+                    self.inner.map.offer(stored);
+                    tracing::warn!(target, "split abandoned: its source does not own the range");
                     return Ok(());
                 }
                 None => self.await_newer_map(map.version).await,
