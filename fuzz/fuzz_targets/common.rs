@@ -221,6 +221,12 @@ pub mod sample {
                 ranges: vec![(0x9000, 0x1_0000)],
                 target: 4,
                 map_version: 2,
+                voters: vec![kubbi::state::Replica {
+                    id: 1,
+                    http: "10.0.0.1:8080".into(),
+                    internal: "10.0.0.1:7070".into(),
+                    zone: "eu/a".into(),
+                }],
             },
             Command::Release { target: 4 },
             Command::PutMap {

@@ -183,6 +183,11 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         }),
         Err(ExecError::NotLeader { leader: Some(2) }),
         Err(ExecError::Unavailable("no quorum".into())),
+        Err(ExecError::Moved {
+            group: 4,
+            map_version: 2,
+        }),
+        Err(ExecError::NotOwned),
     ] {
         s.push((10, encode(&r)));
     }
