@@ -176,11 +176,7 @@ impl Service {
     /// The data groups that serve shards, in order (a group being split off serves none
     /// until its split is done).
     pub fn data_groups(&self) -> Vec<GroupId> {
-        let map = self.inner.map.get();
-        let mut groups: Vec<GroupId> = map.ranges.iter().map(|r| r.group).collect();
-        groups.sort_unstable();
-        groups.dedup();
-        groups
+        self.inner.map.get().serving_groups()
     }
 
     pub fn router(&self) -> &Arc<Router> {
@@ -433,7 +429,7 @@ impl Service {
                 None => self
                     .inner
                     .router
-                    .local_leader_group(map.ranges.iter().map(|r| r.group))
+                    .local_leader_group(map.serving_groups())
                     .and_then(|g| map.random_shard_of(g))
                     .unwrap_or_else(rand::random),
             }
@@ -711,11 +707,16 @@ impl Service {
     // ---- operators ------------------------------------------------------------------------
 
     async fn propose_system(&self, cmd: Command) -> Result<Outcome, ApiError> {
+        self.propose(SYSTEM_GROUP, cmd).await
+    }
+
+    /// Proposes `cmd` to group `g` (a fresh request id; retries reuse it).
+    async fn propose(&self, g: GroupId, cmd: Command) -> Result<Outcome, ApiError> {
         let op = ShardOp::Propose {
             request_id: RequestId::random(),
             cmd,
         };
-        outcome(self.call(SYSTEM_GROUP, op).await?)
+        outcome(self.call(g, op).await?)
     }
 
     /// Creates an API key; the key is returned once and stored only as a hash.

@@ -166,6 +166,18 @@ impl Router {
         out
     }
 
+    /// The node to try first for group `g`: the known leader, else the best candidate (then
+    /// left in `candidates` for the retries).
+    fn first_guess(&self, g: GroupId, candidates: &mut Vec<u64>) -> u64 {
+        match self.directory.leader(g) {
+            Some(l) => l,
+            None => {
+                *candidates = self.candidates(g);
+                candidates.first().copied().unwrap_or(self.me)
+            }
+        }
+    }
+
     /// Executes `op` on the leader of group `g`.
     ///
     /// # Errors
@@ -182,13 +194,7 @@ impl Router {
         // member table) only when that guess fails.
         let mut candidates = Vec::new();
         let mut next = 0usize;
-        let mut target = match self.directory.leader(g) {
-            Some(l) => l,
-            None => {
-                candidates = self.candidates(g);
-                candidates.first().copied().unwrap_or(self.me)
-            }
-        };
+        let mut target = self.first_guess(g, &mut candidates);
         let mut backoff = Duration::from_millis(20);
         let mut hops = 0;
         // Redirects followed: a shard moves at most once per split, so a chain this long is a
@@ -260,13 +266,7 @@ impl Router {
                     g = group;
                     candidates.clear();
                     next = 0;
-                    target = match self.directory.leader(g) {
-                        Some(l) => l,
-                        None => {
-                            candidates = self.candidates(g);
-                            candidates.first().copied().unwrap_or(self.me)
-                        }
-                    };
+                    target = self.first_guess(g, &mut candidates);
                     continue;
                 }
                 Err(ExecError::Internal(m)) => {

@@ -16,9 +16,9 @@
 
 use std::time::Duration;
 
-use super::{Service, outcome, unexpected};
+use super::{Service, unexpected};
 use crate::error::{ApiError, ErrorCode};
-use crate::ids::{GroupId, RequestId, SHARD_SPACE, Shard};
+use crate::ids::{GroupId, SHARD_SPACE, Shard};
 use crate::state::map::{GroupEntry, GroupState, RangeOwner, ShardMap};
 use crate::state::{Command, Outcome, Rejection, Replica, ShardRange};
 use crate::transport::messages::{ShardOp, ShardReply};
@@ -141,10 +141,10 @@ impl Service {
                 "at is past the shard space".into(),
             ]));
         }
-        let mut attempts = 0;
-        let (target, range) = loop {
-            attempts += 1;
-            let map = self.shard_map();
+        let voters = self.voters_of(source).await?;
+        let replicas: Vec<u64> = voters.iter().map(|v| v.id).collect();
+        let mut chosen = None;
+        self.change_map(|map| {
             let entry = map
                 .groups
                 .get(&source)
@@ -154,32 +154,27 @@ impl Service {
                     "group {source} is itself being split off"
                 )));
             }
-            if let Some((t, _)) = splitting_from(&map, source) {
+            if let Some((t, _)) = splitting_from(map, source) {
                 return Err(conflict(format!(
-                    "group {source} is being split already (into group {t}); its split finishes \
-                     by itself, or run this again once it has"
+                    "group {source} is being split already (into group {t}); its split \
+                         finishes by itself, or run this again once it has"
                 )));
             }
-            let range = choose_range(&map, source, at).ok_or_else(|| {
+            let range = choose_range(map, source, at).ok_or_else(|| {
                 conflict(format!(
                     "group {source} has no range to split{}",
                     at.map(|a| format!(" at shard {a}")).unwrap_or_default()
                 ))
             })?;
-            let voters = self.voters_of(source).await?;
-            let ids: Vec<u64> = voters.iter().map(|v| v.id).collect();
-            let next = with_target(&map, source, range, ids);
-            let target = map.next_group;
-            match self.put_map(map.version, next).await? {
-                Some(stored) => {
-                    self.inner.map.offer(stored);
-                    tracing::info!(source, target, ?range, "split started");
-                    break (target, range);
-                }
-                None if attempts < MAP_ATTEMPTS => self.await_newer_map(map.version).await,
-                None => return Err(conflict("the shard map kept changing; try again".into())),
-            }
+            chosen = Some((map.next_group, range));
+            Ok(Some(with_target(map, source, range, replicas.clone())))
+        })
+        .await?;
+        // The change always stores a map, so the last range chosen is the one stored.
+        let Some((target, range)) = chosen else {
+            return Err(ApiError::internal());
         };
+        tracing::info!(source, target, ?range, "split started");
         self.finish_split(source, target, range).await
     }
 
@@ -261,43 +256,49 @@ impl Service {
 
     /// Stores the map that routes `range` to `target` (unless one already does).
     async fn flip(&self, target: GroupId, range: ShardRange) -> Result<(), ApiError> {
-        for _ in 0..MAP_ATTEMPTS {
-            let map = self.shard_map();
-            if routes(&map, range, target) {
-                return Ok(());
-            }
-            match self
-                .put_map(map.version, flipped(&map, target, range))
-                .await?
-            {
-                Some(stored) => {
-                    self.inner.map.offer(stored);
-                    return Ok(());
-                }
-                None => self.await_newer_map(map.version).await,
-            }
-        }
-        Err(conflict("the shard map kept changing; try again".into()))
+        self.change_map(|map| {
+            Ok((!routes(map, range, target)).then(|| flipped(map, target, range)))
+        })
+        .await?;
+        Ok(())
     }
 
     /// Takes `target`, still being made, out of the map.
     async fn abandon(&self, target: GroupId) -> Result<(), ApiError> {
+        let stored = self
+            .change_map(|map| {
+                let making = map
+                    .groups
+                    .get(&target)
+                    .is_some_and(|e| matches!(e.state, GroupState::Splitting { .. }));
+                Ok(making.then(|| {
+                    let mut next = map.clone();
+                    next.groups.remove(&target);
+                    next
+                }))
+            })
+            .await?;
+        if stored.is_some() {
+            tracing::warn!(target, "split abandoned: its source does not own the range");
+        }
+        Ok(())
+    }
+
+    /// Stores the map `change` makes of the current one (`None`: nothing to change), again
+    /// on the newer map when another change got there first; the map stored, if any.
+    async fn change_map(
+        &self,
+        mut change: impl FnMut(&ShardMap) -> Result<Option<ShardMap>, ApiError>,
+    ) -> Result<Option<ShardMap>, ApiError> {
         for _ in 0..MAP_ATTEMPTS {
             let map = self.shard_map();
-            let making = map
-                .groups
-                .get(&target)
-                .is_some_and(|e| matches!(e.state, GroupState::Splitting { .. }));
-            if !making {
-                return Ok(());
-            }
-            let mut next = map.as_ref().clone();
-            next.groups.remove(&target);
+            let Some(next) = change(&map)? else {
+                return Ok(None);
+            };
             match self.put_map(map.version, next).await? {
                 Some(stored) => {
-                    self.inner.map.offer(stored);
-                    tracing::warn!(target, "split abandoned: its source does not own the range");
-                    return Ok(());
+                    self.inner.map.offer(stored.clone());
+                    return Ok(Some(stored));
                 }
                 None => self.await_newer_map(map.version).await,
             }
@@ -349,14 +350,6 @@ impl Service {
             return Err(ApiError::unavailable(format!("group {g} has no voters")));
         }
         Ok(voters)
-    }
-
-    async fn propose(&self, g: GroupId, cmd: Command) -> Result<Outcome, ApiError> {
-        let op = ShardOp::Propose {
-            request_id: RequestId::random(),
-            cmd,
-        };
-        outcome(self.call(g, op).await?)
     }
 
     /// Waits (briefly) for a map newer than `version` to reach this node.

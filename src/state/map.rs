@@ -161,6 +161,14 @@ impl ShardMap {
         self.groups.keys().copied().collect()
     }
 
+    /// The groups that serve some range, in order (a group being split off serves none).
+    pub fn serving_groups(&self) -> Vec<GroupId> {
+        let mut groups: Vec<GroupId> = self.ranges.iter().map(|r| r.group).collect();
+        groups.sort_unstable();
+        groups.dedup();
+        groups
+    }
+
     /// Whether two maps route every shard to the same group (their replicas may differ).
     pub fn same_routing(&self, other: &Self) -> bool {
         self.ranges == other.ranges
