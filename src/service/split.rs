@@ -141,31 +141,13 @@ impl Service {
                 "at is past the shard space".into(),
             ]));
         }
+        // Refused at once when it cannot be done (before asking the group for its voters).
+        split_range(&self.shard_map(), source, at)?;
         let voters = self.voters_of(source).await?;
         let replicas: Vec<u64> = voters.iter().map(|v| v.id).collect();
         let mut chosen = None;
         self.change_map(|map| {
-            let entry = map
-                .groups
-                .get(&source)
-                .ok_or_else(|| ApiError::not_found("group"))?;
-            if !matches!(entry.state, GroupState::Active) {
-                return Err(conflict(format!(
-                    "group {source} is itself being split off"
-                )));
-            }
-            if let Some((t, _)) = splitting_from(map, source) {
-                return Err(conflict(format!(
-                    "group {source} is being split already (into group {t}); its split \
-                         finishes by itself, or run this again once it has"
-                )));
-            }
-            let range = choose_range(map, source, at).ok_or_else(|| {
-                conflict(format!(
-                    "group {source} has no range to split{}",
-                    at.map(|a| format!(" at shard {a}")).unwrap_or_default()
-                ))
-            })?;
+            let range = split_range(map, source, at)?;
             chosen = Some((map.next_group, range));
             Ok(Some(with_target(map, source, range, replicas.clone())))
         })
@@ -358,6 +340,31 @@ impl Service {
         let _ =
             tokio::time::timeout(Duration::from_millis(500), rx.wait_for(|v| *v > version)).await;
     }
+}
+
+/// The range a split of `source` at `at` moves in `map`, or why it cannot be split.
+fn split_range(map: &ShardMap, source: GroupId, at: Option<Shard>) -> Result<ShardRange, ApiError> {
+    let entry = map
+        .groups
+        .get(&source)
+        .ok_or_else(|| ApiError::not_found("group"))?;
+    if !matches!(entry.state, GroupState::Active) {
+        return Err(conflict(format!(
+            "group {source} is itself being split off"
+        )));
+    }
+    if let Some((t, _)) = splitting_from(map, source) {
+        return Err(conflict(format!(
+            "group {source} is being split already (into group {t}); its split finishes by \
+             itself, or run this again once it has"
+        )));
+    }
+    choose_range(map, source, at).ok_or_else(|| {
+        conflict(format!(
+            "group {source} has no range to split{}",
+            at.map(|a| format!(" at shard {a}")).unwrap_or_default()
+        ))
+    })
 }
 
 /// The group being split off `source`, if any, and its range.
