@@ -160,6 +160,9 @@ pub struct ClusterConfig {
     pub secret_file: Option<PathBuf>,
     /// Replicas per shard (capped by the number of nodes).
     pub replication_factor: usize,
+    /// Split data groups while there are fewer of them than active nodes (so a node that joins
+    /// gets a group to lead). Read on the system group's leader.
+    pub auto_split: bool,
     /// Mutual TLS on the internal port: this node's certificate chain (PEM). All three of
     /// `internal_tls_cert`, `internal_tls_key`, `internal_tls_ca` or none.
     pub internal_tls_cert: Option<PathBuf>,
@@ -292,6 +295,7 @@ impl Config {
             cluster: ClusterConfig {
                 zone: DEFAULT_ZONE.into(),
                 replication_factor: 3,
+                auto_split: true,
                 ..ClusterConfig::default()
             },
         }
@@ -525,6 +529,11 @@ pub struct ServeArgs {
     /// Replicas per shard, capped by the number of nodes.
     #[arg(long, env = "KUBBI_REPLICATION_FACTOR", default_value_t = 3)]
     pub replication_factor: usize,
+    /// Split data groups online while there are fewer of them than active nodes, so a node
+    /// that joins gets a group to lead (`false`: the groups stay as they are unless an operator
+    /// splits them). Read on the system group's leader.
+    #[arg(long, env = "KUBBI_AUTO_SPLIT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_split: bool,
     /// Mutual TLS on the internal port: this node's certificate chain (PEM), signed by the
     /// --internal-tls-ca and naming the host of its internal address (DNS or IP SAN).
     /// Give all three --internal-tls-* or none; reloaded when the files change.
@@ -635,6 +644,7 @@ impl ServeArgs {
             secret: self.cluster_secret.map(Zeroizing::new),
             secret_file: self.cluster_secret_file,
             replication_factor: self.replication_factor,
+            auto_split: self.auto_split,
             internal_tls_cert: self.internal_tls_cert,
             internal_tls_key: self.internal_tls_key,
             internal_tls_ca: self.internal_tls_ca,

@@ -113,6 +113,20 @@ enum ClusterCmd {
         #[arg(long)]
         at: Option<u16>,
     },
+    /// Place a data group on the given nodes and pin it there (the rebalancer then only
+    /// replaces a replica whose node leaves); waits until the group has them and the leader.
+    Move {
+        group: u16,
+        /// The nodes, comma-separated: as many as the replication factor.
+        #[arg(long, value_delimiter = ',', required_unless_present = "auto")]
+        to: Vec<u64>,
+        /// The node to lead the group (default: the first of --to).
+        #[arg(long)]
+        leader: Option<u64>,
+        /// Give the group back to the rebalancer instead.
+        #[arg(long, conflicts_with_all = ["to", "leader"])]
+        auto: bool,
+    },
     /// Pre-register a node by id and internal address (it can also just start with --join).
     Add {
         id: u64,
@@ -691,6 +705,29 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                     s["replication_lag"],
                     if s["quiet"] == true { "  quiet" } else { "" }
                 );
+                let voters: std::collections::BTreeSet<String> = s["replicas"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(ToString::to_string)
+                    .collect();
+                let desired: std::collections::BTreeSet<String> = s["desired"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(ToString::to_string)
+                    .collect();
+                if s["pinned"] == true || (!desired.is_empty() && desired != voters) {
+                    println!(
+                        "          {} {}",
+                        if s["pinned"] == true {
+                            "pinned to"
+                        } else {
+                            "moving to"
+                        },
+                        s["desired"]
+                    );
+                }
             }
         }
         ClusterCmd::Remove { id } => {
@@ -727,6 +764,36 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                 r["target"],
                 r["map_version"]
             );
+        }
+        ClusterCmd::Move {
+            group,
+            to,
+            leader,
+            auto,
+        } => {
+            let body = if auto {
+                serde_json::json!({ "auto": true })
+            } else {
+                serde_json::json!({ "replicas": to, "leader": leader })
+            };
+            let r = admin_call(
+                &admin,
+                reqwest::Method::POST,
+                &format!("/admin/v1/groups/{group}/move"),
+                Some(body),
+            )
+            .await?;
+            if auto {
+                println!(
+                    "group {group} is the rebalancer's again (shard map version {})",
+                    r["map_version"]
+                );
+            } else {
+                println!(
+                    "group {group} placed on {} led by {} (shard map version {})",
+                    r["replicas"], r["leader"], r["map_version"]
+                );
+            }
         }
         ClusterCmd::Add { id, internal, zone } => {
             let r = admin_call(

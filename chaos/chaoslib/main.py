@@ -20,7 +20,7 @@ from .workload import History, Workload
 CHAOS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_FAULTS = ["kill_one", "kill_leaders", "kill_minority", "pause", "partition_halves", "partition_leader",
               "partition_oneway", "clock_skew", "power_loss", "disk_full", "membership", "hot_leader",
-              "overlap", "split"]
+              "overlap", "split", "move"]
 RECOVERY_BOUND_S = 60.0
 
 
@@ -207,7 +207,8 @@ def fault_details(entries):
          "power_loss_of_two_nodes_at_once": 0, "clock_steps_seen": 0, "clock_steps_back": 0,
          "clock_skew_leader_kills": 0, "hot_leader_hits": 0, "overlap_leader_kills_while_split": 0,
          "group_splits_answered": 0, "group_splits_with_leader_killed": 0,
-         "group_splits_with_leader_isolated": 0}
+         "group_splits_with_leader_isolated": 0, "group_moves_answered": 0,
+         "group_moves_with_leader_killed": 0, "group_moves_with_target_isolated": 0}
     last_skew = {}
     for e in entries:
         k, ph = e.get("nemesis"), e.get("phase")
@@ -242,6 +243,12 @@ def fault_details(entries):
             d["group_splits_with_leader_killed"] += 1
         elif k == "split" and ph == "isolate_leader":
             d["group_splits_with_leader_isolated"] += 1
+        elif k == "move" and ph == "end" and e.get("status") == 200:
+            d["group_moves_answered"] += 1
+        elif k == "move" and ph == "kill_leader":
+            d["group_moves_with_leader_killed"] += 1
+        elif k == "move" and ph == "isolate_target":
+            d["group_moves_with_target_isolated"] += 1
         elif k == "membership" and ph == "end" and e.get("completed"):
             d[f"membership_{e.get('action')}s_completed"] = d.get(f"membership_{e.get('action')}s_completed", 0) + 1
     return d

@@ -29,6 +29,11 @@ seeded order), inject, hold, heal. Kinds:
                    random node) under traffic; a third of the time kill -9 the group's leader,
                    a third of the time isolate it, while the split runs (then the split is
                    finished by the system group's leader after the heal)
+  move             move a random data group to a random replica set and leader (POST
+                   /admin/v1/groups/{g}/move through a random node) under traffic; a third of the
+                   time kill -9 the group's leader, a third of the time isolate the new leader,
+                   while the move runs; half the time the group is then given back to the
+                   rebalancer (auto)
 
 Every injection and heal is an event in the history file ({"nemesis": ...}).
 """
@@ -64,7 +69,7 @@ class Nemesis:
         self.membership_phase = 0
         # nft rules exist only where a partition kind is enabled; otherwise heal() leaves the
         # network alone (a loopback cluster in the tests has no namespaces to clean).
-        self.net_faults = any(k.startswith("partition") or k in ("hot_leader", "overlap", "split")
+        self.net_faults = any(k.startswith("partition") or k in ("hot_leader", "overlap", "split", "move")
                               for k in kinds)
 
     def event(self, kind, phase, **kw):
@@ -419,6 +424,67 @@ class Nemesis:
                    target=body.get("target"), error=answer.get("error") or body.get("message"))
         return True
 
+    def do_move(self):
+        st = self.c.any_status()
+        groups = [g for g in st.get("shards", []) if g.get("id") != "system" and g.get("replicas")]
+        nodes = sorted(n["id"] for n in st.get("nodes", []) if n.get("state") == "active")
+        live = [nd for nd in self.members() if nd.alive()]
+        if not groups or not nodes or not live:
+            return False
+        g = self.rng.choice(groups)
+        to = sorted(self.rng.sample(nodes, min(3, len(nodes))))
+        leader = self.rng.choice(to)
+        how = self.rng.choice(["plain", "kill_leader", "isolate_target"])
+        via = self.rng.choice(live)
+        self.event("move", "start", group=g["id"], via=via.id, how=how, to=to, leader=leader,
+                   was=g.get("replicas"), led_by=g.get("leader"))
+        answer = {}
+
+        def drive():
+            try:
+                answer["status"], answer["body"] = http_json(
+                    "POST", via.url(f"/admin/v1/groups/{g['id']}/move"), {"replicas": to, "leader": leader},
+                    token=self.c.admin, timeout=150)
+            except Exception as e:  # noqa: BLE001
+                answer["error"] = str(e)
+
+        t = threading.Thread(target=drive, name="move", daemon=True)
+        t.start()
+        hit = g.get("leader") if how == "kill_leader" else leader
+        if how != "plain" and isinstance(hit, int) and hit in self.c.nodes and hit != via.id \
+                and not self.c.nodes[hit].removed:
+            self.sleep(self.rng.uniform(0.05, 1.0))
+            if how == "kill_leader":
+                self.c.nodes[hit].kill9()
+            else:
+                ids = [nd.id for nd in self.members()]
+                self.partitioned.update(ids)
+                others = sorted(j for j in ids if j != hit)
+                netns.block(hit, drop_in_from=others, drop_out_to=others)
+                for i in others:
+                    netns.block(i, drop_in_from=[hit], drop_out_to=[hit])
+            self.event("move", how, nodes=[hit])
+            self.sleep(self.rng.uniform(*self.hold))
+            if how == "kill_leader":
+                self.c.nodes[hit].start()
+            else:
+                self.heal_net()
+        else:
+            hit = None
+        t.join(170)
+        body = answer.get("body") if isinstance(answer.get("body"), dict) else {}
+        unpinned = None
+        if self.rng.random() < 0.5:
+            try:
+                unpinned, _ = http_json("POST", via.url(f"/admin/v1/groups/{g['id']}/move"), {"auto": True},
+                                        token=self.c.admin, timeout=30)
+            except Exception as e:  # noqa: BLE001
+                unpinned = str(e)
+        self.event("move", "end", group=g["id"], how=how, hit=hit, status=answer.get("status"),
+                   leader=body.get("leader"), error=answer.get("error") or body.get("message"),
+                   unpinned=unpinned)
+        return True
+
     def do_membership(self):
         if self.spare is None:
             return False
@@ -537,6 +603,8 @@ class Nemesis:
             return self.do_overlap()
         if kind == "split":
             return self.do_split()
+        if kind == "move":
+            return self.do_move()
         raise ValueError(kind)
 
     def start(self, end_t):

@@ -52,6 +52,21 @@ class Evidence(unittest.TestCase):
         self.assertEqual(d["clock_skew_leader_kills"], 1)
         self.assertEqual((d["hot_leader_hits"], d["overlap_leader_kills_while_split"]), (1, 1))
 
+    def test_splits_and_moves_are_counted_by_how_they_were_hit(self):
+        entries = [
+            {"nemesis": "split", "phase": "kill_leader", "nodes": [1]},
+            {"nemesis": "split", "phase": "end", "status": 200},
+            {"nemesis": "move", "phase": "start", "group": 0},
+            {"nemesis": "move", "phase": "isolate_target", "nodes": [3]},
+            {"nemesis": "move", "phase": "end", "status": 200},
+            {"nemesis": "move", "phase": "kill_leader", "nodes": [2]},
+            {"nemesis": "move", "phase": "end", "status": 503},
+        ]
+        d = main.fault_details(entries)
+        self.assertEqual((d["group_splits_answered"], d["group_splits_with_leader_killed"]), (1, 1))
+        self.assertEqual(d["group_moves_answered"], 1)
+        self.assertEqual((d["group_moves_with_leader_killed"], d["group_moves_with_target_isolated"]), (1, 1))
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -77,6 +77,7 @@ pub enum Handler {
     NodeAdd,
     NodeRemove,
     GroupSplit,
+    GroupMove,
 }
 
 /// The public API: `(method, path template, handler)`.
@@ -101,6 +102,7 @@ pub const ROUTES: &[(&str, &str, Handler)] = &[
     ("POST", "/admin/v1/nodes", Handler::NodeAdd),
     ("DELETE", "/admin/v1/nodes/{id}", Handler::NodeRemove),
     ("POST", "/admin/v1/groups/{id}/split", Handler::GroupSplit),
+    ("POST", "/admin/v1/groups/{id}/move", Handler::GroupMove),
 ];
 
 fn method_router(method: &str, h: Handler) -> axum::routing::MethodRouter<AppState> {
@@ -131,6 +133,7 @@ fn method_router(method: &str, h: Handler) -> axum::routing::MethodRouter<AppSta
         Handler::NodeAdd => on(filter, add_node),
         Handler::NodeRemove => on(filter, remove_node),
         Handler::GroupSplit => on(filter, split_group),
+        Handler::GroupMove => on(filter, move_group),
     }
 }
 
@@ -800,6 +803,14 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
         } else {
             (json!(g), json!(map.ranges_of(g)))
         };
+        // Where the map wants a data group (the system group places itself).
+        let (desired, pinned) = match map.groups.get(&g) {
+            Some(e) => (
+                json!(e.replicas),
+                json!(e.state == crate::state::map::GroupState::Placed),
+            ),
+            None => (Value::Null, Value::Null),
+        };
         match st {
             Ok(s) => {
                 let last = s.last_log.unwrap_or(0);
@@ -811,6 +822,8 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
                 shards.push(json!({
                     "id": group,
                     "ranges": ranges,
+                    "desired": desired,
+                    "pinned": pinned,
                     "leader": s.leader,
                     "term": s.term,
                     "replicas": s.voters,
@@ -821,8 +834,14 @@ async fn cluster(State(app): State<AppState>, _admin: Admin) -> Result<Json<Valu
                     "quiet": s.quiet,
                 }));
             }
-            Err(e) => shards
-                .push(json!({ "id": group, "ranges": ranges, "leader": null, "error": e.message })),
+            Err(e) => shards.push(json!({
+                "id": group,
+                "ranges": ranges,
+                "desired": desired,
+                "pinned": pinned,
+                "leader": null,
+                "error": e.message,
+            })),
         }
     }
     let nodes: Vec<Value> = nodes
@@ -924,25 +943,8 @@ async fn split_group(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let group = id
-        .ok()
-        .and_then(|Path(s)| s.parse::<crate::ids::GroupId>().ok())
-        .filter(|g| *g != crate::ids::SYSTEM_GROUP)
-        .ok_or_else(|| ApiError::not_found("group"))?;
-    let bytes = json_body(&headers, body, 1024, app.service.limits().body_timeout).await?;
-    let v = validate::parse_json(&bytes)?;
-    let mut errs = Vec::new();
-    let Some(obj) = v.as_object() else {
-        return Err(ApiError::validation(vec![
-            "the body must be a JSON object".into(),
-        ]));
-    };
-    for k in obj.keys().filter(|k| k.as_str() != "at") {
-        errs.push(format!(
-            "unknown field `{}`",
-            k.chars().take(64).collect::<String>()
-        ));
-    }
+    let group = data_group(id)?;
+    let (obj, mut errs) = admin_object(&app, &headers, body, &["at"]).await?;
     let at = match obj.get("at") {
         None | Some(Value::Null) => None,
         Some(a) => match a.as_u64().and_then(|a| u16::try_from(a).ok()) {
@@ -961,6 +963,118 @@ async fn split_group(
         "source": done.source,
         "target": done.target,
         "ranges": done.ranges,
+        "map_version": done.map_version,
+    })))
+}
+
+/// The data group a `/admin/v1/groups/{id}/...` path names (`404` for anything else).
+fn data_group(
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<crate::ids::GroupId, ApiError> {
+    id.ok()
+        .and_then(|Path(s)| s.parse::<crate::ids::GroupId>().ok())
+        .filter(|g| *g != crate::ids::SYSTEM_GROUP)
+        .ok_or_else(|| ApiError::not_found("group"))
+}
+
+/// A small admin body: a JSON object with only the `fields` named; its unknown fields as
+/// validation errors (to report with the rest).
+async fn admin_object(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    fields: &[&str],
+) -> Result<(serde_json::Map<String, Value>, Vec<String>), ApiError> {
+    let bytes = json_body(headers, body, 1024, app.service.limits().body_timeout).await?;
+    let v = validate::parse_json(&bytes)?;
+    let Value::Object(obj) = v else {
+        return Err(ApiError::validation(vec![
+            "the body must be a JSON object".into(),
+        ]));
+    };
+    let errs = obj
+        .keys()
+        .filter(|k| !fields.contains(&k.as_str()))
+        .map(|k| format!("unknown field `{}`", k.chars().take(64).collect::<String>()))
+        .collect();
+    Ok((obj, errs))
+}
+
+/// `POST /admin/v1/groups/{id}/move` with `{"replicas": [ids], "leader": id}` (leader
+/// optional): places a data group on those nodes, pinned there (`service::placement`), and
+/// answers once it has those voters and leader; `{"auto": true}` gives it back to the
+/// rebalancer.
+async fn move_group(
+    State(app): State<AppState>,
+    _admin: Admin,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let group = data_group(id)?;
+    let (obj, mut errs) =
+        admin_object(&app, &headers, body, &["replicas", "leader", "auto"]).await?;
+    let node = |v: &Value| v.as_u64().filter(|n| *n > 0);
+    let auto = match obj.get("auto") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errs.push("auto must be a boolean".into());
+            false
+        }
+    };
+    let replicas: Option<Vec<u64>> = match obj.get("replicas") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(a)) if a.len() <= 16 => {
+            let ids: Vec<u64> = a.iter().filter_map(node).collect();
+            if ids.len() != a.len() {
+                errs.push("replicas must be node ids (positive integers)".into());
+            }
+            Some(ids)
+        }
+        Some(_) => {
+            errs.push("replicas must be an array of at most 16 node ids".into());
+            None
+        }
+    };
+    let leader = match obj.get("leader") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let l = node(v);
+            if l.is_none() {
+                errs.push("leader must be a node id (a positive integer)".into());
+            }
+            l
+        }
+    };
+    let named = obj.get("replicas").is_some_and(|v| !v.is_null());
+    if auto && (named || obj.get("leader").is_some_and(|v| !v.is_null())) {
+        errs.push(
+            "auto gives the group back to the rebalancer: name no replicas or leader with it"
+                .into(),
+        );
+    }
+    if !auto && !named {
+        errs.push("replicas is required (or auto: true)".into());
+    }
+    if !errs.is_empty() {
+        return Err(ApiError::validation(errs));
+    }
+    if auto {
+        let version = app.service.unpin_group(group).await?;
+        return Ok(Json(
+            json!({"group": group, "pinned": false, "map_version": version}),
+        ));
+    }
+    let done = app
+        .service
+        .move_group(group, replicas.unwrap_or_default(), leader)
+        .await?;
+    Ok(Json(json!({
+        "group": done.group,
+        "replicas": done.replicas,
+        "leader": done.leader,
+        "pinned": true,
         "map_version": done.map_version,
     })))
 }

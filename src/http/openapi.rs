@@ -132,6 +132,13 @@ pub fn operation(h: Handler) -> Value {
             "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 0, "maximum": 65533}}],
             "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SplitRequest"}}}},
             "responses": {"200": ok("Split", "SplitDone")}}),
+        Handler::GroupMove => json!({
+            "operationId": "moveGroup", "tags": ["operator"],
+            "summary": "Place a data group on the given nodes (its leader first, or `leader`) and pin it there: the rebalancer then only replaces a replica whose node leaves; answers once the group has those voters and leader. `{\"auto\": true}` gives the group back to the rebalancer",
+            "security": admin,
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "minimum": 0, "maximum": 65533}}],
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MoveRequest"}}}},
+            "responses": {"200": ok("Placed", "MoveDone")}}),
     };
     let codes: &[(&str, &str)] = match h {
         Handler::Create => &[
@@ -170,7 +177,7 @@ pub fn operation(h: Handler) -> Value {
             ("410", "expired or gone"),
             ("503", "unavailable"),
         ],
-        Handler::GroupSplit => &[
+        Handler::GroupSplit | Handler::GroupMove => &[
             ("400", "validation_error"),
             ("401", "unauthorized"),
             ("404", "not_found"),
@@ -291,6 +298,8 @@ fn schemas() -> Value {
             "map_version": {"type": "integer", "description": "Version of the shard map this node routes by"},
             "shards": {"type": "array", "description": "Raft groups: every data group, then the system group", "items": {"type": "object", "properties": {"id": {},
                 "ranges": {"type": "array", "description": "Half-open ranges [lo, hi) of logical shards (0..65536) the group serves", "items": {"type": "array", "items": {"type": "integer"}}},
+                "desired": {"type": ["array", "null"], "items": {"type": "integer"}, "description": "The replicas the shard map wants a data group on, its preferred leader first (the group moves there)"},
+                "pinned": {"type": ["boolean", "null"], "description": "A data group placed by an operator (moveGroup): the rebalancer only replaces a replica whose node leaves"},
                 "leader": {"type": ["integer", "null"]},
                 "term": {"type": "integer"}, "replicas": {"type": "array", "items": {"type": "integer"}},
                 "learners": {"type": "array", "items": {"type": "integer"}}, "applied_index": {"type": ["integer", "null"]},
@@ -304,6 +313,14 @@ fn schemas() -> Value {
         "SplitDone": {"type": "object", "required": ["source", "target", "ranges", "map_version"], "properties": {
             "source": {"type": "integer"}, "target": {"type": "integer"},
             "ranges": {"type": "array", "items": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2}},
+            "map_version": {"type": "integer"}}},
+        "MoveRequest": {"type": "object", "additionalProperties": false, "properties": {
+            "replicas": {"type": "array", "items": {"type": "integer", "minimum": 1}, "maxItems": 16, "description": "The nodes to hold the group: as many as the replication factor (every active member when there are fewer), distinct, active and registered"},
+            "leader": {"type": ["integer", "null"], "minimum": 1, "description": "The node to lead it (default: the first replica)"},
+            "auto": {"type": ["boolean", "null"], "description": "true: give the group back to the rebalancer (no replicas or leader with it)"}}},
+        "MoveDone": {"type": "object", "required": ["group", "pinned", "map_version"], "properties": {
+            "group": {"type": "integer"}, "replicas": {"type": "array", "items": {"type": "integer"}},
+            "leader": {"type": ["integer", "null"]}, "pinned": {"type": "boolean"},
             "map_version": {"type": "integer"}}},
         "NodeState": {"type": "object", "properties": {"id": {"type": "integer"}, "internal": {"type": "string"}, "state": {"type": "string"}}}
     });

@@ -14,9 +14,16 @@
 //!   leader sends it a snapshot when it is a member;
 //! - the group already has raft state here (a vote or log entries): it starts as it is.
 //!
-//! A group the map lists as active starts at once, as at boot. [`groups_loop`] looks for groups
-//! to start every [`CHECK_EVERY`] and whenever the map changes, so a split's target starts
-//! within moments of the fence applying here, and a node restarted mid-split seeds at boot.
+//! Any other group starts here when the map places it here (its desired replicas name this
+//! node), empty: its leader adds this node as a learner and sends it a snapshot. A group the
+//! map places elsewhere does not run here. [`groups_loop`] looks for groups to start every
+//! [`CHECK_EVERY`] and whenever the map changes, so a split's target starts within moments of
+//! the fence applying here, and a node restarted mid-split seeds at boot.
+//!
+//! [`collect_loop`] stops a data group's replica here and deletes its keys once neither the
+//! map nor the group's committed membership names this node (a move took it away; §3.9's
+//! GC). Never earlier: a voter that forgot its log could help elect a leader without the
+//! entries it had acknowledged.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,17 +39,20 @@ use crate::raft::quiet::Quiet;
 use crate::raft::seed::{SeedPlan, Seeded, seed};
 use crate::raft::state_machine::ApplyObserver;
 use crate::raft::{LogStore, Raft, StateMachine};
-use crate::service::{Executor, LocalGroup, MapCache};
+use crate::service::{Executor, LocalGroup, MapCache, Service};
 use crate::state::MovedRanges;
 use crate::state::map::{GroupState, ShardMap};
 use crate::storage::Storage;
 use crate::transport::Peers;
+use crate::transport::messages::GroupStatus;
 use crate::transport::raft_network::NetworkFactory;
 
 use super::NodeError;
 
 /// How often [`groups_loop`] looks for groups to start when the map did not change.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How often [`collect_loop`] looks for replicas to collect.
+const COLLECT_EVERY: Duration = Duration::from_secs(3);
 
 /// Everything it takes to run one more group on this node.
 pub(super) struct GroupStarter {
@@ -55,6 +65,9 @@ pub(super) struct GroupStarter {
     pub actor_idle: Duration,
     pub quiet: Arc<Quiet>,
     pub exec: Arc<Executor>,
+    /// Held while groups start or are collected, so a group is never started from keys being
+    /// deleted.
+    pub registry: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl GroupStarter {
@@ -128,7 +141,8 @@ pub(super) enum Plan {
     Start,
     /// Seed it from this node's copy of the source's fenced keys, then start it.
     Seed(SeedPlan),
-    /// Not yet: it is being split off a group whose fence has not applied here.
+    /// Not here, or not yet: the map does not place it here, or it is being split off a group
+    /// whose fence has not applied here.
     Wait,
 }
 
@@ -159,19 +173,19 @@ pub(super) fn plan(
     if own_state {
         return Ok(Plan::Start);
     }
-    let splitting = map
-        .groups
-        .get(&g)
-        .is_some_and(|e| matches!(e.state, GroupState::Splitting { .. }));
+    let entry = map.groups.get(&g);
+    let splitting = entry.is_some_and(|e| matches!(e.state, GroupState::Splitting { .. }));
+    let wanted = entry.is_some_and(|e| e.replicas.contains(&me));
     match fence_for(storage, map, g)? {
         // A voter seeds; the seed itself finds a released fence and then clears whatever an
         // interrupted seed left, so the group starts empty.
         Some((source, fence)) if fence.voters.iter().any(|v| v.id == me) => {
             Ok(Plan::Seed(SeedPlan::of_fence(source, &fence)))
         }
-        Some(_) => Ok(Plan::Start),
         None if splitting => Ok(Plan::Wait),
-        None => Ok(Plan::Start),
+        // Empty, to be sent a snapshot: only where the map places it.
+        Some(_) | None if wanted => Ok(Plan::Start),
+        Some(_) | None => Ok(Plan::Wait),
     }
 }
 
@@ -226,10 +240,11 @@ pub(super) fn pending(
 }
 
 /// Starts the map's groups as they become startable here (module doc).
-pub(super) async fn groups_loop(starter: GroupStarter, map: Arc<MapCache>) {
+pub(super) async fn groups_loop(starter: Arc<GroupStarter>, map: Arc<MapCache>) {
     let mut changed = map.subscribe();
     loop {
         let current = map.get();
+        let _serial = starter.registry.lock().await;
         match pending(&starter, &current) {
             Ok(plans) => {
                 for (g, p) in plans {
@@ -242,6 +257,117 @@ pub(super) async fn groups_loop(starter: GroupStarter, map: Arc<MapCache>) {
         }
         let _ = tokio::time::timeout(CHECK_EVERY, changed.changed()).await;
     }
+}
+
+/// How a group's leader last showed this node out of the group (see [`collect_loop`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Excluded {
+    leader: u64,
+    term: u64,
+    last_log: u64,
+}
+
+/// Whether `st`, as node `from` answered it, shows `from` leading a membership without `me`.
+fn excludes(st: &GroupStatus, from: u64, me: u64) -> Option<Excluded> {
+    let leader = st.leader.filter(|l| *l == from && *l != me)?;
+    let member = st.voters.contains(&me) || st.learners.contains(&me);
+    (!member).then_some(Excluded {
+        leader,
+        term: st.term,
+        last_log: st.last_log.unwrap_or(0),
+    })
+}
+
+/// Collects this node's replicas that nobody needs (module doc): a data group runs here, the
+/// map places it elsewhere, and its leader (asked directly: a stale replica here knows no
+/// better) shows a membership without this node twice, the second time with everything it had
+/// logged the first time applied, so the membership that took this node out is committed.
+/// Not while a split is under way (a source's replica here may be a fence's copy to seed
+/// from).
+pub(super) async fn collect_loop(service: Service, starter: Arc<GroupStarter>) {
+    let me = starter.me;
+    let mut seen: BTreeMap<GroupId, Excluded> = BTreeMap::new();
+    loop {
+        tokio::time::sleep(COLLECT_EVERY).await;
+        let map = service.shard_map();
+        if map.groups.values().any(|e| !e.state.is_active()) {
+            seen.clear();
+            continue;
+        }
+        let mut next = BTreeMap::new();
+        for lg in starter.exec.groups() {
+            let g = lg.group;
+            drop(lg);
+            let Some(entry) = map.groups.get(&g) else {
+                continue;
+            };
+            if g == SYSTEM_GROUP || entry.replicas.contains(&me) {
+                continue;
+            }
+            let mut shown = None;
+            for &node in &entry.replicas {
+                if let Ok(st) = service.router().status_at(node, g).await
+                    && let Some(x) = excludes(&st, node, me)
+                {
+                    shown = Some((x, st.last_applied.unwrap_or(0)));
+                    break;
+                }
+            }
+            let Some((now, applied)) = shown else {
+                continue;
+            };
+            match seen.get(&g) {
+                Some(before)
+                    if before.leader == now.leader
+                        && before.term == now.term
+                        && applied >= before.last_log =>
+                {
+                    if let Err(e) = collect(&starter, &service, g).await {
+                        tracing::warn!(group = g, error = %e, "cannot collect a replica");
+                    }
+                }
+                _ => {
+                    next.insert(g, now);
+                }
+            }
+        }
+        seen = next;
+    }
+}
+
+/// Stops this node's replica of group `g` and deletes its keys, unless the map has placed
+/// the group here again meanwhile.
+async fn collect(starter: &GroupStarter, service: &Service, g: GroupId) -> Result<(), NodeError> {
+    let _serial = starter.registry.lock().await;
+    let wanted = service
+        .shard_map()
+        .groups
+        .get(&g)
+        .is_none_or(|e| e.replicas.contains(&starter.me));
+    if wanted {
+        return Ok(());
+    }
+    let Some(lg) = starter.exec.remove(g) else {
+        return Ok(());
+    };
+    for t in &lg.tasks {
+        t.abort();
+    }
+    if let Some(a) = &lg.actor {
+        let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+    }
+    let _ = lg.raft.shutdown().await;
+    drop(lg);
+    let storage = starter.storage.clone();
+    tokio::task::spawn_blocking(move || storage.clear_group(g, true))
+        .await
+        .map_err(|e| NodeError::Raft(format!("collecting group {g}: {e}")))?
+        .map_err(|e| NodeError::Raft(format!("collecting group {g}: {e}")))?;
+    tracing::info!(
+        group = g,
+        "collected this node's replica of a group placed elsewhere: stopped, keys deleted"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -330,8 +456,18 @@ mod tests {
             }
             other => panic!("a voter seeds: {other:?}"),
         }
-        // Not a voter of the fence: starts empty and waits for a snapshot.
-        assert!(matches!(plan(&storage, &map, TARGET, 3), Ok(Plan::Start)));
+        // Not a voter of the fence: starts empty and waits for a snapshot where the map
+        // places the group, and not at all elsewhere.
+        assert!(matches!(plan(&storage, &map, TARGET, 3), Ok(Plan::Wait)));
+        let mut placed_on_3 = map.clone();
+        if let Some(e) = placed_on_3.groups.get_mut(&TARGET) {
+            e.replicas = vec![1, 2, 3];
+        }
+        assert!(matches!(
+            plan(&storage, &placed_on_3, TARGET, 3),
+            Ok(Plan::Start)
+        ));
+        assert!(matches!(plan(&storage, &map, SOURCE, 4), Ok(Plan::Wait)));
         // Once seeded and elected (a vote of its own) it starts as it is, never seeded again.
         let p = match plan(&storage, &map, TARGET, 1) {
             Ok(Plan::Seed(p)) => p,

@@ -36,11 +36,12 @@ use crate::raft::client::{self, known_leader};
 use crate::raft::quiet::{self, Quiet, QuietTiming};
 use crate::raft::state_machine::ApplyObserver;
 use crate::raft::{NodeInfo, Raft};
+use crate::service::placement::{Members, Step};
 use crate::service::{Directory, Executor, KeyCache, Router, Service};
-use crate::shard::{Candidate, placement, replicas};
+use crate::shard::{Candidate, replicas};
 use crate::state::{Command, NodeRecord, NodeState, Outcome, next_timer_due, read_nodes};
 use crate::storage::{CF_RAFT_META, Storage, group_key};
-use crate::transport::messages::{LIVENESS_PATH, Liveness, NodeStatus, ShardOp, ShardReply};
+use crate::transport::messages::{LIVENESS_PATH, Liveness, NodeStatus, ShardOp};
 use crate::transport::{AddressBook, Identity, Lane, Peers};
 
 /// Starting a node failed.
@@ -627,9 +628,10 @@ async fn release_pins_loop(storage: Arc<Storage>) {
     }
 }
 
-/// On the system group's leader: moves replicas and leaders toward the placement of the
-/// current members, one change per round, and retires drained members.
-async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: usize) {
+/// On the system group's leader: keeps the system group on up to five members, grows and
+/// places the data groups (`service::placement`) and moves them toward their placement, one
+/// membership change per round, and retires drained members.
+async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, auto_split: bool) {
     let exec = service.router().executor().clone();
     let mut pause = Duration::from_secs(2);
     loop {
@@ -641,7 +643,7 @@ async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: us
         if !leads_system {
             continue;
         }
-        match rebalance_once(&service, &storage, rf).await {
+        match rebalance_once(&service, &storage, auto_split).await {
             // More may be pending: go on soon.
             Ok(true) => pause = Duration::from_millis(200),
             Ok(false) => {}
@@ -654,7 +656,7 @@ async fn rebalance_loop(service: Service, storage: Arc<Storage>, me: u64, rf: us
 async fn rebalance_once(
     service: &Service,
     storage: &Storage,
-    rf: usize,
+    auto_split: bool,
 ) -> Result<bool, crate::error::ApiError> {
     let exec = service.router().executor().clone();
     let nodes = read_nodes(&storage.read_view(SYSTEM_GROUP)).map_err(|e| {
@@ -668,12 +670,6 @@ async fn rebalance_once(
     if active.is_empty() {
         return Ok(false);
     }
-    let infos: BTreeMap<u64, NodeInfo> = nodes.iter().map(|n| (n.id, node_info(n))).collect();
-    let registered: BTreeSet<u64> = nodes
-        .iter()
-        .filter(|n| n.incarnation != 0)
-        .map(|n| n.id)
-        .collect();
     let candidates: Vec<Candidate> = active
         .iter()
         .map(|n| Candidate {
@@ -681,13 +677,8 @@ async fn rebalance_once(
             zone: n.zone.clone(),
         })
         .collect();
-    let pick = |ids: &[u64], current: &BTreeSet<u64>| -> BTreeMap<u64, NodeInfo> {
-        // A member not yet part of the group is added only once it has registered (is alive).
-        ids.iter()
-            .filter(|id| current.contains(id) || registered.contains(id))
-            .filter_map(|id| infos.get(id).map(|i| (*id, i.clone())))
-            .collect()
-    };
+    let members = Members::new(&nodes);
+    let pick = |ids: &[u64], current: &BTreeSet<u64>| members.pick(ids, current);
 
     // The system group: up to five voters, every other member a learner (so every node has
     // the member table and the API keys).
@@ -730,48 +721,17 @@ async fn rebalance_once(
             return Ok(true);
         }
     }
-    let plan = placement(&service.data_groups(), &candidates, rf);
+    // A node that joined gets a group of its own (a split), then its share of replicas and
+    // leaders (the map's desired placement), which the groups then follow.
+    if (auto_split && service.grow(&members).await?) || service.place(&members).await? {
+        return Ok(true);
+    }
+    let groups = service.data_groups();
     let mut changed = false;
-    for (g, target) in &plan {
-        let st = match service.router().call(*g, ShardOp::Status).await? {
-            ShardReply::Status(s) => s,
-            _ => continue,
-        };
-        let current: BTreeSet<u64> = st.voters.iter().copied().collect();
-        let voters = pick(target, &current);
-        let same = current == voters.keys().copied().collect() && st.learners.is_empty();
-        if !same && !voters.is_empty() {
-            // One replica move per round: each copies a shard's state.
-            if !changed {
-                tracing::info!(shard = g, ?voters, "moving shard replicas");
-                service
-                    .router()
-                    .call(
-                        *g,
-                        ShardOp::Reconfigure {
-                            voters,
-                            learners: BTreeMap::new(),
-                        },
-                    )
-                    .await?;
-                changed = true;
-            }
-        } else if let (Some(leader), Some(preferred)) = (st.leader, target.first())
-            && leader != *preferred
-            && st.voters.contains(preferred)
-            && caught_up(&st, *preferred)
-        {
-            tracing::info!(
-                shard = g,
-                from = leader,
-                to = preferred,
-                "moving shard leadership"
-            );
-            service
-                .router()
-                .call(*g, ShardOp::TransferLeader { to: *preferred })
-                .await?;
-        }
+    for &g in &groups {
+        // One replica move per round: each copies a group's state.
+        let (step, st) = service.converge_group(g, &members, !changed).await?;
+        changed |= step == Step::Reconfigured;
         statuses.push(st);
     }
 
@@ -780,7 +740,7 @@ async fn rebalance_once(
         let still = statuses
             .iter()
             .any(|s| s.voters.contains(&n.id) || s.learners.contains(&n.id));
-        if !still && statuses.len() == plan.len() + 1 {
+        if !still && statuses.len() == groups.len() + 1 {
             tracing::info!(node = n.id, "member drained; marking it removed");
             service
                 .put_node(Command::SetNodeState {
@@ -791,15 +751,6 @@ async fn rebalance_once(
         }
     }
     Ok(changed)
-}
-
-fn caught_up(st: &crate::transport::messages::GroupStatus, node: u64) -> bool {
-    let last = st.last_log.unwrap_or(0);
-    st.matched
-        .get(&node)
-        .copied()
-        .flatten()
-        .is_some_and(|m| last.saturating_sub(m) < 100)
 }
 
 /// Registers this node in the member table (creating it at bootstrap), retrying until the
@@ -1060,6 +1011,7 @@ async fn start_node(config: Config) -> Result<NodeHandle, NodeError> {
         actor_idle: config.actor_idle,
         quiet: quiet.clone(),
         exec: exec.clone(),
+        registry: Default::default(),
     };
     // The map's groups that can start now (a split's target waits for its fence, see
     // `groups`), then the system group.
@@ -1302,17 +1254,19 @@ async fn start_node(config: Config) -> Result<NodeHandle, NodeError> {
         exec.clone(),
         config.raft.snapshot_every_bytes,
     )));
+    let starter = Arc::new(starter);
     tasks.push(tokio::spawn(groups::groups_loop(
-        starter,
+        starter.clone(),
         map_cache.clone(),
     )));
+    tasks.push(tokio::spawn(groups::collect_loop(service.clone(), starter)));
     tasks.push(tokio::spawn(key_lease_loop(service.clone())));
     tasks.push(tokio::spawn(map::keep(service.clone(), storage.clone())));
     tasks.push(tokio::spawn(rebalance_loop(
         service.clone(),
         storage.clone(),
         config.node_id,
-        cc.replication_factor,
+        cc.auto_split,
     )));
 
     let addr_file = config.data_dir.join("http.addr");

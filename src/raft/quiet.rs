@@ -333,6 +333,14 @@ impl Quiet {
             .or_insert_with(|| Arc::new(Replica { raft, state }));
     }
 
+    /// Stops watching group `g` (its replica here was collected).
+    pub fn remove(&self, g: GroupId) {
+        self.replicas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&g);
+    }
+
     fn replicas(&self) -> Vec<(GroupId, Arc<Replica>)> {
         self.replicas
             .read()

@@ -34,7 +34,7 @@ use crate::state::{
     KubbiRecord, MovedRanges, Ownership, ShardRange, ShardStats, StateRead, Table, Totals, day_of,
     in_ranges, keys,
 };
-use crate::storage::{CF_BLOB, CF_RAFT_LOG, CF_RAFT_META, CF_STATE, Storage, group_key};
+use crate::storage::{Storage, group_key};
 
 /// Bytes of copied keys collected before they are written.
 const SEED_BATCH_BYTES: usize = 4 << 20;
@@ -193,15 +193,7 @@ pub fn seed(storage: &Storage, plan: &SeedPlan) -> io::Result<Seeded> {
 
 /// Deletes every key of `group` in every column family.
 fn clear(storage: &Storage, group: GroupId) -> io::Result<()> {
-    let mut batch = WriteBatch::default();
-    for cf in [CF_STATE, CF_BLOB, CF_RAFT_LOG, CF_RAFT_META] {
-        batch.delete_range_cf(
-            storage.cf(cf),
-            group_key(group, &[]),
-            group_key(group, &[0xff; 64]),
-        );
-    }
-    storage.db().write(batch).map_err(io_err)
+    storage.clear_group(group, false).map_err(io_err)
 }
 
 /// Writes copied keys under the target's prefix in bounded batches.
@@ -238,7 +230,7 @@ mod tests {
         Blob, Body, ClaimIdempotency, Command, Create, CreateIdempotency, Outcome, Request,
         StoreError, apply,
     };
-    use crate::storage::GroupTxn;
+    use crate::storage::{CF_RAFT_META, CF_STATE, GroupTxn};
 
     const SOURCE: GroupId = 1;
     const TARGET: GroupId = 2;

@@ -42,7 +42,8 @@ pub struct LocalGroup {
 }
 
 /// Every group of this node. Groups are added while the node runs (a split's target starts on
-/// the replicas that seed it), never removed before it stops.
+/// the replicas that seed it, a moved group on its new replicas) and removed when this node's
+/// replica is collected (`node::groups`).
 pub struct Executor {
     node_id: u64,
     storage: Arc<Storage>,
@@ -91,6 +92,16 @@ impl Executor {
         }
         groups.insert(lg.group, Arc::new(lg));
         true
+    }
+
+    /// Stops running group `g` here (its replica was collected, `node::groups`); the group
+    /// taken out, for its owner to stop.
+    pub fn remove(&self, g: GroupId) -> Option<Arc<LocalGroup>> {
+        self.quiet.remove(g);
+        self.groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&g)
     }
 
     /// Which of this node's groups are quiet (`raft::quiet`).

@@ -17,6 +17,7 @@ pub mod exec;
 pub mod keys;
 pub mod map_cache;
 pub mod model;
+pub mod placement;
 pub mod router;
 pub mod split;
 

@@ -21,7 +21,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ids::{GroupId, SYSTEM_GROUP};
 use crate::shard::{Candidate, replicas};
 use crate::state::{NodeRecord, NodeState};
-use crate::transport::messages::{ExecError, ShardOp, ShardReply};
+use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
 use crate::transport::{Lane, Peers, TransportError};
 
 /// How long one operation keeps looking for its leader (elections take about a second).
@@ -92,6 +92,11 @@ impl Router {
         }
     }
 
+    /// How many replicas a data group has (fewer while the cluster has fewer nodes).
+    pub fn replication_factor(&self) -> usize {
+        self.replication_factor
+    }
+
     pub fn executor(&self) -> &Arc<Executor> {
         &self.exec
     }
@@ -102,6 +107,31 @@ impl Router {
 
     pub fn peers(&self) -> Option<&Peers> {
         self.peers.as_ref()
+    }
+
+    /// Group `g` as node `node` sees it (not routed: that node answers, leader or not).
+    ///
+    /// # Errors
+    /// When the node cannot be reached or does not answer.
+    pub async fn status_at(&self, node: u64, g: GroupId) -> Result<GroupStatus, ApiError> {
+        let reply = match &self.peers {
+            Some(peers) if node != self.me => peers
+                .post_bytes::<Result<ShardReply, ExecError>>(
+                    node,
+                    &format!("/internal/v1/shard/{g}"),
+                    encode(&ShardOp::Status),
+                    FORWARD_TIMEOUT,
+                    Lane::BySize,
+                )
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?,
+            _ => self.exec.execute(g, ShardOp::Status).await,
+        };
+        match reply {
+            Ok(ShardReply::Status(st)) => Ok(st),
+            Ok(_) => Err(ApiError::internal()),
+            Err(e) => Err(ApiError::unavailable(e.to_string())),
+        }
     }
 
     /// One of `groups` this node leads, as far as the directory knows, chosen at random;

@@ -109,8 +109,20 @@ fn flipped(map: &ShardMap, target: GroupId, range: ShardRange) -> ShardMap {
     });
     ranges.sort_by_key(|r| r.lo);
     next.ranges = ranges;
+    // The new group keeps its source's placement: pinned by an operator if the source was.
+    let placed = match next.groups.get(&target).map(|e| &e.state) {
+        Some(GroupState::Splitting { from, .. }) => next
+            .groups
+            .get(from)
+            .is_some_and(|e| e.state == GroupState::Placed),
+        _ => false,
+    };
     if let Some(e) = next.groups.get_mut(&target) {
-        e.state = GroupState::Active;
+        e.state = if placed {
+            GroupState::Placed
+        } else {
+            GroupState::Active
+        };
     }
     next
 }
@@ -268,7 +280,7 @@ impl Service {
 
     /// Stores the map `change` makes of the current one (`None`: nothing to change), again
     /// on the newer map when another change got there first; the map stored, if any.
-    async fn change_map(
+    pub(super) async fn change_map(
         &self,
         mut change: impl FnMut(&ShardMap) -> Result<Option<ShardMap>, ApiError>,
     ) -> Result<Option<ShardMap>, ApiError> {
@@ -348,7 +360,7 @@ fn split_range(map: &ShardMap, source: GroupId, at: Option<Shard>) -> Result<Sha
         .groups
         .get(&source)
         .ok_or_else(|| ApiError::not_found("group"))?;
-    if !matches!(entry.state, GroupState::Active) {
+    if !entry.state.is_active() {
         return Err(conflict(format!(
             "group {source} is itself being split off"
         )));

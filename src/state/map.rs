@@ -44,6 +44,16 @@ pub enum GroupState {
         from: GroupId,
         ranges: Vec<ShardRange>,
     },
+    /// Active, on replicas an operator chose (`kubbi cluster move`): the rebalancer replaces a
+    /// replica that leaves the cluster but does not move the group to even out the others.
+    Placed,
+}
+
+impl GroupState {
+    /// Whether the group serves its ranges (it is not being made by a split).
+    pub fn is_active(&self) -> bool {
+        matches!(self, Self::Active | Self::Placed)
+    }
 }
 
 /// A data group: its desired replicas, preferred leader first.

@@ -233,6 +233,29 @@ impl Storage {
         Ok(())
     }
 
+    /// Deletes every key of `group` in every column family (one synced batch); with
+    /// `compact`, then compacts the group's key ranges so no file keeps the deleted values.
+    ///
+    /// # Errors
+    /// When RocksDB fails to write.
+    pub fn clear_group(&self, group: GroupId, compact: bool) -> Result<(), StorageError> {
+        let (lo, hi) = (group_key(group, &[]), group_key(group, &[0xff; 64]));
+        let mut batch = rocksdb::WriteBatch::default();
+        for name in [CF_STATE, CF_BLOB, CF_RAFT_LOG, CF_RAFT_META] {
+            batch.delete_range_cf(self.cf(name), &lo, &hi);
+        }
+        let mut sync = rocksdb::WriteOptions::default();
+        sync.set_sync(true);
+        self.db.write_opt(batch, &sync)?;
+        if compact {
+            for name in [CF_STATE, CF_BLOB, CF_RAFT_LOG, CF_RAFT_META] {
+                self.db
+                    .compact_range_cf(self.cf(name), Some(lo.as_slice()), Some(hi.as_slice()));
+            }
+        }
+        Ok(())
+    }
+
     pub fn db_arc(&self) -> Arc<DB> {
         self.db.clone()
     }

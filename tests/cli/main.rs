@@ -156,7 +156,15 @@ async fn send_inspect_claim_text_and_stdin() {
     );
     // One token in 64 starts with `-`: it is a token, not an option. (This one is unknown: the
     // server's answer, not a usage error, proves it got there.)
-    let hyphen = format!("-{}", &token[1..]);
+    // (The token itself starts with `-` one time in 64: then another second character.)
+    let hyphen = match token.strip_prefix('-') {
+        Some(rest) => {
+            let second = if rest.starts_with('A') { "B" } else { "A" };
+            format!("-{second}{}", &rest[1..])
+        }
+        None => format!("-{}", &token[1..]),
+    };
+    assert_ne!(hyphen, token);
     for cmd in ["inspect", "claim"] {
         let r = run(&n, s(&[cmd, &hyphen]), None).await;
         let err = String::from_utf8_lossy(&r.stderr).to_string();

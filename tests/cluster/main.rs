@@ -861,6 +861,36 @@ async fn cluster_up_and_down_scripts_and_the_status_cli() {
             && text.contains("shards 50000..65536 "),
         "{text}"
     );
+    // A move through the CLI: the new group's leadership to node 1, pinned there; then a
+    // refused one (too few replicas), and the group given back to the rebalancer.
+    let moved = cli(&["cluster", "move", "3", "--to", "2,3,1", "--leader", "1"]);
+    let text = String::from_utf8_lossy(&moved.stdout);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    assert!(
+        text.contains("group 3 placed on [1,2,3] led by 1 (shard map version 4)"),
+        "{text}"
+    );
+    let status = cli(&["cluster", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("pinned to [1,2,3]"), "{text}");
+    let refused = cli(&["cluster", "move", "3", "--to", "1,2"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("400") && err.contains("replicas must name 3 nodes"),
+        "{err}"
+    );
+    let auto = cli(&["cluster", "move", "3", "--auto"]);
+    let text = String::from_utf8_lossy(&auto.stdout);
+    assert!(
+        text.contains("group 3 is the rebalancer's again (shard map version 5)"),
+        "{text} {}",
+        String::from_utf8_lossy(&auto.stderr)
+    );
 
     let _ = again.kill();
     let _ = again.wait();
@@ -1177,7 +1207,14 @@ fn sample(text: &str, series: &str) -> Option<u64> {
 async fn a_raft_log_is_purged_by_bytes_as_well_as_by_entries() {
     let mut c = Cluster::start_with(
         3,
-        &["--initial-groups", "1", "--raft-snapshot-every-mib", "1"],
+        &[
+            "--initial-groups",
+            "1",
+            "--auto-split",
+            "false",
+            "--raft-snapshot-every-mib",
+            "1",
+        ],
     )
     .await;
     let (key, _) = c.api(0).new_api_key(&c.admin, "x").await;
@@ -1223,37 +1260,13 @@ async fn a_raft_log_is_purged_by_bytes_as_well_as_by_entries() {
 }
 
 /// Whether every data group in a `GET /admin/v1/cluster` answer is led by its preferred
-/// leader (the first of `shard::placement` over the members and their zones, as the rebalancer
-/// computes it), so the rebalancer moves no leadership.
+/// leader (the first of the replicas the shard map wants it on), so the rebalancer moves no
+/// leadership.
 fn leaders_at_rest(st: &Value) -> bool {
-    let Some(shards) = st["shards"].as_array() else {
-        return false;
-    };
-    let Some(nodes) = st["nodes"].as_array() else {
-        return false;
-    };
-    let candidates: Vec<kubbi::shard::Candidate> = nodes
-        .iter()
-        .filter(|n| n["state"] == "active")
-        .filter_map(|n| {
-            Some(kubbi::shard::Candidate {
-                id: n["id"].as_u64()?,
-                zone: n["zone"].as_str()?.to_string(),
-            })
-        })
-        .collect();
-    let data: Vec<(u16, Option<u64>)> = shards
-        .iter()
-        .filter_map(|g| Some((u16::try_from(g["id"].as_u64()?).ok()?, g["leader"].as_u64())))
-        .filter(|(g, _)| *g != kubbi::ids::SYSTEM_GROUP)
-        .collect();
-    let groups: Vec<u16> = data.iter().map(|(g, _)| *g).collect();
-    let plan = kubbi::shard::placement(&groups, &candidates, 3);
-    !candidates.is_empty()
-        && !data.is_empty()
-        && data.iter().all(|(g, leader)| {
-            leader.is_some() && plan.get(g).and_then(|r| r.first()) == leader.as_ref()
-        })
+    let p = placement_of(st);
+    !p.is_empty()
+        && p.values()
+            .all(|(leader, _, desired, _)| leader.is_some() && *leader == desired.first().copied())
 }
 
 /// Terms of the groups led by a node other than `not`, as member `i` sees them.
@@ -1917,4 +1930,235 @@ async fn a_split_under_load_loses_and_doubles_nothing() {
         .then_some(())
     })
     .await;
+}
+
+/// A data group in a cluster status: (leader, voters, desired replicas, pinned).
+type Placement = (Option<u64>, Vec<u64>, Vec<u64>, bool);
+
+/// The data groups of a cluster status, by id.
+fn placement_of(st: &Value) -> std::collections::BTreeMap<u64, Placement> {
+    let ids = |v: &Value| -> Vec<u64> {
+        let mut ids: Vec<u64> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_u64)
+            .collect();
+        ids.sort_unstable();
+        ids
+    };
+    st["shards"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            Some((
+                s["id"].as_u64()?,
+                (
+                    s["leader"].as_u64(),
+                    ids(&s["replicas"]),
+                    s["desired"]
+                        .as_array()
+                        .map(|d| d.iter().filter_map(Value::as_u64).collect())
+                        .unwrap_or_default(),
+                    s["pinned"] == true,
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Whether every data group has the voters and leader the map wants for it, and every node
+/// holds `per_node` replicas.
+fn placed_evenly(st: &Value, nodes: &[u64], per_node: usize) -> bool {
+    let p = placement_of(st);
+    let settled = p.values().all(|(leader, voters, desired, _)| {
+        let mut d = desired.clone();
+        d.sort_unstable();
+        *voters == d && *leader == desired.first().copied()
+    });
+    settled
+        && nodes.iter().all(|n| {
+            p.values()
+                .filter(|(_, voters, _, _)| voters.contains(n))
+                .count()
+                == per_node
+        })
+}
+
+/// A node that joins a 3-node cluster under load gets a group of its own (a split, then that
+/// group's leadership) and its share of replicas; a group moved by the operator goes where it is
+/// told and stays pinned while the rebalancer evens out the others around it; the replica a
+/// move took away is collected (its node keeps no key of the group); nothing acknowledged is
+/// lost or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_node_gets_a_group_and_a_moved_group_leaves_nothing_behind() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = Cluster::start(3).await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "moves").await;
+    let history: Shared = Default::default();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let apis: Vec<common::Api> = (0..3).map(|i| c.api(i).clone()).collect();
+    let clients = load(apis, key.clone(), 8, history.clone(), stop.clone());
+    common::eventually(Duration::from_secs(30), "load running", || async {
+        (history.lock().expect("lock").acked > 100).then_some(())
+    })
+    .await;
+
+    let fourth = c.add_member(0).await;
+    let st = common::eventually(
+        Duration::from_secs(120),
+        "four groups, one led by each node, three replicas on each",
+        || async {
+            let st = c.status(0).await;
+            let p = placement_of(&st);
+            let leaders: std::collections::BTreeSet<u64> =
+                p.values().filter_map(|(l, ..)| *l).collect();
+            (p.len() == 4 && leaders.len() == 4 && placed_evenly(&st, &[1, 2, 3, 4], 3))
+                .then_some(st)
+        },
+    )
+    .await;
+
+    // Refusals first: each names its problem and changes nothing.
+    let post_move = |via: usize, g: &str, body: Value| {
+        let api = c.api(via).clone();
+        let admin = c.admin.clone();
+        let path = format!("/admin/v1/groups/{g}/move");
+        async move {
+            api.send(
+                api.http
+                    .post(api.url(&path))
+                    .bearer_auth(&admin)
+                    .json(&body),
+            )
+            .await
+        }
+    };
+    let version = st["map_version"].clone();
+    for (g, body, status, says) in [
+        (
+            "0",
+            json!({"replicas": [1, 2]}),
+            400,
+            "replicas must name 3 nodes",
+        ),
+        ("0", json!({"replicas": [1, 1, 2]}), 400, "distinct"),
+        (
+            "0",
+            json!({"replicas": [1, 2, 9]}),
+            400,
+            "node 9 is not an active member",
+        ),
+        (
+            "0",
+            json!({"replicas": [1, 2, 3], "leader": 4}),
+            400,
+            "leader 4 is not one of the replicas",
+        ),
+        (
+            "0",
+            json!({"replicas": [1, 2, 3], "auto": true}),
+            400,
+            "auto",
+        ),
+        ("0", json!({"to": [1, 2, 3]}), 400, "unknown field `to`"),
+        ("0", json!({}), 400, "replicas is required"),
+        ("0", json!([1, 2, 3]), 400, "JSON object"),
+        ("999", json!({"replicas": [1, 2, 3]}), 404, "not found"),
+        ("system", json!({"replicas": [1, 2, 3]}), 404, "not found"),
+    ] {
+        let r = post_move(1, g, body.clone()).await;
+        assert_eq!(r.status.as_u16(), status, "{g} {body}: {:?}", r.body);
+        assert!(
+            r.body
+                .to_string()
+                .to_lowercase()
+                .contains(&says.to_lowercase()),
+            "{g} {body}: {:?}",
+            r.body
+        );
+    }
+    assert_eq!(
+        c.status(0).await["map_version"],
+        version,
+        "a refused move changed the map"
+    );
+
+    // The move: a group to the node it lacks, led there, without one of its followers.
+    let p = placement_of(&st);
+    let (&g, (leader, voters, ..)) = p.iter().next().expect("a group");
+    let leader = leader.expect("led");
+    let lacking = (1..=4u64)
+        .find(|n| !voters.contains(n))
+        .expect("a node without it");
+    let dropped = *voters.iter().find(|n| **n != leader).expect("a follower");
+    let mut to: Vec<u64> = voters.iter().copied().filter(|n| *n != dropped).collect();
+    to.push(lacking);
+    let r = post_move(
+        2,
+        &g.to_string(),
+        json!({"replicas": to, "leader": lacking}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}\n{}", r.body, c.logs_tail());
+    assert_eq!(r.body["leader"], lacking);
+    assert_eq!(r.body["pinned"], true);
+    to.sort_unstable();
+    // Pinned where it was put, and the other groups evened out around it: three each again.
+    common::eventually(
+        Duration::from_secs(120),
+        "the moved group in place and the others evened out",
+        || async {
+            let st = c.status(3).await;
+            let p = placement_of(&st);
+            let (l, v, _, pinned) = p.get(&g)?;
+            (*l == Some(lacking) && *v == to && *pinned && placed_evenly(&st, &[1, 2, 3, 4], 3))
+                .then_some(())
+        },
+    )
+    .await;
+    // The replica the move took away is collected: its node no longer runs the group.
+    let dropped_at = c.index_of(dropped);
+    common::eventually(
+        Duration::from_secs(60),
+        "the dropped replica collected",
+        || async {
+            let d = c.api(dropped_at).get(&c.admin, "/admin/v1/digest").await;
+            let groups = d.body["groups"].as_array()?.clone();
+            (!groups.iter().any(|x| x["id"] == g)).then_some(())
+        },
+    )
+    .await;
+    let auto = post_move(0, &g.to_string(), json!({"auto": true})).await;
+    assert_eq!(auto.status, StatusCode::OK, "{:?}", auto.body);
+    assert_eq!(auto.body["pinned"], false);
+
+    stop.store(true, Ordering::Relaxed);
+    for t in clients {
+        t.await.expect("client");
+    }
+    let h = std::mem::take(&mut *history.lock().expect("lock"));
+    assert!(h.errors.is_empty(), "errors under load: {:?}", h.errors);
+    verify(c.api(fourth), &key, &h).await;
+
+    // Its data directory keeps no key of the group, in any column family.
+    let dir = c.members[dropped_at].dir.join("db");
+    c.terminate(dropped_at);
+    let storage = kubbi::storage::Storage::open(&dir).expect("open the stopped node's db");
+    let prefix = kubbi::storage::group_key(g as u16, &[]);
+    for cf in [
+        kubbi::storage::CF_STATE,
+        kubbi::storage::CF_BLOB,
+        kubbi::storage::CF_RAFT_LOG,
+        kubbi::storage::CF_RAFT_META,
+    ] {
+        let left = storage
+            .db()
+            .prefix_iterator_cf(storage.cf(cf), &prefix)
+            .filter_map(Result::ok)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .count();
+        assert_eq!(left, 0, "{left} keys of group {g} left in {cf}");
+    }
 }
