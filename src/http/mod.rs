@@ -340,6 +340,12 @@ async fn metrics(State(app): State<AppState>) -> Response {
         "Times a replica went quiet.",
         parks,
     );
+    if let Some(peers) = app.service.router().peers() {
+        out.push_str("# HELP kubbi_raft_rpcs_total Raft RPCs this node sent, by kind (append: with entries; heartbeat: without).\n# TYPE kubbi_raft_rpcs_total counter\n");
+        for (kind, n) in peers.raft_rpcs().snapshot() {
+            let _ = writeln!(out, "kubbi_raft_rpcs_total{{kind=\"{kind}\"}} {n}");
+        }
+    }
     out.push_str("# HELP kubbi_raft_quiet_wakes_total Times a quiet replica woke, by reason.\n# TYPE kubbi_raft_quiet_wakes_total counter\n");
     for (reason, n) in wakes {
         let _ = writeln!(

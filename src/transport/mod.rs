@@ -55,8 +55,10 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// expiry differently for the same log. 5 adds liveness pings that stand in for the heartbeats
 /// of quiet groups (`raft::quiet`): a node of 4 would take a quiet leader's silence for its
 /// death and depose it. 6 adds the split's fence with its voters and the `Moved`/`NotOwned`
-/// answers of a forwarded operation.
-pub const PROTOCOL: u32 = 6;
+/// answers of a forwarded operation. 7 adds the shard map's pinned groups
+/// (`GroupState::Placed`), which a node of 6 cannot decode from the system group's log, and
+/// runs a data group only where the map places it (a node of 6 runs every group everywhere).
+pub const PROTOCOL: u32 = 7;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.
@@ -218,6 +220,35 @@ pub struct Peers {
     secret: Arc<Zeroizing<String>>,
     me: Identity,
     book: Arc<AddressBook>,
+    rpcs: Arc<RaftRpcCounts>,
+}
+
+/// Raft RPCs this node has sent, by kind (`kubbi_raft_rpcs_total{kind}`): what quiet groups
+/// and batching save is counted here.
+#[derive(Debug, Default)]
+pub struct RaftRpcCounts {
+    counts: std::sync::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl RaftRpcCounts {
+    pub fn count(&self, kind: &'static str) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(kind)
+            .or_insert(0) += 1;
+    }
+
+    /// Every kind sent so far, with its count.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect()
+    }
 }
 
 impl Peers {
@@ -235,11 +266,17 @@ impl Peers {
             secret: Arc::new(secret),
             me,
             book,
+            rpcs: Arc::default(),
         }
     }
 
     pub fn book(&self) -> &Arc<AddressBook> {
         &self.book
+    }
+
+    /// The raft RPCs sent through this client, by kind.
+    pub fn raft_rpcs(&self) -> &Arc<RaftRpcCounts> {
+        &self.rpcs
     }
 
     pub fn me(&self) -> &Identity {

@@ -108,9 +108,11 @@ fn append_timeout(base: Duration, entries: usize, bytes: usize) -> Duration {
 }
 
 impl Connection {
+    /// Sends one raft RPC to `path` (`/internal/v1/raft/{group}/{path}`), counted as `kind`.
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
-        kind: &str,
+        path: &str,
+        kind: &'static str,
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
@@ -120,7 +122,8 @@ impl Connection {
                 self.group, self.target
             ))));
         };
-        let path = format!("/internal/v1/raft/{}/{kind}", self.group);
+        peers.raft_rpcs().count(kind);
+        let path = format!("/internal/v1/raft/{}/{path}", self.group);
         let reply: Result<Resp, String> = peers
             .post(self.target, &path, req, timeout)
             .await
@@ -147,7 +150,10 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc.entries.truncate(keep);
         let last = rpc.entries.last().map(|e| e.log_id);
         let timeout = append_timeout(option.soft_ttl(), keep, bytes);
-        let resp: AppendEntriesResponse<TypeConfig> = self.call("append", &rpc, timeout).await?;
+        // An AppendEntries without entries is a heartbeat (or a commit index update).
+        let kind = if keep == 0 { "heartbeat" } else { "append" };
+        let resp: AppendEntriesResponse<TypeConfig> =
+            self.call("append", kind, &rpc, timeout).await?;
         Ok(match resp {
             AppendEntriesResponse::Success if partial => {
                 AppendEntriesResponse::PartialSuccess(last)
@@ -161,7 +167,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("vote", &rpc, option.soft_ttl()).await
+        self.call("vote", "vote", &rpc, option.soft_ttl()).await
     }
 
     async fn pre_vote(
@@ -169,7 +175,8 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("prevote", &rpc, option.soft_ttl()).await
+        self.call("prevote", "prevote", &rpc, option.soft_ttl())
+            .await
     }
 
     async fn transfer_leader(
@@ -177,7 +184,8 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("transfer", &req, option.soft_ttl()).await
+        self.call("transfer", "transfer", &req, option.soft_ttl())
+            .await
     }
 
     async fn full_snapshot(
@@ -206,7 +214,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
                     last,
                 };
                 let reply: Option<SnapshotResponse<TypeConfig>> = self
-                    .call("snapshot", &part, Duration::from_secs(60))
+                    .call("snapshot", "snapshot_chunk", &part, Duration::from_secs(60))
                     .await
                     .map_err(|e| match e {
                         RPCError::Unreachable(u) => StreamingError::Unreachable(u),

@@ -1524,6 +1524,16 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
     )
     .await;
     let terms = terms_not_led_by(&c, 0, 0).await;
+    // Raft RPCs that carry entries, sent by every node (`kubbi_raft_rpcs_total`).
+    let appends = || async {
+        let mut n = 0;
+        for i in 0..3 {
+            let m = c.api(i).metrics_text().await;
+            n += sample(&m, "kubbi_raft_rpcs_total{kind=\"append\"}").unwrap_or(0);
+        }
+        n
+    };
+    let appended_before = appends().await;
 
     // A write wakes its group; a claim through another node (a forward) is answered.
     let body = json!({"content": "quiet", "max_retrievals": 2});
@@ -1540,7 +1550,23 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
         n
     };
     assert!(woke >= 1, "a follower woke on the write's entries");
+    assert!(
+        appends().await > appended_before,
+        "the write's entries were sent (kubbi_raft_rpcs_total{{kind=\"append\"}})"
+    );
     wait_all_quiet(&c, "after the write").await;
+    // Quiet groups send no entries: the count stands still (heartbeats of the system group's
+    // read-index rounds go on, under another kind).
+    common::eventually(
+        Duration::from_secs(15),
+        "no appends while quiet",
+        || async {
+            let a = appends().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            (appends().await == a).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         terms_not_led_by(&c, 0, 0).await,
         terms,
