@@ -208,7 +208,8 @@ def fault_details(entries):
          "clock_skew_leader_kills": 0, "hot_leader_hits": 0, "overlap_leader_kills_while_split": 0,
          "group_splits_answered": 0, "group_splits_with_leader_killed": 0,
          "group_splits_with_leader_isolated": 0, "group_moves_answered": 0,
-         "group_moves_with_leader_killed": 0, "group_moves_with_target_isolated": 0}
+         "group_moves_with_leader_killed": 0, "group_moves_with_target_isolated": 0,
+         "group_splits_with_replica_power_loss": 0, "group_moves_with_target_power_loss": 0}
     last_skew = {}
     for e in entries:
         k, ph = e.get("nemesis"), e.get("phase")
@@ -249,6 +250,10 @@ def fault_details(entries):
             d["group_moves_with_leader_killed"] += 1
         elif k == "move" and ph == "isolate_target":
             d["group_moves_with_target_isolated"] += 1
+        elif k == "split" and ph == "power_loss_target":
+            d["group_splits_with_replica_power_loss"] += 1
+        elif k == "move" and ph == "power_loss_target":
+            d["group_moves_with_target_power_loss"] += 1
         elif k == "membership" and ph == "end" and e.get("completed"):
             d[f"membership_{e.get('action')}s_completed"] = d.get(f"membership_{e.get('action')}s_completed", 0) + 1
     return d
@@ -372,7 +377,7 @@ def main(argv=None):
     netns.setup_hub()
     netns.enter_hub()
     lazy, small, skewed = layout(a.nodes)
-    if "power_loss" not in a.faults:
+    if not {"power_loss", "split", "move"} & set(a.faults):  # split and move cut a lazyfs replica's power
         lazy = set()
     if "disk_full" not in a.faults:
         small = set()

@@ -26,14 +26,15 @@ seeded order), inject, hold, heal. Kinds:
   membership       join a spare node under traffic; the next time, drain and remove it (then
                    wipe it, so the time after it joins again as a new member)
   split            split a random data group online (POST /admin/v1/groups/{g}/split through a
-                   random node) under traffic; a third of the time kill -9 the group's leader,
-                   a third of the time isolate it, while the split runs (then the split is
-                   finished by the system group's leader after the heal)
+                   random node) under traffic; a quarter of the time each, while the split runs:
+                   kill -9 the group's leader, isolate it, or cut the power of a lazyfs replica
+                   (where the new group is seeded); the split is finished by the system group's
+                   leader after the heal
   move             move a random data group to a random replica set and leader (POST
-                   /admin/v1/groups/{g}/move through a random node) under traffic; a third of the
-                   time kill -9 the group's leader, a third of the time isolate the new leader,
-                   while the move runs; half the time the group is then given back to the
-                   rebalancer (auto)
+                   /admin/v1/groups/{g}/move through a random node) under traffic; a quarter of
+                   the time each, while the move runs: kill -9 the group's leader, isolate the new
+                   leader, or cut the power of a lazyfs node among the new replicas; half the time
+                   the group is then given back to the rebalancer (auto)
 
 Every injection and heal is an event in the history file ({"nemesis": ...}).
 """
@@ -198,6 +199,58 @@ class Nemesis:
             netns.clear(i)
         self.partitioned.clear()
 
+    def call_in_background(self, name, url, body, timeout):
+        """POSTs `body` to `url` with the admin token on a thread of its own; returns the thread and
+        the dict its answer lands in ("status" and "body", or "error")."""
+        answer = {}
+
+        def drive():
+            try:
+                answer["status"], answer["body"] = http_json("POST", url, body, token=self.c.admin, timeout=timeout)
+            except Exception as e:  # noqa: BLE001
+                answer["error"] = str(e)
+
+        t = threading.Thread(target=drive, name=name, daemon=True)
+        t.start()
+        return t, answer
+
+    def isolate(self, node):
+        """Cuts `node` off from every other member, both ways (undone by heal_net)."""
+        ids = [nd.id for nd in self.members()]
+        others = sorted(j for j in ids if j != node)
+        netns.block(node, drop_in_from=others, drop_out_to=others)
+        for i in others:
+            netns.block(i, drop_in_from=[node], drop_out_to=[node])
+        self.partitioned.update(others + [node])
+
+    def strike(self, kind, how, node):
+        """While an operation of `kind` runs: a moment in, kill -9 `node` (how "kill_leader"), cut
+        its power (how "power_loss_target": a lazyfs node loses what it had not fsync'd) or
+        isolate it; hold; then restart it or heal."""
+        self.sleep(self.rng.uniform(0.05, 1.0))
+        nd = self.c.nodes[node]
+        extra = {}
+        if how == "kill_leader":
+            nd.kill9()
+        elif how == "power_loss_target":
+            nd.kill9()
+            extra["unsynced_dropped"] = {node: nd.unsynced()}
+            nd.drop_unsynced()
+        else:
+            self.isolate(node)
+        self.event(kind, how, nodes=[node], **extra)
+        self.sleep(self.rng.uniform(*self.hold))
+        if how in ("kill_leader", "power_loss_target"):
+            nd.start()
+        else:
+            self.heal_net()
+
+    def lazy_among(self, ids, besides):
+        """A lazyfs member among `ids` other than `besides`, or None."""
+        lazy = sorted(nd.id for nd in self.members() if nd.storage == "lazyfs" and nd.id in (ids or [])
+                      and nd.id != besides)
+        return self.rng.choice(lazy) if lazy else None
+
     def do_partition_halves(self):
         ids = [nd.id for nd in self.members()]
         self.rng.shuffle(ids)
@@ -259,11 +312,7 @@ class Nemesis:
             self.sleep(self.rng.uniform(*self.hold))
             nd.sigcont()
         else:
-            others = [m.id for m in self.members() if m.id != lead]
-            netns.block(lead, drop_in_from=others, drop_out_to=others)
-            for i in others:
-                netns.block(i, drop_in_from=[lead], drop_out_to=[lead])
-            self.partitioned.update(others + [lead])
+            self.isolate(lead)
             self.sleep(self.rng.uniform(*self.hold))
             self.heal_net()
         self.event("hot_leader", "end", nodes=[lead], group=g, how=how)
@@ -384,40 +433,16 @@ class Nemesis:
         if not groups:
             return False
         g = self.rng.choice(groups)
-        how = self.rng.choice(["plain", "kill_leader", "isolate_leader"])
+        how = self.rng.choice(["plain", "kill_leader", "isolate_leader", "power_loss_target"])
         via = self.rng.choice([nd for nd in self.members() if nd.alive()])
         self.event("split", "start", group=g["id"], via=via.id, how=how, leader=g.get("leader"))
-        answer = {}
-
-        def drive():
-            try:
-                answer["status"], answer["body"] = http_json(
-                    "POST", via.url(f"/admin/v1/groups/{g['id']}/split"), {}, token=self.c.admin, timeout=90)
-            except Exception as e:  # noqa: BLE001
-                answer["error"] = str(e)
-
-        t = threading.Thread(target=drive, name="split", daemon=True)
-        t.start()
-        lead = g.get("leader")
+        t, answer = self.call_in_background("split", via.url(f"/admin/v1/groups/{g['id']}/split"), {}, 90)
+        # The new group is seeded on every replica of the source: power loss hits one of those.
+        lead = self.lazy_among(g.get("replicas"), via.id) if how == "power_loss_target" else g.get("leader")
         hit = None
         if how != "plain" and isinstance(lead, int) and lead in self.c.nodes and lead != via.id:
-            self.sleep(self.rng.uniform(0.05, 1.0))
-            if how == "kill_leader":
-                self.c.nodes[lead].kill9()
-            else:
-                ids = [nd.id for nd in self.members()]
-                self.partitioned.update(ids)
-                others = sorted(j for j in ids if j != lead)
-                netns.block(lead, drop_in_from=others, drop_out_to=others)
-                for i in others:
-                    netns.block(i, drop_in_from=[lead], drop_out_to=[lead])
             hit = lead
-            self.event("split", how, nodes=[lead])
-            self.sleep(self.rng.uniform(*self.hold))
-            if how == "kill_leader":
-                self.c.nodes[lead].start()
-            else:
-                self.heal_net()
+            self.strike("split", how, lead)
         t.join(120)
         body = answer.get("body") if isinstance(answer.get("body"), dict) else {}
         self.event("split", "end", group=g["id"], how=how, hit=hit, status=answer.get("status"),
@@ -434,41 +459,18 @@ class Nemesis:
         g = self.rng.choice(groups)
         to = sorted(self.rng.sample(nodes, min(3, len(nodes))))
         leader = self.rng.choice(to)
-        how = self.rng.choice(["plain", "kill_leader", "isolate_target"])
+        how = self.rng.choice(["plain", "kill_leader", "isolate_target", "power_loss_target"])
         via = self.rng.choice(live)
         self.event("move", "start", group=g["id"], via=via.id, how=how, to=to, leader=leader,
                    was=g.get("replicas"), led_by=g.get("leader"))
-        answer = {}
-
-        def drive():
-            try:
-                answer["status"], answer["body"] = http_json(
-                    "POST", via.url(f"/admin/v1/groups/{g['id']}/move"), {"replicas": to, "leader": leader},
-                    token=self.c.admin, timeout=150)
-            except Exception as e:  # noqa: BLE001
-                answer["error"] = str(e)
-
-        t = threading.Thread(target=drive, name="move", daemon=True)
-        t.start()
-        hit = g.get("leader") if how == "kill_leader" else leader
+        t, answer = self.call_in_background("move", via.url(f"/admin/v1/groups/{g['id']}/move"),
+                                            {"replicas": to, "leader": leader}, 150)
+        # Power loss hits a lazyfs node among the replicas the group moves to.
+        hit = {"kill_leader": g.get("leader"), "isolate_target": leader,
+               "power_loss_target": self.lazy_among(to, via.id)}.get(how)
         if how != "plain" and isinstance(hit, int) and hit in self.c.nodes and hit != via.id \
                 and not self.c.nodes[hit].removed:
-            self.sleep(self.rng.uniform(0.05, 1.0))
-            if how == "kill_leader":
-                self.c.nodes[hit].kill9()
-            else:
-                ids = [nd.id for nd in self.members()]
-                self.partitioned.update(ids)
-                others = sorted(j for j in ids if j != hit)
-                netns.block(hit, drop_in_from=others, drop_out_to=others)
-                for i in others:
-                    netns.block(i, drop_in_from=[hit], drop_out_to=[hit])
-            self.event("move", how, nodes=[hit])
-            self.sleep(self.rng.uniform(*self.hold))
-            if how == "kill_leader":
-                self.c.nodes[hit].start()
-            else:
-                self.heal_net()
+            self.strike("move", how, hit)
         else:
             hit = None
         t.join(170)

@@ -61,11 +61,14 @@ class Evidence(unittest.TestCase):
             {"nemesis": "move", "phase": "end", "status": 200},
             {"nemesis": "move", "phase": "kill_leader", "nodes": [2]},
             {"nemesis": "move", "phase": "end", "status": 503},
+            {"nemesis": "split", "phase": "power_loss_target", "nodes": [3], "unsynced_dropped": {"3": None}},
+            {"nemesis": "move", "phase": "power_loss_target", "nodes": [3], "unsynced_dropped": {"3": None}},
         ]
         d = main.fault_details(entries)
         self.assertEqual((d["group_splits_answered"], d["group_splits_with_leader_killed"]), (1, 1))
         self.assertEqual(d["group_moves_answered"], 1)
         self.assertEqual((d["group_moves_with_leader_killed"], d["group_moves_with_target_isolated"]), (1, 1))
+        self.assertEqual((d["group_splits_with_replica_power_loss"], d["group_moves_with_target_power_loss"]), (1, 1))
 
 
 if __name__ == "__main__":
