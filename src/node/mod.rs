@@ -1129,6 +1129,7 @@ async fn start_node(config: Config) -> Result<NodeHandle, NodeError> {
         exec.clone(),
         peers.clone(),
         directory,
+        map_cache.clone(),
         cc.replication_factor,
     ));
     let service = Service::new(

@@ -16,9 +16,10 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 
 use super::exec::Executor;
+use super::map_cache::MapCache;
 use crate::codec::encode;
 use crate::error::{ApiError, ErrorCode};
-use crate::ids::{GroupId, SYSTEM_GROUP};
+use crate::ids::GroupId;
 use crate::shard::{Candidate, replicas};
 use crate::state::{NodeRecord, NodeState};
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
@@ -73,6 +74,7 @@ pub struct Router {
     exec: Arc<Executor>,
     peers: Option<Peers>,
     directory: Arc<Directory>,
+    map: Arc<MapCache>,
     replication_factor: usize,
 }
 
@@ -81,6 +83,7 @@ impl Router {
         exec: Arc<Executor>,
         peers: Option<Peers>,
         directory: Arc<Directory>,
+        map: Arc<MapCache>,
         replication_factor: usize,
     ) -> Self {
         Self {
@@ -88,6 +91,7 @@ impl Router {
             exec,
             peers,
             directory,
+            map,
             replication_factor,
         }
     }
@@ -171,6 +175,8 @@ impl Router {
                 push(v);
             }
         }
+        // Where the shard map places a data group (its preferred leader first); the system group
+        // places itself by rendezvous over the members.
         let active: Vec<Candidate> = self
             .directory
             .nodes()
@@ -181,12 +187,8 @@ impl Router {
                 zone: n.zone,
             })
             .collect();
-        let rf = if g == SYSTEM_GROUP {
-            5
-        } else {
-            self.replication_factor
-        };
-        for id in replicas(g, &active, rf) {
+        let placed = self.map.get().groups.get(&g).map(|e| e.replicas.clone());
+        for id in placed.unwrap_or_else(|| replicas(g, &active, 5)) {
             push(id);
         }
         for n in &active {
