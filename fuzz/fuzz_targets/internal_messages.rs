@@ -20,12 +20,12 @@ use common::{round_trip, round_trip_eq, sample, write_seeds};
 use kubbi::codec::encode;
 use kubbi::ids::{KubbiId, RequestId, TokenHash};
 use kubbi::raft::SnapshotMeta;
+use kubbi::raft::quiet::QuietGroup;
 use kubbi::raft::snapshot::{Chunk, Cursor, SnapshotItem};
 use kubbi::raft::{SnapshotData, TypeConfig};
 use kubbi::state::NodeRecord;
 use kubbi::state::map::ShardMap;
 use kubbi::state::{Outcome, Rejection};
-use kubbi::raft::quiet::QuietGroup;
 use kubbi::transport::messages::{
     ExecError, Liveness, NodeStatus, ShardOp, ShardReply, SnapshotPart,
 };
@@ -203,7 +203,10 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         }),
     ));
     s.push((13, encode(&ShardMap::first(3, |g| vec![u64::from(g) + 1]))));
-    s.push((13, encode(&ShardMap::legacy(4, |g| vec![u64::from(g) % 3 + 1]))));
+    s.push((
+        13,
+        encode(&ShardMap::legacy(4, |g| vec![u64::from(g) % 3 + 1])),
+    ));
     s.push((14, encode(&Liveness::default())));
     s.push((
         14,
