@@ -24,7 +24,7 @@ use kubbi::raft::quiet::QuietGroup;
 use kubbi::raft::snapshot::{Chunk, Cursor, SnapshotItem};
 use kubbi::raft::{SnapshotData, TypeConfig};
 use kubbi::state::NodeRecord;
-use kubbi::state::map::ShardMap;
+use kubbi::state::map::{GroupState, ShardMap};
 use kubbi::state::{Outcome, Rejection};
 use kubbi::transport::messages::{
     ExecError, Liveness, NodeStatus, ShardOp, ShardReply, SnapshotPart,
@@ -203,6 +203,12 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         }),
     ));
     s.push((13, encode(&ShardMap::first(3, |g| vec![u64::from(g) + 1]))));
+    // A map with a group an operator pinned (`kubbi cluster move`).
+    let mut pinned = ShardMap::first(3, |g| vec![u64::from(g) + 1, 4]);
+    if let Some(e) = pinned.groups.get_mut(&1) {
+        e.state = GroupState::Placed;
+    }
+    s.push((13, encode(&pinned)));
     s.push((
         13,
         encode(&ShardMap::legacy(4, |g| vec![u64::from(g) % 3 + 1])),
