@@ -437,14 +437,6 @@ async fn leadership_watch(node_id: u64, raft: Raft, actor: ActorRef<ShardMsg>) {
     }
 }
 
-fn node_info(n: &NodeRecord) -> NodeInfo {
-    NodeInfo {
-        http: n.http.clone(),
-        internal: n.internal.clone(),
-        zone: n.zone.clone(),
-    }
-}
-
 /// Keeps the directory (members, leaders) and the address book fresh: the member table from
 /// the system group, leaders from every peer's status.
 async fn directory_loop(service: Service, storage: Arc<Storage>, peers: Peers, me: u64) {
@@ -678,7 +670,6 @@ async fn rebalance_once(
         })
         .collect();
     let members = Members::new(&nodes);
-    let pick = |ids: &[u64], current: &BTreeSet<u64>| members.pick(ids, current);
 
     // The system group: up to five voters, every other member a learner (so every node has
     // the member table and the API keys).
@@ -686,13 +677,13 @@ async fn rebalance_once(
     if let Some(st) = exec.status(SYSTEM_GROUP) {
         let current: BTreeSet<u64> = st.voters.iter().chain(&st.learners).copied().collect();
         let target_voters = replicas(SYSTEM_GROUP, &candidates, 5);
-        let voters = pick(&target_voters, &current);
+        let voters = members.pick(&target_voters, &current);
         let learners_ids: Vec<u64> = active
             .iter()
             .map(|n| n.id)
             .filter(|id| !target_voters.contains(id))
             .collect();
-        let learners = pick(&learners_ids, &current);
+        let learners = members.pick(&learners_ids, &current);
         let same = st.voters.iter().copied().collect::<BTreeSet<_>>()
             == voters.keys().copied().collect()
             && st.learners.iter().copied().collect::<BTreeSet<_>>()
@@ -923,7 +914,7 @@ async fn start_node(config: Config) -> Result<NodeHandle, NodeError> {
         state: NodeState::Active,
         updated_at: 0,
     };
-    let my_info = node_info(&me);
+    let my_info = NodeInfo::from(&me);
     let book = Arc::new(AddressBook::default());
     for m in &cc.bootstrap {
         if m.id != config.node_id {

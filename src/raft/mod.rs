@@ -46,6 +46,16 @@ impl From<&crate::state::Replica> for NodeInfo {
     }
 }
 
+impl From<&crate::state::NodeRecord> for NodeInfo {
+    fn from(n: &crate::state::NodeRecord) -> Self {
+        Self {
+            http: n.http.clone(),
+            internal: n.internal.clone(),
+            zone: n.zone.clone(),
+        }
+    }
+}
+
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} ({})", self.internal, self.zone)

@@ -57,19 +57,7 @@ impl Members {
                     zone: n.zone.clone(),
                 })
                 .collect(),
-            infos: nodes
-                .iter()
-                .map(|n| {
-                    (
-                        n.id,
-                        NodeInfo {
-                            http: n.http.clone(),
-                            internal: n.internal.clone(),
-                            zone: n.zone.clone(),
-                        },
-                    )
-                })
-                .collect(),
+            infos: nodes.iter().map(|n| (n.id, NodeInfo::from(n))).collect(),
         }
     }
 
