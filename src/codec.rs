@@ -32,6 +32,25 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 /// # Errors
 /// When the bytes are not a valid encoding of `T`.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
+    let (value, used) = decode_prefix(what, bytes)?;
+    if used != bytes.len() {
+        return Err(DecodeError {
+            what,
+            reason: format!("{} trailing bytes", bytes.len() - used),
+        });
+    }
+    Ok(value)
+}
+
+/// Decodes a `T` from the start of `bytes` and says how many bytes it took; what follows is the
+/// caller's (a stored value with a suffix, such as a kubbi record with its inline payload).
+///
+/// # Errors
+/// When the bytes do not start with a valid encoding of `T`.
+pub fn decode_prefix<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<(T, usize), DecodeError> {
     const KIB: usize = 1 << 10;
     const MIB: usize = 1 << 20;
     const GIB: usize = 1 << 30;
@@ -68,19 +87,11 @@ fn decode_limited<T: DeserializeOwned, C: bincode::config::Config>(
     what: &'static str,
     bytes: &[u8],
     config: C,
-) -> Result<T, DecodeError> {
-    let (value, used) =
-        bincode::serde::decode_from_slice(bytes, config).map_err(|e| DecodeError {
-            what,
-            reason: e.to_string(),
-        })?;
-    if used != bytes.len() {
-        return Err(DecodeError {
-            what,
-            reason: format!("{} trailing bytes", bytes.len() - used),
-        });
-    }
-    Ok(value)
+) -> Result<(T, usize), DecodeError> {
+    bincode::serde::decode_from_slice(bytes, config).map_err(|e| DecodeError {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

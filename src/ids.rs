@@ -5,9 +5,15 @@
 //! without a lookup table:
 //!
 //! ```text
-//!   id    = UUID-shaped 16 bytes:  [shard u16 BE][14 random bytes, v4 bits set]
 //!   token = base64url(no pad) of   [shard u16 BE][32 random bytes]      (46 chars)
+//!   id    = UUID-shaped 16 bytes:  [shard u16 BE][14 bytes of SHA-256("kubbi id" ‖ token hash),
+//!                                   v4 bits set]
 //! ```
+//!
+//! The id is named by the token (key layout 3, [`KubbiId::for_token`]), so a claim or preview,
+//! which presents the token, finds the record with one read and no token index. The id tells
+//! nothing about the token: it is a hash of the token's hash, and the token has 256 random bits.
+//! Kubbis created before layout 3 have random ids and a token index entry.
 //!
 //! The token is a capability: it is never logged (its `Debug` redacts), never stored (only
 //! [`TokenHash`] is), and it is the key material for the payload key.
@@ -127,6 +133,27 @@ impl KubbiId {
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
         Self(b)
+    }
+
+    /// The id of the kubbi whose token hashes to `token` (layout 3): its shard followed by a
+    /// domain-separated hash of the token hash, shaped like a v4 UUID.
+    pub fn for_token(shard: Shard, token: &TokenHash) -> Self {
+        let mut h = Sha256::new();
+        h.update(b"kubbi id\0");
+        h.update(token.0);
+        let digest: [u8; 32] = h.finalize().into();
+        let mut b = [0u8; 16];
+        b[0..2].copy_from_slice(&shard.to_be_bytes());
+        b[2..].copy_from_slice(&digest[..14]);
+        b[6] = (b[6] & 0x0f) | 0x40;
+        b[8] = (b[8] & 0x3f) | 0x80;
+        Self(b)
+    }
+
+    /// Whether this id is the one [`KubbiId::for_token`] gives for `token` (a kubbi created in
+    /// layout 3, which has no token index entry).
+    pub fn is_named_by(&self, token: &TokenHash) -> bool {
+        *self == Self::for_token(self.shard(), token)
     }
 
     /// The shard this id was created in (not range-checked against the shard count).
@@ -286,6 +313,30 @@ mod tests {
             assert_eq!(back.shard(), shard);
             assert_eq!(KubbiId::parse(&s.to_uppercase()), Some(id));
         }
+    }
+
+    #[test]
+    fn a_token_names_its_kubbi_id_and_no_other() {
+        let t = ClaimToken::generate(4095);
+        let id = KubbiId::for_token(t.shard(), &t.hash());
+        assert_eq!(id.shard(), 4095, "the id routes like its token");
+        assert_eq!(id, KubbiId::for_token(4095, &t.hash()), "deterministic");
+        assert!(id.is_named_by(&t.hash()));
+        let s = id.to_string();
+        assert_eq!(&s[14..15], "4", "a v4 UUID: {s}");
+        assert!(
+            matches!(&s[19..20], "8" | "9" | "a" | "b"),
+            "RFC 4122 variant: {s}"
+        );
+        let other = ClaimToken::generate(4095);
+        assert_ne!(KubbiId::for_token(4095, &other.hash()), id);
+        assert!(!id.is_named_by(&other.hash()));
+        assert!(
+            !KubbiId::new_in_shard(4095).is_named_by(&t.hash()),
+            "a random id is not"
+        );
+        // Not the token hash itself: the id is public, the token hash is the lookup secret.
+        assert_ne!(&id.0[2..], &t.hash().0[..14]);
     }
 
     #[test]

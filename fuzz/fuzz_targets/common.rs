@@ -115,6 +115,8 @@ pub mod sample {
             has_manifest: true,
             retention_ms: 86_400_000,
             stored_bytes: 400,
+            payload: Default::default(),
+            claim_marks: None,
         }
     }
 

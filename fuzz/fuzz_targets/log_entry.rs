@@ -38,6 +38,21 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         }),
     ));
     s.push((6, encode(&sample::record())));
+    // A stored record value of key layout 3: the record, then its tail (inline payload, marks).
+    let mut inline = sample::record();
+    inline.payload = kubbi::state::Payload::Inline {
+        parts: vec![
+            kubbi::state::Blob(vec![1; 40]),
+            kubbi::state::Blob(vec![2; 30]),
+        ],
+        manifest: Some(kubbi::state::Blob(vec![3; 20])),
+    };
+    inline.claim_marks = Some(vec![kubbi::state::ClaimMark {
+        request_id: RequestId([4; 16]),
+        at: 1_795_867_300_000,
+    }]);
+    s.push((14, inline.to_value()));
+    s.push((14, encode(&sample::record())));
     s.push((7, encode(&sample::api_key())));
     s.push((8, encode(&sample::node())));
     s.push((
@@ -90,7 +105,7 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
     let Some((&sel, data)) = data.split_first() else {
         return;
     };
-    match sel % 14 {
+    match sel % 15 {
         0 => {
             if let Some(e) = round_trip_eq::<Entry>("raft log entry", data) {
                 let _ = e.log_id();
@@ -116,6 +131,13 @@ fuzz_target!(init: write_seeds(&seeds()), |data: &[u8]| {
                 assert_eq!(keys::owner(&owner, e.created_at, &e.id), key);
                 assert_eq!(value.len(), 9);
                 assert_eq!(value[1..9], e.expires_at.to_be_bytes());
+            }
+        }
+        14 => {
+            // A stored record value (layout 2: the record alone; 3: with its tail).
+            if let Ok(rec) = KubbiRecord::from_value(data) {
+                let again = KubbiRecord::from_value(&rec.to_value()).expect("re-encoded decodes");
+                assert_eq!(again, rec);
             }
         }
         _ => {

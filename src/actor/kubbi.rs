@@ -222,7 +222,13 @@ impl KubbiState {
     /// after a failover finds the claim counted, and maybe the kubbi burned by it).
     fn refusal(&self, request_id: &RequestId, s: Status) -> Outcome {
         let view = self.ctx.storage.read_view(self.ctx.group);
-        match crate::state::claim_of_ended(&view, self.id.shard(), request_id, s) {
+        // The record says where a counted claim is remembered (its claim marks or the
+        // request-dedup table); a purged one is past the dedup window of its last claim.
+        let rec = crate::state::read_kubbi(&view, &self.id);
+        let answer = rec.and_then(|rec| {
+            crate::state::claim_of_ended(&view, self.id.shard(), request_id, rec.as_ref(), s)
+        });
+        match answer {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "reading a request's dedup record failed");

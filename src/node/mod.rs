@@ -275,7 +275,12 @@ fn check_identity(storage: &Storage, config: &Config) -> Result<(Option<u16>, u6
                      cluster must run this build before it serves again)"
                 );
                 let started = std::time::Instant::now();
-                let keys = upgrade_to_v2(storage).map_err(|e| NodeError::Storage(e.into()))?;
+                // Layout 3 reads layout 2's keys as they are.
+                let keys = if layout < 2 {
+                    upgrade_to_v2(storage).map_err(|e| NodeError::Storage(e.into()))?
+                } else {
+                    0
+                };
                 db.put_cf(
                     cf,
                     &key,

@@ -28,7 +28,7 @@ use openraft::vote::RaftLeaderIdExt;
 use rocksdb::WriteBatch;
 
 use super::{LogId, NodeId, NodeInfo, StoredMembership, TypeConfig, io_err};
-use crate::codec::{decode, encode};
+use crate::codec::encode;
 use crate::ids::{GroupId, Millis};
 use crate::state::{
     KubbiRecord, MovedRanges, Ownership, ShardRange, ShardStats, StateRead, Table, Totals, day_of,
@@ -133,7 +133,7 @@ pub fn seed(storage: &Storage, plan: &SeedPlan) -> io::Result<Seeded> {
     for &(lo, hi) in &ranges {
         let (from, to) = keys::shard_range(keys::KUBBI, lo, hi);
         view.for_each(Table::State, &from, &to, |k, v| {
-            let rec: KubbiRecord = decode("kubbi record", &v).map_err(io_err)?;
+            let rec = KubbiRecord::from_value(&v).map_err(io_err)?;
             totals.count(&rec, today);
             copy.put(Table::State, &k, &v)
         })?;
@@ -425,7 +425,7 @@ mod tests {
             .filter(|(k, _)| k.first() == Some(&keys::KUBBI))
             .map(|(_, v)| v)
         {
-            let rec: KubbiRecord = decode("record", v).expect("decodes");
+            let rec = KubbiRecord::from_value(v).expect("decodes");
             if !rec.status.is_terminal() {
                 active = (active.0 + 1, active.1 + rec.stored_bytes);
             }

@@ -21,8 +21,8 @@ use crate::raft::client::{self, RaftClientError};
 use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
-    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Ownership, Rejection, Served,
-    StateRead, StoreError, Table, claim_of_ended, keys, read_group_time, read_kubbi,
+    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Ownership, Payload, Rejection,
+    Served, StateRead, StoreError, Table, claim_of_ended, keys, read_group_time, read_kubbi,
     read_kubbi_by_token, read_nodes, read_owner_usage,
 };
 use crate::storage::Storage;
@@ -217,8 +217,9 @@ impl Executor {
                     // Answered here as its actor would answer, without waking an actor for a
                     // claim that cannot change anything.
                     let view = self.storage.read_view(g);
-                    let answer = claim_of_ended(&view, shard, &request_id, record.status)
-                        .map_err(from_store)?;
+                    let answer =
+                        claim_of_ended(&view, shard, &request_id, Some(&record), record.status)
+                            .map_err(from_store)?;
                     return Ok(ShardReply::Outcome(answer));
                 }
                 self.route(&lg, record.id, Some(record), |reply| KubbiMsg::Claim {
@@ -260,14 +261,19 @@ impl Executor {
                 let mut judged = [record];
                 let view = self.judge(raft, g, view, &mut judged).await?;
                 let [record] = judged;
-                let manifest = if with_manifest && record.has_manifest {
-                    view.get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
+                let manifest = match &record.payload {
+                    _ if !with_manifest || !record.has_manifest => None,
+                    Payload::Inline { manifest, .. } => manifest.clone(),
+                    Payload::Wiped => None,
+                    Payload::Blobs => view
+                        .get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
                         .map_err(from_store)?
-                        .map(Blob)
-                } else {
-                    None
+                        .map(Blob),
                 };
-                Ok(ShardReply::Record(Some((record, manifest))))
+                Ok(ShardReply::Record(Some((
+                    record.without_payload(),
+                    manifest,
+                ))))
             }
             ShardOp::Get { ids } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
@@ -284,7 +290,10 @@ impl Executor {
                         // Not this group's: another group answers for it.
                         Served::NotOwned => continue,
                     }
-                    if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
+                    if let Some(mut r) = read_kubbi(&view, id).map_err(from_store)? {
+                        // Answers carry no payload bytes, whether they stay here or not.
+                        r.payload = Payload::Blobs;
+                        r.claim_marks = None;
                         found.push(r);
                     }
                 }

@@ -441,10 +441,12 @@ impl Service {
             CreateBody::Package { files } => files.iter().map(|f| f.content.len()).sum(),
         };
         let input = Arc::new(input);
-        // A random id or token collision is astronomically unlikely; it is still handled.
+        // A token collision is astronomically unlikely; it is still handled.
         for _ in 0..3 {
-            let id = KubbiId::new_in_shard(shard);
             let token = ClaimToken::generate(shard);
+            // Named by its token (key layout 3): a claim finds the record with one read.
+            let token_hash = token.hash();
+            let id = KubbiId::for_token(shard, &token_hash);
             let sealed = {
                 let input = input.clone();
                 let token = token.clone();
@@ -473,7 +475,7 @@ impl Service {
             let create = Box::new(Create {
                 id,
                 owner: producer.key.id,
-                token_hash: token.hash(),
+                token_hash,
                 ttl_ms: input.ttl_seconds.saturating_mul(1000),
                 max_retrievals: input.max_retrievals,
                 body: sealed.body,

@@ -4,9 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{self, Timer};
 use super::{
-    ApiKeyRecord, Blob, Claimed, Command, Create, KubbiRecord, NodeRecord, NodeState, Outcome,
-    OwnerUsage, Ownership, QuotaCheck, QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request,
-    Served, ShardRange, ShardStats, Status, day_of, in_ranges,
+    ApiKeyRecord, Blob, ClaimMark, Claimed, Command, Create, INLINE_PAYLOAD_BYTES, KubbiRecord,
+    MARKED_CLAIMS_MAX, NodeRecord, NodeState, Outcome, OwnerUsage, Ownership, Payload, QuotaCheck,
+    QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request, Served, ShardRange, ShardStats, Status,
+    day_of, in_ranges,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -204,10 +205,18 @@ fn get_decoded<T: serde::de::DeserializeOwned>(
 /// # Errors
 /// On I/O failure or a record that does not decode.
 pub fn read_kubbi(s: &impl StateRead, id: &KubbiId) -> Result<Option<KubbiRecord>, StoreError> {
-    get_decoded(s, "kubbi record", &keys::kubbi(id))
+    let key = keys::kubbi(id);
+    match s.get(Table::State, &key)? {
+        None => Ok(None),
+        Some(v) => KubbiRecord::from_value(&v)
+            .map(Some)
+            .map_err(|e| corrupt(&key, e)),
+    }
 }
 
-/// Resolves a token hash to its kubbi record in logical shard `shard` (the token's).
+/// Resolves a token hash to its kubbi record in logical shard `shard` (the token's): one read of
+/// the record the token names ([`KubbiId::for_token`]), and for a kubbi created before key
+/// layout 3 (a random id) a second one of the token index.
 ///
 /// # Errors
 /// On I/O failure or corrupt index entries.
@@ -216,6 +225,11 @@ pub fn read_kubbi_by_token(
     shard: Shard,
     token: &TokenHash,
 ) -> Result<Option<KubbiRecord>, StoreError> {
+    if let Some(rec) = read_kubbi(s, &KubbiId::for_token(shard, token))?
+        && rec.token_hash == *token
+    {
+        return Ok(Some(rec));
+    }
     let key = keys::token(shard, token);
     let Some(id) = s.get(Table::State, &key)? else {
         return Ok(None);
@@ -356,9 +370,12 @@ fn apply_at(s: &mut impl StateStore, req: &Request, now: Millis) -> Result<Outco
     if let Command::Expire { id } = &req.cmd {
         return expire(s, id, now);
     }
-    // A create is found by its record instead (see below and `create`).
-    if !matches!(req.cmd, Command::Create(_))
-        && let Some(duplicate) = remembered(s, shard, &req.request_id)?
+    // A create is found by its record instead (see below and `create`), and so is a claim of
+    // a kubbi that keeps claim marks (`claim` looks in the right place).
+    if !matches!(
+        req.cmd,
+        Command::Create(_) | Command::Claim { .. } | Command::ClaimIn { .. }
+    ) && let Some(duplicate) = remembered(s, shard, &req.request_id)?
     {
         return Ok(duplicate);
     }
@@ -373,7 +390,20 @@ fn apply_at(s: &mut impl StateStore, req: &Request, now: Millis) -> Result<Outco
             token_hash,
             idempotency,
             ..
-        } => claim(s, shard, token_hash, idempotency.as_ref(), now)?,
+        } => {
+            let (outcome, in_table) = claim(
+                s,
+                shard,
+                token_hash,
+                idempotency.as_ref(),
+                &req.request_id,
+                now,
+            )?;
+            if !in_table {
+                return Ok(outcome);
+            }
+            outcome
+        }
         Command::Delete { id, owner } => delete(s, id, owner, now)?,
         Command::PutApiKey(rec) => {
             s.put(Table::State, keys::api_key(&rec.id), encode(rec));
@@ -432,9 +462,10 @@ pub fn remembered(
     )
 }
 
-/// The answer to a claim (request `id`, no idempotency key) of a kubbi that ended as `status`:
-/// the claim's remembered outcome if this very request counted before (a retry after a lost
-/// reply), else "ended". An ended kubbi never becomes active again, so nothing is proposed.
+/// The answer to a claim (request `id`, no idempotency key) of a kubbi that ended as `status`
+/// (its record `rec`, if the caller has it): the claim's remembered outcome if this very
+/// request counted before (a retry after a lost reply), else "ended". An ended kubbi never
+/// becomes active again, so nothing is proposed.
 ///
 /// # Errors
 /// As [`remembered`].
@@ -442,9 +473,10 @@ pub fn claim_of_ended(
     s: &impl StateRead,
     shard: Shard,
     id: &crate::ids::RequestId,
+    rec: Option<&KubbiRecord>,
     status: Status,
 ) -> Result<Outcome, StoreError> {
-    Ok(remembered(s, shard, id)?.unwrap_or(Outcome::Rejected(Rejection::Ended(status))))
+    Ok(duplicate_claim(s, shard, id, rec)?.unwrap_or(Outcome::Rejected(Rejection::Ended(status))))
 }
 
 /// The outcome as remembered for request-id dedup: without payload bytes.
@@ -534,7 +566,7 @@ fn adjust_stats(s: &mut impl StateStore, active: i64, bytes: i64) -> Result<(), 
 }
 
 fn put_record(s: &mut impl StateStore, rec: &KubbiRecord) {
-    s.put(Table::State, keys::kubbi(&rec.id), encode(rec));
+    s.put(Table::State, keys::kubbi(&rec.id), rec.to_value());
 }
 
 fn set_owner_status(s: &mut impl StateStore, rec: &KubbiRecord) {
@@ -548,9 +580,11 @@ fn set_owner_status(s: &mut impl StateStore, rec: &KubbiRecord) {
     );
 }
 
+/// The blob-table keys of the record's payload: none when it is (or was) inline.
 fn part_keys(rec: &KubbiRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
-    let manifest = rec.has_manifest.then_some(MANIFEST_PART);
-    (0..rec.parts)
+    let in_blobs = rec.payload == Payload::Blobs;
+    let manifest = (in_blobs && rec.has_manifest).then_some(MANIFEST_PART);
+    (0..if in_blobs { rec.parts } else { 0 })
         .chain(manifest)
         .map(|p| keys::blob(&rec.id, p))
 }
@@ -561,7 +595,9 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         // This very create, applied before (a retried proposal: the same random id and token
         // hash): answered from the record, which is its dedup record (see `apply`).
         if rec.token_hash == c.token_hash && rec.owner == c.owner {
-            return Ok(Outcome::Duplicate(Box::new(Outcome::Created(rec))));
+            return Ok(Outcome::Duplicate(Box::new(Outcome::Created(
+                rec.without_payload(),
+            ))));
         }
         return Ok(Outcome::Rejected(Rejection::Collision));
     }
@@ -580,8 +616,13 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
             });
         }
     }
-    if s.get(Table::State, &keys::token(shard, &c.token_hash))?
-        .is_some()
+    // An id named by its token (layout 3) has no token index entry: the id's own check above
+    // found any kubbi of the same token. A random id (a create proposed before layout 3, applied
+    // again from the log) keeps its index entry.
+    let named = c.id.is_named_by(&c.token_hash);
+    if !named
+        && s.get(Table::State, &keys::token(shard, &c.token_hash))?
+            .is_some()
     {
         return Ok(Outcome::Rejected(Rejection::Collision));
     }
@@ -611,21 +652,37 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         has_manifest: c.manifest.is_some(),
         retention_ms: c.retention_ms,
         stored_bytes,
+        payload: if stored_bytes <= INLINE_PAYLOAD_BYTES {
+            Payload::Inline {
+                parts: c.parts.clone(),
+                manifest: c.manifest.clone(),
+            }
+        } else {
+            Payload::Blobs
+        },
+        claim_marks: c
+            .max_retrievals
+            .is_some_and(|m| m <= MARKED_CLAIMS_MAX)
+            .then(Vec::new),
     };
     put_record(s, &rec);
     adjust_stats(s, 1, rec.stored_bytes as i64)?;
     adjust_usage(s, &rec.owner, 1, rec.stored_bytes as i64, true, now)?;
-    s.put(
-        Table::State,
-        keys::token(shard, &c.token_hash),
-        c.id.0.to_vec(),
-    );
-    set_owner_status(s, &rec);
-    for (i, part) in c.parts.iter().enumerate() {
-        s.put(Table::Blob, keys::blob(&c.id, i as u32), part.0.clone());
+    if !named {
+        s.put(
+            Table::State,
+            keys::token(shard, &c.token_hash),
+            c.id.0.to_vec(),
+        );
     }
-    if let Some(m) = &c.manifest {
-        s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), m.0.clone());
+    set_owner_status(s, &rec);
+    if rec.payload == Payload::Blobs {
+        for (i, part) in c.parts.iter().enumerate() {
+            s.put(Table::Blob, keys::blob(&c.id, i as u32), part.0.clone());
+        }
+        if let Some(m) = &c.manifest {
+            s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), m.0.clone());
+        }
     }
     s.put(
         Table::State,
@@ -652,7 +709,7 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
             Vec::new(),
         );
     }
-    Ok(Outcome::Created(rec))
+    Ok(Outcome::Created(rec.without_payload()))
 }
 
 /// Moves an active record to a terminal status: ciphertext removed in this same batch, the
@@ -669,6 +726,10 @@ fn end(
     for k in part_keys(rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
     }
+    // An inline payload goes with this rewrite of its record.
+    if matches!(rec.payload, Payload::Inline { .. }) {
+        rec.payload = Payload::Wiped;
+    }
     s.delete(
         Table::State,
         keys::timer(rec.expires_at, &Timer::Expire(rec.id)),
@@ -677,9 +738,15 @@ fn end(
     rec.ended_at = Some(now);
     // Never before the create's dedup window is over: the record is the create's dedup
     // record (see `apply`), so a retry of the create must still find it.
+    // Nor before the last claim's: a record with claim marks is that claim's dedup record.
     let purge_at = now
         .saturating_add(rec.retention_ms)
-        .max(rec.created_at.saturating_add(REQUEST_DEDUP_WINDOW_MS));
+        .max(rec.created_at.saturating_add(REQUEST_DEDUP_WINDOW_MS))
+        .max(
+            rec.last_retrieved_at
+                .unwrap_or(0)
+                .saturating_add(REQUEST_DEDUP_WINDOW_MS),
+        );
     s.put(
         Table::State,
         keys::timer(purge_at, &Timer::Purge(rec.id)),
@@ -690,59 +757,123 @@ fn end(
     Ok(())
 }
 
+/// A claim's request already applied: found in the record's claim marks when it keeps them,
+/// else in the request-dedup table.
+fn duplicate_claim(
+    s: &impl StateRead,
+    shard: Shard,
+    request_id: &crate::ids::RequestId,
+    rec: Option<&KubbiRecord>,
+) -> Result<Option<Outcome>, StoreError> {
+    match rec {
+        Some(rec) if rec.claim_marks.is_some() => Ok(rec
+            .claim_marks
+            .iter()
+            .flatten()
+            .any(|m| m.request_id == *request_id)
+            .then(|| {
+                // Counted before; its bytes went with the answer that was lost.
+                Outcome::Duplicate(Box::new(Outcome::Claimed(Box::new(Claimed {
+                    record: rec.without_payload(),
+                    parts: Vec::new(),
+                    manifest: None,
+                    burned: rec.status == Status::Burned,
+                    replayed: false,
+                }))))
+            })),
+        _ => remembered(s, shard, request_id),
+    }
+}
+
+/// Applies a claim. Also says whether the request-dedup table must remember it: not when the
+/// kubbi keeps claim marks (a counted claim is marked in the record it rewrites anyway, and a
+/// refused one changed nothing, so its retry may as well be decided again).
 fn claim(
     s: &mut impl StateStore,
     shard: Shard,
     token_hash: &TokenHash,
     idem: Option<&super::ClaimIdempotency>,
+    request_id: &crate::ids::RequestId,
     now: Millis,
-) -> Result<Outcome, StoreError> {
+) -> Result<(Outcome, bool), StoreError> {
+    let found = read_kubbi_by_token(s, shard, token_hash)?;
+    let in_table = found.as_ref().is_none_or(|r| r.claim_marks.is_none());
+    if let Some(duplicate) = duplicate_claim(s, shard, request_id, found.as_ref())? {
+        return Ok((duplicate, false));
+    }
     if let Some(idem) = idem
         && let Some(prev) =
             get_decoded::<Dedup>(s, "claim idempotency", &keys::claim_idem(shard, &idem.key))?
         && let Outcome::Claimed(mut c) = prev.outcome
     {
         c.replayed = true;
-        return Ok(Outcome::Claimed(c));
+        return Ok((Outcome::Claimed(c), in_table));
     }
 
-    let Some(mut rec) = read_kubbi_by_token(s, shard, token_hash)? else {
-        return Ok(Outcome::Rejected(Rejection::NotFound));
+    let Some(mut rec) = found else {
+        return Ok((Outcome::Rejected(Rejection::NotFound), in_table));
     };
     if rec.status.is_terminal() {
-        return Ok(Outcome::Rejected(Rejection::Ended(rec.status)));
+        return Ok((Outcome::Rejected(Rejection::Ended(rec.status)), in_table));
     }
     if now >= rec.expires_at {
         end(s, &mut rec, Status::Expired, now)?;
-        return Ok(Outcome::Rejected(Rejection::Ended(Status::Expired)));
+        return Ok((
+            Outcome::Rejected(Rejection::Ended(Status::Expired)),
+            in_table,
+        ));
     }
-
-    let mut parts = Vec::with_capacity(rec.parts as usize);
-    for p in 0..rec.parts {
-        let key = keys::blob(&rec.id, p);
-        let blob = s
-            .get(Table::Blob, &key)?
-            .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
-        parts.push(Blob(blob));
-    }
-    let manifest = if rec.has_manifest {
-        let key = keys::blob(&rec.id, MANIFEST_PART);
-        Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
-            corrupt(&key, "manifest missing from an active package")
-        })?))
-    } else {
-        None
+    let (parts, manifest) = match &rec.payload {
+        Payload::Inline { parts, manifest } => (parts.clone(), manifest.clone()),
+        Payload::Wiped => {
+            return Err(corrupt(
+                &keys::kubbi(&rec.id),
+                "an active kubbi's payload is wiped",
+            ));
+        }
+        Payload::Blobs => {
+            let mut parts = Vec::with_capacity(rec.parts as usize);
+            for p in 0..rec.parts {
+                let key = keys::blob(&rec.id, p);
+                let blob = s
+                    .get(Table::Blob, &key)?
+                    .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
+                parts.push(Blob(blob));
+            }
+            let manifest = if rec.has_manifest {
+                let key = keys::blob(&rec.id, MANIFEST_PART);
+                Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
+                    corrupt(&key, "manifest missing from an active package")
+                })?))
+            } else {
+                None
+            };
+            (parts, manifest)
+        }
     };
 
     rec.retrieval_count = rec.retrieval_count.saturating_add(1);
     rec.first_retrieved_at.get_or_insert(now);
     rec.last_retrieved_at = Some(now);
+    if let Some(marks) = &mut rec.claim_marks {
+        marks.retain(|m| m.at.saturating_add(REQUEST_DEDUP_WINDOW_MS) > now);
+        marks.push(ClaimMark {
+            request_id: *request_id,
+            at: now,
+        });
+    }
     let burned = rec.max_retrievals.is_some_and(|m| rec.retrieval_count >= m);
     if burned {
         end(s, &mut rec, Status::Burned, now)?;
     } else {
         put_record(s, &rec);
     }
+    // The outcome carries the payload once, in `parts`, and no marks.
+    let rec = KubbiRecord {
+        payload: Payload::Blobs,
+        claim_marks: None,
+        ..rec
+    };
 
     let claimed = Outcome::Claimed(Box::new(Claimed {
         record: rec,
@@ -767,7 +898,7 @@ fn claim(
             Vec::new(),
         );
     }
-    Ok(claimed)
+    Ok((claimed, in_table))
 }
 
 fn delete(
@@ -815,7 +946,9 @@ fn purge(s: &mut impl StateStore, id: &KubbiId, now: Millis) -> Result<(), Store
     for k in part_keys(&rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
     }
-    s.delete(Table::State, keys::token(id.shard(), &rec.token_hash));
+    if !rec.id.is_named_by(&rec.token_hash) {
+        s.delete(Table::State, keys::token(id.shard(), &rec.token_hash));
+    }
     s.delete(
         Table::State,
         keys::owner(&rec.owner, rec.created_at, &rec.id),
@@ -1083,7 +1216,7 @@ impl Totals {
         for &(lo, hi) in ranges {
             let (from, to) = keys::shard_range(keys::KUBBI, lo, hi);
             s.for_each(Table::State, &from, &to, |k, v| {
-                let rec: KubbiRecord = decode("kubbi record", &v).map_err(|e| corrupt(&k, e))?;
+                let rec = KubbiRecord::from_value(&v).map_err(|e| corrupt(&k, e))?;
                 t.count(&rec, today);
                 Ok::<_, StoreError>(())
             })?;
@@ -1162,6 +1295,29 @@ pub(crate) mod mem {
         pub fn count(&self, table: Table) -> usize {
             self.data.keys().filter(|(t, _)| *t == table).count()
         }
+
+        /// Sealed parts held, manifests included: blob-table keys and parts inline in records.
+        pub fn held_parts(&self) -> usize {
+            let inline: usize = self
+                .data
+                .iter()
+                .filter(|((t, k), _)| {
+                    *t == Table::State && k.first() == Some(&crate::state::keys::KUBBI)
+                })
+                .map(|(_, v)| {
+                    match crate::state::KubbiRecord::from_value(v)
+                        .expect("a record")
+                        .payload
+                    {
+                        crate::state::Payload::Inline { parts, manifest } => {
+                            parts.len() + usize::from(manifest.is_some())
+                        }
+                        _ => 0,
+                    }
+                })
+                .sum();
+            self.count(Table::Blob) + inline
+        }
     }
 
     impl StateRead for MemStore {
@@ -1216,10 +1372,11 @@ mod tests {
     }
 
     fn new_create(max: Option<u32>, ttl_ms: Millis, parts: usize) -> Create {
+        let token_hash = TokenHash(rand_bytes());
         Create {
-            id: KubbiId::new_in_shard(0),
+            id: KubbiId::for_token(0, &token_hash),
             owner: ApiKeyId([1; 16]),
-            token_hash: TokenHash(rand_bytes()),
+            token_hash,
             ttl_ms,
             max_retrievals: max,
             body: Body::Single {
@@ -1268,7 +1425,7 @@ mod tests {
         let c = new_create(Some(1), 300_000, 1);
         let rec = create_one(&mut s, &c);
         assert_eq!(rec.expires_at, T0 + 300_000);
-        assert_eq!(s.count(Table::Blob), 1);
+        assert_eq!(s.held_parts(), 1);
         assert_eq!(
             read_stats(&s).expect("stats"),
             ShardStats {
@@ -1284,12 +1441,284 @@ mod tests {
         assert_eq!(got.parts, c.parts);
         assert_eq!(got.record.status, Status::Burned);
         assert_eq!(got.record.retrieval_count, 1);
-        assert_eq!(s.count(Table::Blob), 0, "ciphertext gone with the burn");
+        assert_eq!(s.held_parts(), 0, "ciphertext gone with the burn");
 
         assert_eq!(
             claim_at(&mut s, &c.token_hash, T0 + 6),
             Outcome::Rejected(Rejection::Ended(Status::Burned))
         );
+    }
+
+    /// State keys of one table (first byte), for counting what an operation wrote.
+    fn state_keys(s: &MemStore, table: u8) -> usize {
+        s.data
+            .keys()
+            .filter(|(t, k)| *t == Table::State && k.first() == Some(&table))
+            .count()
+    }
+
+    #[test]
+    fn a_small_payload_lives_in_its_record_and_a_create_writes_three_keys_of_its_own() {
+        let mut s = MemStore::default();
+        let mut c = new_create(Some(1), 300_000, 2);
+        c.parts = vec![Blob(vec![0xab; 1000]), Blob(vec![0xcd; 2000])];
+        c.manifest = Some(Blob(vec![0xef; 1096]));
+        create_one(&mut s, &c);
+        // Record, owner index, expiry timer; no token index (the token names the id) and no
+        // blob keys. The rest are the group's totals and time, one each whatever the count.
+        assert_eq!(state_keys(&s, keys::KUBBI), 1);
+        assert_eq!(state_keys(&s, keys::OWNER), 1);
+        assert_eq!(state_keys(&s, keys::TIMER), 1);
+        assert_eq!(state_keys(&s, keys::TOKEN), 0);
+        assert_eq!(s.count(Table::Blob), 0);
+        let others = s.count(Table::State) - 3;
+        assert!(others <= 3, "{:?}", s.data.keys());
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(
+            rec.stored_bytes, INLINE_PAYLOAD_BYTES,
+            "at the limit: inline"
+        );
+        assert_eq!(
+            rec.payload,
+            Payload::Inline {
+                parts: c.parts.clone(),
+                manifest: c.manifest.clone()
+            }
+        );
+        assert_eq!(
+            read_kubbi_by_token(&s, 0, &c.token_hash).expect("reads"),
+            Some(rec),
+            "one read by token"
+        );
+
+        let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + 5) else {
+            panic!("claim failed")
+        };
+        assert_eq!((got.parts, got.manifest), (c.parts, c.manifest));
+        assert!(got.burned);
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(
+            rec.payload,
+            Payload::Wiped,
+            "the burn rewrote the record without it"
+        );
+        assert_eq!(s.held_parts(), 0);
+        let stored = s
+            .get(Table::State, &keys::kubbi(&c.id))
+            .expect("reads")
+            .expect("present");
+        assert!(
+            !stored.windows(16).any(|w| w.iter().all(|b| *b == 0xcd)),
+            "no payload byte stays in the stored record"
+        );
+    }
+
+    #[test]
+    fn a_payload_over_the_inline_limit_lives_in_the_blob_table() {
+        let mut s = MemStore::default();
+        let mut c = new_create(Some(2), 300_000, 1);
+        c.parts = vec![Blob(vec![0x5a; INLINE_PAYLOAD_BYTES as usize + 1])];
+        create_one(&mut s, &c);
+        assert_eq!(s.count(Table::Blob), 1);
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(rec.payload, Payload::Blobs);
+        for n in 1..=2 {
+            let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + n) else {
+                panic!("claim {n} failed")
+            };
+            assert_eq!(got.parts, c.parts);
+        }
+        assert_eq!(s.count(Table::Blob), 0, "burned");
+        assert_eq!(
+            read_kubbi(&s, &c.id)
+                .expect("reads")
+                .expect("present")
+                .payload,
+            Payload::Blobs
+        );
+    }
+
+    /// A kubbi created before key layout 3: a random id, a token index entry, its payload in the
+    /// blob table and a stored record without a payload suffix. It is claimed, ended and purged
+    /// as before, and nothing of it is left.
+    #[test]
+    fn a_kubbi_of_layout_two_is_found_claimed_and_purged() {
+        let mut s = MemStore::default();
+        let mut c = new_create(Some(2), 300_000, 2);
+        c.id = KubbiId::new_in_shard(0);
+        create_one(&mut s, &c);
+        assert_eq!(
+            state_keys(&s, keys::TOKEN),
+            1,
+            "a random id keeps its token index"
+        );
+        // Rewrite it as layout 2 stored it.
+        let mut rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        rec.payload = Payload::Blobs;
+        s.put(Table::State, keys::kubbi(&c.id), encode(&rec));
+        for (i, p) in c.parts.iter().enumerate() {
+            s.put(Table::Blob, keys::blob(&c.id, i as u32), p.0.clone());
+        }
+        let manifest = c.manifest.clone().expect("a package");
+        s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), manifest.0);
+        assert_eq!(s.held_parts(), 3);
+
+        let got = |o: Outcome| match o {
+            Outcome::Claimed(c) => *c,
+            o => panic!("claim failed: {o:?}"),
+        };
+        let first = got(claim_at(&mut s, &c.token_hash, T0 + 1));
+        assert_eq!(
+            (first.parts, first.manifest),
+            (c.parts.clone(), c.manifest.clone())
+        );
+        assert_eq!(s.held_parts(), 3);
+        let second = got(claim_at(&mut s, &c.token_hash, T0 + 2));
+        assert!(second.burned);
+        assert_eq!(second.parts, c.parts);
+        assert_eq!(s.held_parts(), 0);
+
+        apply(
+            &mut s,
+            &req(T0 + 3 * RETENTION, Command::Sweep { max: 100 }),
+        )
+        .expect("applies");
+        apply(
+            &mut s,
+            &req(T0 + 3 * RETENTION, Command::Sweep { max: 100 }),
+        )
+        .expect("applies");
+        for table in [keys::KUBBI, keys::TOKEN, keys::OWNER, keys::TIMER] {
+            assert_eq!(state_keys(&s, table), 0, "{:?}", s.data.keys());
+        }
+    }
+
+    #[test]
+    fn a_stored_record_value_round_trips_and_a_bad_tail_is_refused() {
+        let c = new_create(Some(1), 1_000, 1);
+        let mut s = MemStore::default();
+        let mut rec = create_one(&mut s, &c);
+        assert_eq!(rec.payload, Payload::Blobs, "an outcome carries no payload");
+        for (payload, marks) in [
+            (Payload::Blobs, None),
+            (Payload::Wiped, Some(vec![])),
+            (
+                Payload::Inline {
+                    parts: c.parts.clone(),
+                    manifest: None,
+                },
+                Some(vec![ClaimMark {
+                    request_id: RequestId::random(),
+                    at: T0,
+                }]),
+            ),
+        ] {
+            rec.payload = payload;
+            rec.claim_marks = marks;
+            assert_eq!(
+                KubbiRecord::from_value(&rec.to_value()).expect("decodes"),
+                rec
+            );
+            // The serde form (in dedup entries and messages) carries neither.
+            assert_eq!(
+                decode::<KubbiRecord>("record", &encode(&rec)).expect("decodes"),
+                KubbiRecord {
+                    payload: Payload::Blobs,
+                    claim_marks: None,
+                    ..rec.clone()
+                }
+            );
+        }
+        // Layout 2 stored the serde form alone.
+        let plain = encode(&rec);
+        let old = KubbiRecord::from_value(&plain).expect("decodes");
+        assert_eq!((old.payload, old.claim_marks), (Payload::Blobs, None));
+        for bad in [vec![9], vec![3], vec![3, 200], vec![3, 0, 0, 7]] {
+            let mut v = plain.clone();
+            v.extend_from_slice(&bad);
+            assert!(KubbiRecord::from_value(&v).is_err(), "tail {bad:?}");
+        }
+    }
+
+    /// A claim of a kubbi of few retrievals is remembered in its record: its retry is not
+    /// counted again and no request-dedup key is written; one of unlimited retrievals still
+    /// uses the request-dedup table.
+    #[test]
+    fn a_retried_claim_is_found_in_the_record_or_the_dedup_table() {
+        let claim_with = |s: &mut MemStore, c: &Create, id: RequestId, now: Millis| {
+            apply(
+                s,
+                &Request {
+                    request_id: id,
+                    now,
+                    cmd: Command::ClaimIn {
+                        shard: c.id.shard(),
+                        token_hash: c.token_hash,
+                        idempotency: None,
+                    },
+                },
+            )
+            .expect("applies")
+        };
+        let counted_once = |o: &Outcome| matches!(o, Outcome::Duplicate(d) if matches!(&**d, Outcome::Claimed(c) if c.parts.is_empty()));
+        for max in [
+            Some(2),
+            Some(MARKED_CLAIMS_MAX),
+            Some(MARKED_CLAIMS_MAX + 1),
+            None,
+        ] {
+            let mut s = MemStore::default();
+            let c = new_create(max, 3_600_000, 1);
+            create_one(&mut s, &c);
+            let marked = max.is_some_and(|m| m <= MARKED_CLAIMS_MAX);
+            let first = RequestId::random();
+            assert!(matches!(
+                claim_with(&mut s, &c, first, T0 + 1),
+                Outcome::Claimed(_)
+            ));
+            assert_eq!(
+                state_keys(&s, keys::REQUEST),
+                usize::from(!marked),
+                "max {max:?}"
+            );
+            let again = claim_with(&mut s, &c, first, T0 + 2);
+            assert!(counted_once(&again), "max {max:?}: {again:?}");
+            let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+            assert_eq!(rec.retrieval_count, 1, "max {max:?}: counted once");
+            assert_eq!(rec.claim_marks.as_ref().map(Vec::len), marked.then_some(1));
+        }
+
+        // The burning claim's retry, answered where the leader answers an ended kubbi.
+        let mut s = MemStore::default();
+        let c = new_create(Some(1), 3_600_000, 1);
+        create_one(&mut s, &c);
+        let first = RequestId::random();
+        assert!(matches!(
+            claim_with(&mut s, &c, first, T0 + 1),
+            Outcome::Claimed(_)
+        ));
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
+        assert_eq!(rec.status, Status::Burned);
+        assert!(counted_once(
+            &claim_of_ended(&s, 0, &first, Some(&rec), rec.status).expect("reads")
+        ));
+        assert!(counted_once(&claim_with(&mut s, &c, first, T0 + 2)));
+        assert_eq!(
+            claim_of_ended(&s, 0, &RequestId::random(), Some(&rec), rec.status).expect("reads"),
+            Outcome::Rejected(Rejection::Ended(Status::Burned))
+        );
+        assert_eq!(state_keys(&s, keys::REQUEST), 0);
+        // The record outlives the claim's dedup window even with a short retention.
+        let mut c = new_create(Some(1), 3_600_000, 1);
+        c.retention_ms = 1_000;
+        create_one(&mut s, &c);
+        let late = T0 + 2 * REQUEST_DEDUP_WINDOW_MS;
+        assert!(matches!(
+            claim_with(&mut s, &c, first, late),
+            Outcome::Claimed(_)
+        ));
+        apply(&mut s, &req(late + 60_000, Command::Sweep { max: 100 })).expect("applies");
+        assert!(counted_once(&claim_with(&mut s, &c, first, late + 60_001)));
     }
 
     #[test]
@@ -1328,7 +1757,7 @@ mod tests {
             claim_at(&mut s, &c.token_hash, T0 + 1_000),
             Outcome::Rejected(Rejection::Ended(Status::Expired))
         );
-        assert_eq!(s.count(Table::Blob), 0);
+        assert_eq!(s.held_parts(), 0);
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(rec.status, Status::Expired);
         assert_eq!(rec.retrieval_count, 50);
@@ -1351,7 +1780,7 @@ mod tests {
             panic!("delete failed")
         };
         assert_eq!(rec.status, Status::Deleted);
-        assert_eq!(s.count(Table::Blob), 0);
+        assert_eq!(s.held_parts(), 0);
         assert_eq!(
             del(&mut s, c.owner, T0 + 3),
             Outcome::Rejected(Rejection::Ended(Status::Deleted))
@@ -1380,14 +1809,14 @@ mod tests {
             }
         );
         assert_eq!(read_stats(&s).expect("stats").active, 1);
-        assert_eq!(s.count(Table::Blob), 4);
+        assert_eq!(s.held_parts(), 4);
         let out = sweep_at(&mut s, T0 + 2_000);
         assert!(matches!(out, Outcome::Swept { expired: 1, .. }), "{out:?}");
         assert_eq!(read_stats(&s).expect("stats"), ShardStats::default());
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(rec.status, Status::Expired);
         assert_eq!(rec.ended_at, Some(T0 + 2_000));
-        assert_eq!(s.count(Table::Blob), 0);
+        assert_eq!(s.held_parts(), 0);
 
         sweep_at(&mut s, T0 + 2_000 + RETENTION);
         assert_eq!(read_kubbi(&s, &c.id).expect("reads"), None);
@@ -1510,7 +1939,7 @@ mod tests {
             panic!("wrong answer")
         };
         assert_eq!(rec.status, Status::Burned);
-        assert_eq!(s.count(Table::Blob), 0, "the burned payload stays wiped");
+        assert_eq!(s.held_parts(), 0, "the burned payload stays wiped");
     }
 
     #[test]
@@ -1549,12 +1978,13 @@ mod tests {
             apply(&mut s, &retry).expect("applies"),
             Outcome::Duplicate(_)
         ));
-        // Once the window is over it is purged.
-        apply(
-            &mut s,
-            &req(T0 + REQUEST_DEDUP_WINDOW_MS, Command::Sweep { max: 100 }),
-        )
-        .expect("applies");
+        // Nor before its claim's window (the claim at T0 + 10 is marked in it); then it goes.
+        let sweep = |s: &mut MemStore, at| {
+            apply(s, &req(at, Command::Sweep { max: 100 })).expect("applies");
+        };
+        sweep(&mut s, T0 + REQUEST_DEDUP_WINDOW_MS + 9);
+        assert!(read_kubbi(&s, &c.id).expect("reads").is_some());
+        sweep(&mut s, T0 + REQUEST_DEDUP_WINDOW_MS + 10);
         assert!(read_kubbi(&s, &c.id).expect("reads").is_none());
     }
 
@@ -1653,7 +2083,7 @@ mod tests {
                 sealed_token: vec![9; 60]
             }
         );
-        assert_eq!(s.count(Table::Blob), 1, "the retry stored nothing");
+        assert_eq!(s.held_parts(), 1, "the retry stored nothing");
 
         let mut other_body = retry.clone();
         if let Some(i) = other_body.idempotency.as_mut() {
@@ -1916,7 +2346,7 @@ mod tests {
             ..MemStore::default()
         };
         let mut c = new_create(Some(1), 60_000, 1);
-        c.id = KubbiId::new_in_shard(9);
+        c.id = KubbiId::for_token(9, &c.token_hash);
         create_one(&mut s, &c);
         let legacy = req(
             T0 + 1,
@@ -1973,7 +2403,7 @@ mod tests {
                         rng.random_range(1_000..120_000),
                         rng.random_range(1..3),
                     );
-                    c.id = KubbiId::new_in_shard(shard);
+                    c.id = KubbiId::for_token(shard, &c.token_hash);
                     if rng.random_bool(0.4) {
                         c.idempotency = Some(CreateIdempotency {
                             key: [rng.random_range(0..4); 32],
@@ -2102,7 +2532,7 @@ mod tests {
 
     fn create_in(s: &mut MemStore, shard: Shard, max: Option<u32>, ttl_ms: Millis) -> Create {
         let mut c = new_create(max, ttl_ms, 1);
-        c.id = KubbiId::new_in_shard(shard);
+        c.id = KubbiId::for_token(shard, &c.token_hash);
         create_one(s, &c);
         c
     }
@@ -2170,7 +2600,7 @@ mod tests {
         );
         let before = s.clone();
         let mut c = new_create(Some(1), 60_000, 1);
-        c.id = KubbiId::new_in_shard(500);
+        c.id = KubbiId::for_token(500, &c.token_hash);
         for cmd in [
             Command::Create(Box::new(c.clone())),
             claim_in(&c),
@@ -2213,7 +2643,7 @@ mod tests {
         };
         let before = s.clone();
         let mut fresh = new_create(None, 60_000, 1);
-        fresh.id = KubbiId::new_in_shard(50_000);
+        fresh.id = KubbiId::for_token(50_000, &fresh.token_hash);
         for r in [
             req(T0 + 2, Command::Create(Box::new(fresh))),
             req(T0 + 2, claim_in(&moved)),
@@ -2361,7 +2791,7 @@ mod tests {
             );
             assert_eq!(all, before);
             let mut c = new_create(None, 1_000, 1);
-            c.id = KubbiId::new_in_shard(SHARDS[1]);
+            c.id = KubbiId::for_token(SHARDS[1], &c.token_hash);
             assert!(matches!(
                 apply(&mut all, &req(last, Command::Create(Box::new(c)))).expect("applies"),
                 Outcome::Moved { group: 9, .. }

@@ -10,6 +10,9 @@
 //! function of each key, so every replica of a group ends byte-identical, and it is resumable:
 //! old and new keys of every table have different lengths, so a run cut short by a crash
 //! skips what it already rewrote and finishes the rest.
+//!
+//! Layout 3 (see [`LAYOUT`]) changed no existing key: from layout 2 the upgrade only records
+//! the new number.
 
 use rocksdb::{IteratorMode, WriteBatch};
 
@@ -18,7 +21,14 @@ use crate::ids::{GroupId, SYSTEM_GROUP, Shard};
 use crate::state::keys;
 
 /// The key layout this build reads and writes.
-pub const LAYOUT: u32 = 2;
+///
+/// Layout 3 names a new kubbi's id by its token (`KubbiId::for_token`: no token index entry) and
+/// keeps a sealed payload of up to `state::INLINE_PAYLOAD_BYTES` in the record's value
+/// (`KubbiRecord::to_value`). It reads everything layout 2 wrote as it is (random ids through
+/// their token index, payloads in the blob table, records without a payload suffix), so a
+/// layout-2 directory needs no rewrite, only the new number: a build of layout 2 must not open
+/// it, as it cannot read those records.
+pub const LAYOUT: u32 = 3;
 
 /// Bytes of rewritten keys collected before they are written.
 const UPGRADE_BATCH_BYTES: usize = 4 << 20;

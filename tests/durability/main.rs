@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{ProcessNode, TestNode, contains, eventually, files_under, marker};
 use kubbi::ids::KubbiId;
-use kubbi::state::{StateRead, Status, Table, read_kubbi};
+use kubbi::state::{Payload, StateRead, Status, Table, read_kubbi};
 use kubbi::storage::{CF_BLOB, CF_STATE, Storage};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -29,13 +29,31 @@ fn stored_status(storage: &Storage, id: &KubbiId) -> Option<Status> {
         .map(|r| r.status)
 }
 
-fn blob_count(storage: &Storage, id: &KubbiId) -> usize {
+/// The sealed parts (and manifest) a kubbi holds: inline in its record (key layout 3, up to
+/// 4 KiB), or in the blob table.
+fn sealed_parts(storage: &Storage, id: &KubbiId) -> Vec<Vec<u8>> {
     let view = storage.read_view(group_of(storage, id));
     let mut end = id.0.to_vec();
     end.extend_from_slice(&[0xff; 5]);
-    view.scan(Table::Blob, &id.0, &end, usize::MAX)
+    let mut parts: Vec<Vec<u8>> = view
+        .scan(Table::Blob, &id.0, &end, usize::MAX)
         .expect("scan")
-        .len()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    if let Some(rec) = read_kubbi(&view, id).expect("reads")
+        && let Payload::Inline {
+            parts: inline,
+            manifest,
+        } = rec.payload
+    {
+        parts.extend(inline.into_iter().chain(manifest).map(|b| b.0));
+    }
+    parts
+}
+
+fn blob_count(storage: &Storage, id: &KubbiId) -> usize {
+    sealed_parts(storage, id).len()
 }
 
 /// Every value of both state column families, raw.
@@ -154,15 +172,7 @@ async fn every_end_state_removes_the_ciphertext_and_no_file_holds_plaintext() {
     let mut ciphertexts = Vec::new();
     for (_, body) in &created {
         let id = id_of(body);
-        let view = storage.read_view(group_of(&storage, &id));
-        let mut end = id.0.to_vec();
-        end.extend_from_slice(&[0xff; 5]);
-        for (_, v) in view
-            .scan(Table::Blob, &id.0, &end, usize::MAX)
-            .expect("scan")
-        {
-            ciphertexts.push(v);
-        }
+        ciphertexts.extend(sealed_parts(&storage, &id));
     }
     assert_eq!(
         ciphertexts.len(),
@@ -554,7 +564,7 @@ async fn a_layout_1_data_directory_is_upgraded_in_place_once_and_serves_everythi
         .await;
     assert_eq!(c.body["content"], "new");
 
-    // A second start finds layout 2: no second upgrade, nothing lost.
+    // A second start finds the current layout: no second upgrade, nothing lost.
     node.terminate();
     let node = ProcessNode::start(&data, &log, &env).await;
     assert_eq!(upgrades(&log), 1, "upgraded once only");
@@ -593,15 +603,9 @@ async fn a_lost_claim_reply_is_answered_again_to_a_keyed_retry_only() {
     let ciphertexts: Vec<Vec<u8>> = made
         .iter()
         .map(|b| {
-            let id = id_of(b);
-            let view = storage.read_view(group_of(&storage, &id));
-            let mut end = id.0.to_vec();
-            end.extend_from_slice(&[0xff; 5]);
-            let parts = view
-                .scan(Table::Blob, &id.0, &end, usize::MAX)
-                .expect("scan");
+            let parts = sealed_parts(&storage, &id_of(b));
             assert_eq!(parts.len(), 1);
-            let ct = &parts[0].1;
+            let ct = &parts[0];
             ct[ct.len() - 32..].to_vec()
         })
         .collect();

@@ -290,7 +290,7 @@ async fn seeded_replicas_elect_serve_and_a_fourth_catches_up_by_snapshot() {
     let mut moved = Vec::new();
     for n in 0..30u8 {
         let c = Create {
-            id: KubbiId::new_in_shard(if n % 2 == 0 { 5 } else { 0xc000 }),
+            id: KubbiId::for_token(if n % 2 == 0 { 5 } else { 0xc000 }, &TokenHash([n; 32])),
             owner: ApiKeyId([1; 16]),
             token_hash: TokenHash([n; 32]),
             ttl_ms: 3_600_000,
@@ -356,14 +356,14 @@ async fn seeded_replicas_elect_serve_and_a_fourth_catches_up_by_snapshot() {
         now,
     };
     for s in &storages[..3] {
-        // Each moved kubbi: record, token, owner index, payload and expiry (a create keeps no
-        // request-dedup record: its record is one); then the aggregates (s, u) and the
-        // ownership.
+        // Each moved kubbi: record (with its payload inline, and no token index: the token
+        // names the id), owner index and expiry (a create keeps no request-dedup record: its
+        // record is one); then the aggregates (s, u) and the ownership.
         assert_eq!(
             seed(s, &plan).expect("seeds"),
             Seeded::Copied {
                 kubbis: 15,
-                keys: 15 * 5 + 3
+                keys: 15 * 3 + 3
             }
         );
     }
