@@ -115,7 +115,6 @@ pub mod sample {
             has_manifest: true,
             retention_ms: 86_400_000,
             stored_bytes: 400,
-            payload: Default::default(),
             claim_marks: None,
         }
     }

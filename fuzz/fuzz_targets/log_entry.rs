@@ -38,15 +38,8 @@ fn seeds() -> Vec<(u8, Vec<u8>)> {
         }),
     ));
     s.push((6, encode(&sample::record())));
-    // A stored record value of key layout 3: the record, then its tail (inline payload, marks).
+    // A stored record value of key layout 3: the record, then its tail (claim marks).
     let mut inline = sample::record();
-    inline.payload = kubbi::state::Payload::Inline {
-        parts: vec![
-            kubbi::state::Blob(vec![1; 40]),
-            kubbi::state::Blob(vec![2; 30]),
-        ],
-        manifest: Some(kubbi::state::Blob(vec![3; 20])),
-    };
     inline.claim_marks = Some(vec![kubbi::state::ClaimMark {
         request_id: RequestId([4; 16]),
         at: 1_795_867_300_000,

@@ -21,8 +21,8 @@ use crate::raft::client::{self, RaftClientError};
 use crate::raft::{NodeInfo, Raft};
 use crate::service::keys as api_keys;
 use crate::state::{
-    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Ownership, Payload, Rejection,
-    Served, StateRead, StoreError, Table, claim_of_ended, keys, read_group_time, read_kubbi,
+    Blob, Command, KubbiRecord, Outcome, OwnerEntry, OwnerUsage, Ownership, Rejection, Served,
+    StateRead, StoreError, Table, claim_of_ended, keys, read_group_time, read_kubbi,
     read_kubbi_by_token, read_nodes, read_owner_usage,
 };
 use crate::storage::Storage;
@@ -261,19 +261,14 @@ impl Executor {
                 let mut judged = [record];
                 let view = self.judge(raft, g, view, &mut judged).await?;
                 let [record] = judged;
-                let manifest = match &record.payload {
-                    _ if !with_manifest || !record.has_manifest => None,
-                    Payload::Inline { manifest, .. } => manifest.clone(),
-                    Payload::Wiped => None,
-                    Payload::Blobs => view
-                        .get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
+                let manifest = if with_manifest && record.has_manifest {
+                    view.get(Table::Blob, &keys::blob(&record.id, MANIFEST_PART))
                         .map_err(from_store)?
-                        .map(Blob),
+                        .map(Blob)
+                } else {
+                    None
                 };
-                Ok(ShardReply::Record(Some((
-                    record.without_payload(),
-                    manifest,
-                ))))
+                Ok(ShardReply::Record(Some((record.without_tail(), manifest))))
             }
             ShardOp::Get { ids } => {
                 client::linearizable(raft).await.map_err(from_raft)?;
@@ -291,8 +286,7 @@ impl Executor {
                         Served::NotOwned => continue,
                     }
                     if let Some(mut r) = read_kubbi(&view, id).map_err(from_store)? {
-                        // Answers carry no payload bytes, whether they stay here or not.
-                        r.payload = Payload::Blobs;
+                        // Answers carry no tail, whether they stay here or not.
                         r.claim_marks = None;
                         found.push(r);
                     }

@@ -4,10 +4,10 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::{self, Timer};
 use super::{
-    ApiKeyRecord, Blob, ClaimMark, Claimed, Command, Create, INLINE_PAYLOAD_BYTES, KubbiRecord,
-    MARKED_CLAIMS_MAX, NodeRecord, NodeState, Outcome, OwnerUsage, Ownership, Payload, QuotaCheck,
-    QuotaKind, REQUEST_DEDUP_WINDOW_MS, Rejection, Request, Served, ShardRange, ShardStats, Status,
-    day_of, in_ranges,
+    ApiKeyRecord, Blob, ClaimMark, Claimed, Command, Create, KubbiRecord, MARKED_CLAIMS_MAX,
+    NodeRecord, NodeState, Outcome, OwnerUsage, Ownership, QuotaCheck, QuotaKind,
+    REQUEST_DEDUP_WINDOW_MS, Rejection, Request, Served, ShardRange, ShardStats, Status, day_of,
+    in_ranges,
 };
 use crate::codec::{decode, encode};
 use crate::crypto::MANIFEST_PART;
@@ -580,11 +580,9 @@ fn set_owner_status(s: &mut impl StateStore, rec: &KubbiRecord) {
     );
 }
 
-/// The blob-table keys of the record's payload: none when it is (or was) inline.
 fn part_keys(rec: &KubbiRecord) -> impl Iterator<Item = Vec<u8>> + '_ {
-    let in_blobs = rec.payload == Payload::Blobs;
-    let manifest = (in_blobs && rec.has_manifest).then_some(MANIFEST_PART);
-    (0..if in_blobs { rec.parts } else { 0 })
+    let manifest = rec.has_manifest.then_some(MANIFEST_PART);
+    (0..rec.parts)
         .chain(manifest)
         .map(|p| keys::blob(&rec.id, p))
 }
@@ -596,7 +594,7 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         // hash): answered from the record, which is its dedup record (see `apply`).
         if rec.token_hash == c.token_hash && rec.owner == c.owner {
             return Ok(Outcome::Duplicate(Box::new(Outcome::Created(
-                rec.without_payload(),
+                rec.without_tail(),
             ))));
         }
         return Ok(Outcome::Rejected(Rejection::Collision));
@@ -652,14 +650,6 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         has_manifest: c.manifest.is_some(),
         retention_ms: c.retention_ms,
         stored_bytes,
-        payload: if stored_bytes <= INLINE_PAYLOAD_BYTES {
-            Payload::Inline {
-                parts: c.parts.clone(),
-                manifest: c.manifest.clone(),
-            }
-        } else {
-            Payload::Blobs
-        },
         claim_marks: c
             .max_retrievals
             .is_some_and(|m| m <= MARKED_CLAIMS_MAX)
@@ -676,13 +666,11 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
         );
     }
     set_owner_status(s, &rec);
-    if rec.payload == Payload::Blobs {
-        for (i, part) in c.parts.iter().enumerate() {
-            s.put(Table::Blob, keys::blob(&c.id, i as u32), part.0.clone());
-        }
-        if let Some(m) = &c.manifest {
-            s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), m.0.clone());
-        }
+    for (i, part) in c.parts.iter().enumerate() {
+        s.put(Table::Blob, keys::blob(&c.id, i as u32), part.0.clone());
+    }
+    if let Some(m) = &c.manifest {
+        s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), m.0.clone());
     }
     s.put(
         Table::State,
@@ -709,7 +697,7 @@ fn create(s: &mut impl StateStore, c: &Create, now: Millis) -> Result<Outcome, S
             Vec::new(),
         );
     }
-    Ok(Outcome::Created(rec.without_payload()))
+    Ok(Outcome::Created(rec.without_tail()))
 }
 
 /// Moves an active record to a terminal status: ciphertext removed in this same batch, the
@@ -725,10 +713,6 @@ fn end(
     adjust_usage(s, &rec.owner, -1, -(rec.stored_bytes as i64), false, now)?;
     for k in part_keys(rec).collect::<Vec<_>>() {
         s.delete(Table::Blob, k);
-    }
-    // An inline payload goes with this rewrite of its record.
-    if matches!(rec.payload, Payload::Inline { .. }) {
-        rec.payload = Payload::Wiped;
     }
     s.delete(
         Table::State,
@@ -774,7 +758,7 @@ fn duplicate_claim(
             .then(|| {
                 // Counted before; its bytes went with the answer that was lost.
                 Outcome::Duplicate(Box::new(Outcome::Claimed(Box::new(Claimed {
-                    record: rec.without_payload(),
+                    record: rec.without_tail(),
                     parts: Vec::new(),
                     manifest: None,
                     burned: rec.status == Status::Burned,
@@ -823,33 +807,21 @@ fn claim(
             in_table,
         ));
     }
-    let (parts, manifest) = match &rec.payload {
-        Payload::Inline { parts, manifest } => (parts.clone(), manifest.clone()),
-        Payload::Wiped => {
-            return Err(corrupt(
-                &keys::kubbi(&rec.id),
-                "an active kubbi's payload is wiped",
-            ));
-        }
-        Payload::Blobs => {
-            let mut parts = Vec::with_capacity(rec.parts as usize);
-            for p in 0..rec.parts {
-                let key = keys::blob(&rec.id, p);
-                let blob = s
-                    .get(Table::Blob, &key)?
-                    .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
-                parts.push(Blob(blob));
-            }
-            let manifest = if rec.has_manifest {
-                let key = keys::blob(&rec.id, MANIFEST_PART);
-                Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
-                    corrupt(&key, "manifest missing from an active package")
-                })?))
-            } else {
-                None
-            };
-            (parts, manifest)
-        }
+    let mut parts = Vec::with_capacity(rec.parts as usize);
+    for p in 0..rec.parts {
+        let key = keys::blob(&rec.id, p);
+        let blob = s
+            .get(Table::Blob, &key)?
+            .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
+        parts.push(Blob(blob));
+    }
+    let manifest = if rec.has_manifest {
+        let key = keys::blob(&rec.id, MANIFEST_PART);
+        Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
+            corrupt(&key, "manifest missing from an active package")
+        })?))
+    } else {
+        None
     };
 
     rec.retrieval_count = rec.retrieval_count.saturating_add(1);
@@ -868,9 +840,8 @@ fn claim(
     } else {
         put_record(s, &rec);
     }
-    // The outcome carries the payload once, in `parts`, and no marks.
+    // The outcome carries no marks.
     let rec = KubbiRecord {
-        payload: Payload::Blobs,
         claim_marks: None,
         ..rec
     };
@@ -1295,29 +1266,6 @@ pub(crate) mod mem {
         pub fn count(&self, table: Table) -> usize {
             self.data.keys().filter(|(t, _)| *t == table).count()
         }
-
-        /// Sealed parts held, manifests included: blob-table keys and parts inline in records.
-        pub fn held_parts(&self) -> usize {
-            let inline: usize = self
-                .data
-                .iter()
-                .filter(|((t, k), _)| {
-                    *t == Table::State && k.first() == Some(&crate::state::keys::KUBBI)
-                })
-                .map(|(_, v)| {
-                    match crate::state::KubbiRecord::from_value(v)
-                        .expect("a record")
-                        .payload
-                    {
-                        crate::state::Payload::Inline { parts, manifest } => {
-                            parts.len() + usize::from(manifest.is_some())
-                        }
-                        _ => 0,
-                    }
-                })
-                .sum();
-            self.count(Table::Blob) + inline
-        }
     }
 
     impl StateRead for MemStore {
@@ -1425,7 +1373,7 @@ mod tests {
         let c = new_create(Some(1), 300_000, 1);
         let rec = create_one(&mut s, &c);
         assert_eq!(rec.expires_at, T0 + 300_000);
-        assert_eq!(s.held_parts(), 1);
+        assert_eq!(s.count(Table::Blob), 1);
         assert_eq!(
             read_stats(&s).expect("stats"),
             ShardStats {
@@ -1441,7 +1389,7 @@ mod tests {
         assert_eq!(got.parts, c.parts);
         assert_eq!(got.record.status, Status::Burned);
         assert_eq!(got.record.retrieval_count, 1);
-        assert_eq!(s.held_parts(), 0, "ciphertext gone with the burn");
+        assert_eq!(s.count(Table::Blob), 0, "ciphertext gone with the burn");
 
         assert_eq!(
             claim_at(&mut s, &c.token_hash, T0 + 6),
@@ -1458,89 +1406,33 @@ mod tests {
     }
 
     #[test]
-    fn a_small_payload_lives_in_its_record_and_a_create_writes_three_keys_of_its_own() {
+    fn a_create_writes_four_keys_of_its_own_and_the_token_finds_the_record() {
         let mut s = MemStore::default();
-        let mut c = new_create(Some(1), 300_000, 2);
-        c.parts = vec![Blob(vec![0xab; 1000]), Blob(vec![0xcd; 2000])];
-        c.manifest = Some(Blob(vec![0xef; 1096]));
+        let c = new_create(Some(1), 300_000, 1);
         create_one(&mut s, &c);
-        // Record, owner index, expiry timer; no token index (the token names the id) and no
-        // blob keys. The rest are the group's totals and time, one each whatever the count.
+        // Record, owner index, expiry timer and the sealed part; no token index (the token
+        // names the id). The rest are the group's totals and time, one each whatever the count.
         assert_eq!(state_keys(&s, keys::KUBBI), 1);
         assert_eq!(state_keys(&s, keys::OWNER), 1);
         assert_eq!(state_keys(&s, keys::TIMER), 1);
         assert_eq!(state_keys(&s, keys::TOKEN), 0);
-        assert_eq!(s.count(Table::Blob), 0);
-        let others = s.count(Table::State) - 3;
-        assert!(others <= 3, "{:?}", s.data.keys());
+        assert_eq!(s.count(Table::Blob), 1);
+        assert!(s.count(Table::State) - 3 <= 3, "{:?}", s.data.keys());
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
-        assert_eq!(
-            rec.stored_bytes, INLINE_PAYLOAD_BYTES,
-            "at the limit: inline"
-        );
-        assert_eq!(
-            rec.payload,
-            Payload::Inline {
-                parts: c.parts.clone(),
-                manifest: c.manifest.clone()
-            }
-        );
         assert_eq!(
             read_kubbi_by_token(&s, 0, &c.token_hash).expect("reads"),
             Some(rec),
             "one read by token"
         );
-
-        let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + 5) else {
-            panic!("claim failed")
-        };
-        assert_eq!((got.parts, got.manifest), (c.parts, c.manifest));
-        assert!(got.burned);
-        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(
-            rec.payload,
-            Payload::Wiped,
-            "the burn rewrote the record without it"
-        );
-        assert_eq!(s.held_parts(), 0);
-        let stored = s
-            .get(Table::State, &keys::kubbi(&c.id))
-            .expect("reads")
-            .expect("present");
-        assert!(
-            !stored.windows(16).any(|w| w.iter().all(|b| *b == 0xcd)),
-            "no payload byte stays in the stored record"
+            read_kubbi_by_token(&s, 0, &TokenHash(rand_bytes())).expect("reads"),
+            None
         );
     }
 
-    #[test]
-    fn a_payload_over_the_inline_limit_lives_in_the_blob_table() {
-        let mut s = MemStore::default();
-        let mut c = new_create(Some(2), 300_000, 1);
-        c.parts = vec![Blob(vec![0x5a; INLINE_PAYLOAD_BYTES as usize + 1])];
-        create_one(&mut s, &c);
-        assert_eq!(s.count(Table::Blob), 1);
-        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
-        assert_eq!(rec.payload, Payload::Blobs);
-        for n in 1..=2 {
-            let Outcome::Claimed(got) = claim_at(&mut s, &c.token_hash, T0 + n) else {
-                panic!("claim {n} failed")
-            };
-            assert_eq!(got.parts, c.parts);
-        }
-        assert_eq!(s.count(Table::Blob), 0, "burned");
-        assert_eq!(
-            read_kubbi(&s, &c.id)
-                .expect("reads")
-                .expect("present")
-                .payload,
-            Payload::Blobs
-        );
-    }
-
-    /// A kubbi created before key layout 3: a random id, a token index entry, its payload in the
-    /// blob table and a stored record without a payload suffix. It is claimed, ended and purged
-    /// as before, and nothing of it is left.
+    /// A kubbi created before key layout 3: a random id, a token index entry and a stored
+    /// record without a tail (its claims are remembered in the request-dedup table). It is
+    /// claimed, ended and purged as before, and nothing of it is left.
     #[test]
     fn a_kubbi_of_layout_two_is_found_claimed_and_purged() {
         let mut s = MemStore::default();
@@ -1552,16 +1444,17 @@ mod tests {
             1,
             "a random id keeps its token index"
         );
-        // Rewrite it as layout 2 stored it.
-        let mut rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
-        rec.payload = Payload::Blobs;
+        // Rewrite the record as layout 2 stored it.
+        let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         s.put(Table::State, keys::kubbi(&c.id), encode(&rec));
-        for (i, p) in c.parts.iter().enumerate() {
-            s.put(Table::Blob, keys::blob(&c.id, i as u32), p.0.clone());
-        }
-        let manifest = c.manifest.clone().expect("a package");
-        s.put(Table::Blob, keys::blob(&c.id, MANIFEST_PART), manifest.0);
-        assert_eq!(s.held_parts(), 3);
+        assert_eq!(
+            read_kubbi(&s, &c.id)
+                .expect("reads")
+                .expect("present")
+                .claim_marks,
+            None
+        );
+        assert_eq!(s.count(Table::Blob), 3);
 
         let got = |o: Outcome| match o {
             Outcome::Claimed(c) => *c,
@@ -1572,11 +1465,10 @@ mod tests {
             (first.parts, first.manifest),
             (c.parts.clone(), c.manifest.clone())
         );
-        assert_eq!(s.held_parts(), 3);
+        assert_eq!(state_keys(&s, keys::REQUEST), 1, "remembered in the table");
         let second = got(claim_at(&mut s, &c.token_hash, T0 + 2));
         assert!(second.burned);
-        assert_eq!(second.parts, c.parts);
-        assert_eq!(s.held_parts(), 0);
+        assert_eq!(s.count(Table::Blob), 0);
 
         apply(
             &mut s,
@@ -1588,7 +1480,13 @@ mod tests {
             &req(T0 + 3 * RETENTION, Command::Sweep { max: 100 }),
         )
         .expect("applies");
-        for table in [keys::KUBBI, keys::TOKEN, keys::OWNER, keys::TIMER] {
+        for table in [
+            keys::KUBBI,
+            keys::TOKEN,
+            keys::OWNER,
+            keys::TIMER,
+            keys::REQUEST,
+        ] {
             assert_eq!(state_keys(&s, table), 0, "{:?}", s.data.keys());
         }
     }
@@ -1598,42 +1496,33 @@ mod tests {
         let c = new_create(Some(1), 1_000, 1);
         let mut s = MemStore::default();
         let mut rec = create_one(&mut s, &c);
-        assert_eq!(rec.payload, Payload::Blobs, "an outcome carries no payload");
-        for (payload, marks) in [
-            (Payload::Blobs, None),
-            (Payload::Wiped, Some(vec![])),
-            (
-                Payload::Inline {
-                    parts: c.parts.clone(),
-                    manifest: None,
-                },
-                Some(vec![ClaimMark {
-                    request_id: RequestId::random(),
-                    at: T0,
-                }]),
-            ),
+        assert_eq!(rec.claim_marks, None, "an outcome carries no tail");
+        for marks in [
+            None,
+            Some(vec![]),
+            Some(vec![ClaimMark {
+                request_id: RequestId::random(),
+                at: T0,
+            }]),
         ] {
-            rec.payload = payload;
             rec.claim_marks = marks;
             assert_eq!(
                 KubbiRecord::from_value(&rec.to_value()).expect("decodes"),
                 rec
             );
-            // The serde form (in dedup entries and messages) carries neither.
+            // The serde form (in dedup entries and messages) does not carry it.
             assert_eq!(
                 decode::<KubbiRecord>("record", &encode(&rec)).expect("decodes"),
-                KubbiRecord {
-                    payload: Payload::Blobs,
-                    claim_marks: None,
-                    ..rec.clone()
-                }
+                rec.without_tail()
             );
         }
         // Layout 2 stored the serde form alone.
         let plain = encode(&rec);
-        let old = KubbiRecord::from_value(&plain).expect("decodes");
-        assert_eq!((old.payload, old.claim_marks), (Payload::Blobs, None));
-        for bad in [vec![9], vec![3], vec![3, 200], vec![3, 0, 0, 7]] {
+        assert_eq!(
+            KubbiRecord::from_value(&plain).expect("decodes"),
+            rec.without_tail()
+        );
+        for bad in [vec![9], vec![3], vec![3, 7], vec![3, 0, 0]] {
             let mut v = plain.clone();
             v.extend_from_slice(&bad);
             assert!(KubbiRecord::from_value(&v).is_err(), "tail {bad:?}");
@@ -1757,7 +1646,7 @@ mod tests {
             claim_at(&mut s, &c.token_hash, T0 + 1_000),
             Outcome::Rejected(Rejection::Ended(Status::Expired))
         );
-        assert_eq!(s.held_parts(), 0);
+        assert_eq!(s.count(Table::Blob), 0);
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(rec.status, Status::Expired);
         assert_eq!(rec.retrieval_count, 50);
@@ -1780,7 +1669,7 @@ mod tests {
             panic!("delete failed")
         };
         assert_eq!(rec.status, Status::Deleted);
-        assert_eq!(s.held_parts(), 0);
+        assert_eq!(s.count(Table::Blob), 0);
         assert_eq!(
             del(&mut s, c.owner, T0 + 3),
             Outcome::Rejected(Rejection::Ended(Status::Deleted))
@@ -1809,14 +1698,14 @@ mod tests {
             }
         );
         assert_eq!(read_stats(&s).expect("stats").active, 1);
-        assert_eq!(s.held_parts(), 4);
+        assert_eq!(s.count(Table::Blob), 4);
         let out = sweep_at(&mut s, T0 + 2_000);
         assert!(matches!(out, Outcome::Swept { expired: 1, .. }), "{out:?}");
         assert_eq!(read_stats(&s).expect("stats"), ShardStats::default());
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(rec.status, Status::Expired);
         assert_eq!(rec.ended_at, Some(T0 + 2_000));
-        assert_eq!(s.held_parts(), 0);
+        assert_eq!(s.count(Table::Blob), 0);
 
         sweep_at(&mut s, T0 + 2_000 + RETENTION);
         assert_eq!(read_kubbi(&s, &c.id).expect("reads"), None);
@@ -1939,7 +1828,7 @@ mod tests {
             panic!("wrong answer")
         };
         assert_eq!(rec.status, Status::Burned);
-        assert_eq!(s.held_parts(), 0, "the burned payload stays wiped");
+        assert_eq!(s.count(Table::Blob), 0, "the burned payload stays wiped");
     }
 
     #[test]
@@ -2083,7 +1972,7 @@ mod tests {
                 sealed_token: vec![9; 60]
             }
         );
-        assert_eq!(s.held_parts(), 1, "the retry stored nothing");
+        assert_eq!(s.count(Table::Blob), 1, "the retry stored nothing");
 
         let mut other_body = retry.clone();
         if let Some(i) = other_body.idempotency.as_mut() {

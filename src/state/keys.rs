@@ -8,7 +8,7 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `k` kubbi | `k ‖ id(16)` (the id starts with its shard; in layout 3 the token names it) | [`KubbiRecord`](super::KubbiRecord) and its tail: a payload of ≤ 4 KiB, claim marks |
+//! | `k` kubbi | `k ‖ id(16)` (the id starts with its shard; in layout 3 the token names it) | [`KubbiRecord`](super::KubbiRecord), then its tail: the claim marks |
 //! | `t` token index | `t ‖ shard(2) ‖ token_hash(32)` | `id(16)`: kubbis of layout 2 only (random ids) |
 //! | `o` owner index | `o ‖ owner(16) ‖ !created_at(8 BE) ‖ id(16)` | `status(1)` (newest first) |
 //! | `x` timers | `x ‖ due(8 BE) ‖ kind(1) ‖ shard(2) ‖ subject` | empty |
@@ -22,12 +22,12 @@
 //! | `w` ownership | `w` | [`Ownership`](super::Ownership): the shard ranges the group serves |
 //! | `m` group time | `m` | `u64 BE`: the latest stamp the group applied (its time never goes back) |
 //! | `g` shard map (system group) | `g` | [`ShardMap`](super::map::ShardMap) |
-//! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`): payloads over 4 KiB, and layout 2's |
+//! | blob table | `id(16) ‖ part(4 BE)` | sealed part (`crypto::seal`) |
 //!
-//! Layout 3 writes, per create, the record, its owner-index entry and its expiry timer (plus
-//! the group's running totals `s`, `u` and time `m`, once per applied batch), and a claim of a
-//! kubbi of up to 16 retrievals rewrites the record alone until the last one ends it
-//! (`docs/key-layout.md` gives each key's reason).
+//! Layout 3 writes, per create, the record, its owner-index entry, its expiry timer and its
+//! sealed part (plus the group's running totals `s`, `u` and time `m`, once per applied batch),
+//! and a claim of a kubbi of up to 16 retrievals rewrites the record alone until the last one
+//! ends it (`docs/key-layout.md` gives each key's reason).
 //!
 //! Layout 1 (until layout 2) had no shard in `t`, `r`, `c`, `i` and the dedup timers: a data
 //! directory in that layout is refused at start (`node::check_identity`).

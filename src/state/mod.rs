@@ -112,10 +112,8 @@ pub enum Body {
     },
 }
 
-/// The stored record of one kubbi. A sealed payload of up to [`INLINE_PAYLOAD_BYTES`] is kept
-/// in the record's own value (key layout 3: one key to write on create, one to read on claim);
-/// a larger one lives apart in the blob table, one key per part, so a claim rewrites only the
-/// small record.
+/// The stored record of one kubbi. Payload ciphertext lives apart from it (see [`keys`]) so a
+/// claim rewrites, and a preview reads, only this small record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubbiRecord {
     pub id: KubbiId,
@@ -139,23 +137,16 @@ pub struct KubbiRecord {
     pub retention_ms: Millis,
     /// Bytes of sealed payload parts (and manifest) held while active.
     pub stored_bytes: u64,
-    /// Where the sealed payload is. Not in the serde form: stored after it, in the same value
-    /// ([`KubbiRecord::to_value`]), so a record copied into a dedup or idempotency entry or
-    /// sent to a peer never carries payload bytes, and those encodings are as in layout 2.
-    #[serde(skip)]
-    pub payload: Payload,
     /// The claims that counted in the last [`REQUEST_DEDUP_WINDOW_MS`], so that a retried claim
-    /// is found here and not counted again (layout 3, for a kubbi of at most
+    /// is found here and not counted again (key layout 3, for a kubbi of at most
     /// [`MARKED_CLAIMS_MAX`] retrievals). `None`: its claims are remembered in the
-    /// request-dedup table (a record of layout 2, or more or unlimited retrievals). Stored
-    /// after the serde form, as `payload` is.
+    /// request-dedup table (a record of layout 2, or more or unlimited retrievals). Not in the
+    /// serde form: stored after it, in the same value ([`KubbiRecord::to_value`]), so a record
+    /// copied into a dedup or idempotency entry or sent to a peer never carries it, and those
+    /// encodings are as in layout 2.
     #[serde(skip)]
     pub claim_marks: Option<Vec<ClaimMark>>,
 }
-
-/// Sealed payloads (all parts and the manifest) of at most this many bytes are kept inline in
-/// their kubbi's record. A protocol constant: every replica must decide alike.
-pub const INLINE_PAYLOAD_BYTES: u64 = 4096;
 
 /// A kubbi of at most this many retrievals remembers its claims in its own record
 /// ([`KubbiRecord::claim_marks`]); one of more (or unlimited) in the request-dedup table. A
@@ -169,38 +160,21 @@ pub struct ClaimMark {
     pub at: Millis,
 }
 
-/// Where a kubbi's sealed payload is kept.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Payload {
-    /// In the blob table, one key per part: payloads over [`INLINE_PAYLOAD_BYTES`], every
-    /// record written before key layout 3, and a record that came without its payload (in a
-    /// message or a remembered outcome).
-    #[default]
-    Blobs,
-    /// In the record's own value.
-    Inline {
-        parts: Vec<Blob>,
-        manifest: Option<Blob>,
-    },
-    /// Was inline, and was wiped when the kubbi ended.
-    Wiped,
-}
-
 /// The tag of the tail that key layout 3 stores after a record's encoding; a value without a
 /// tail is a record of layout 2.
 const RECORD_TAIL_V3: u8 = 3;
 
 impl KubbiRecord {
-    /// The stored value: the record's encoding, then its tail (payload and claim marks).
+    /// The stored value: the record's encoding, then its tail (the claim marks).
     pub fn to_value(&self) -> Vec<u8> {
         let mut v = crate::codec::encode(self);
         v.push(RECORD_TAIL_V3);
-        v.extend_from_slice(&crate::codec::encode(&(&self.payload, &self.claim_marks)));
+        v.extend_from_slice(&crate::codec::encode(&self.claim_marks));
         v
     }
 
     /// Decodes a stored value ([`KubbiRecord::to_value`]; a layout-2 value has no tail: its
-    /// payload is in the blob table and its claims in the request-dedup table).
+    /// claims are in the request-dedup table).
     ///
     /// # Errors
     /// When the value is not a record, or its tail does not decode.
@@ -209,7 +183,7 @@ impl KubbiRecord {
         match value[used..].split_first() {
             None => {}
             Some((&RECORD_TAIL_V3, rest)) => {
-                (rec.payload, rec.claim_marks) = crate::codec::decode("kubbi record tail", rest)?;
+                rec.claim_marks = crate::codec::decode("kubbi record tail", rest)?;
             }
             Some(_) => {
                 return Err(crate::codec::DecodeError {
@@ -221,11 +195,10 @@ impl KubbiRecord {
         Ok(rec)
     }
 
-    /// The record without its stored tail (payload and claim marks), as it is remembered or
-    /// sent to a peer: what its serde form holds.
-    pub fn without_payload(&self) -> Self {
+    /// The record without its stored tail, as it is remembered or sent to a peer: what its
+    /// serde form holds.
+    pub fn without_tail(&self) -> Self {
         Self {
-            payload: Payload::Blobs,
             claim_marks: None,
             ..self.clone()
         }

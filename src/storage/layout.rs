@@ -23,11 +23,11 @@ use crate::state::keys;
 /// The key layout this build reads and writes.
 ///
 /// Layout 3 names a new kubbi's id by its token (`KubbiId::for_token`: no token index entry) and
-/// keeps a sealed payload of up to `state::INLINE_PAYLOAD_BYTES` in the record's value
-/// (`KubbiRecord::to_value`). It reads everything layout 2 wrote as it is (random ids through
-/// their token index, payloads in the blob table, records without a payload suffix), so a
-/// layout-2 directory needs no rewrite, only the new number: a build of layout 2 must not open
-/// it, as it cannot read those records.
+/// stores a tail after a record's encoding (`KubbiRecord::to_value`: the claim marks that stand
+/// in for request-dedup records). It reads everything layout 2 wrote as it is (random ids
+/// through their token index, records without a tail), so a layout-2 directory needs no
+/// rewrite, only the new number: a build of layout 2 must not open it, as it cannot read those
+/// records.
 pub const LAYOUT: u32 = 3;
 
 /// Bytes of rewritten keys collected before they are written.

@@ -58,8 +58,8 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// answers of a forwarded operation. 7 adds the shard map's pinned groups
 /// (`GroupState::Placed`), which a node of 6 cannot decode from the system group's log, and
 /// runs a data group only where the map places it (a node of 6 runs every group everywhere).
-/// 8 applies creates in key layout 3 (no token index entry for an id the token names, payloads
-/// of up to 4 KiB inline in the record), so replicas of 7 and 8 would hold different state.
+/// 8 applies creates and claims in key layout 3 (no token index entry for an id the token
+/// names, claims remembered in the record), so replicas of 7 and 8 would hold different state.
 pub const PROTOCOL: u32 = 8;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a

@@ -356,14 +356,14 @@ async fn seeded_replicas_elect_serve_and_a_fourth_catches_up_by_snapshot() {
         now,
     };
     for s in &storages[..3] {
-        // Each moved kubbi: record (with its payload inline, and no token index: the token
-        // names the id), owner index and expiry (a create keeps no request-dedup record: its
-        // record is one); then the aggregates (s, u) and the ownership.
+        // Each moved kubbi: record (no token index: the token names the id), owner index,
+        // payload and expiry (a create keeps no request-dedup record: its record is one); then
+        // the aggregates (s, u) and the ownership.
         assert_eq!(
             seed(s, &plan).expect("seeds"),
             Seeded::Copied {
                 kubbis: 15,
-                keys: 15 * 3 + 3
+                keys: 15 * 4 + 3
             }
         );
     }
