@@ -120,6 +120,8 @@ pub struct LogStore {
     tail: Arc<Mutex<TailCache>>,
     /// Encoded bytes appended since this store was opened (see [`LogStore::appended_bytes`]).
     appended: Arc<AtomicU64>,
+    /// The committed log id openraft last saved, in memory only (see `save_committed`).
+    committed: Arc<Mutex<Option<LogId>>>,
 }
 
 impl LogStore {
@@ -129,6 +131,7 @@ impl LogStore {
             group,
             tail: Arc::default(),
             appended: Arc::default(),
+            committed: Arc::default(),
         }
     }
 
@@ -323,20 +326,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.storage.sync().await
     }
 
+    /// Kept in memory, not written: openraft saves the committed id once per replication round
+    /// of every group, and each save was a RocksDB write of its own. The state machine stores
+    /// the last applied id in each apply's batch, and a restarted node starts from there
+    /// (openraft takes the later of the two); what was committed but not yet applied is
+    /// committed again by the group's next leader, as for any entry. Only a seeded group's
+    /// first committed id (`put_seeded_meta`) is stored.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not synced: losing it only means re-applying from an older point after a crash.
-        self.storage
-            .db()
-            .put_cf(
-                self.storage.cf(CF_RAFT_META),
-                group_key(self.group, META_COMMITTED),
-                encode(&committed),
-            )
-            .map_err(io_err)
+        *self.committed.lock().unwrap_or_else(|p| p.into_inner()) = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.get_meta::<Option<LogId>>(META_COMMITTED)?.flatten())
+        let saved = *self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        match saved {
+            Some(c) => Ok(Some(c)),
+            None => Ok(self.get_meta::<Option<LogId>>(META_COMMITTED)?.flatten()),
+        }
     }
 
     async fn append<I>(
