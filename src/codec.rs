@@ -43,7 +43,7 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
 }
 
 /// Decodes a `T` from the start of `bytes` and says how many bytes it took; what follows is the
-/// caller's (a stored value with a suffix, such as a kubbi record with its inline payload).
+/// caller's (a stored value with a suffix, such as a kubbi record with its tail).
 ///
 /// # Errors
 /// When the bytes do not start with a valid encoding of `T`.

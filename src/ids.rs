@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!   token = base64url(no pad) of   [shard u16 BE][32 random bytes]      (46 chars)
-//!   id    = UUID-shaped 16 bytes:  [shard u16 BE][14 bytes of SHA-256("kubbi id" ‖ token hash),
+//!   id    = UUID-shaped 16 bytes:  [shard u16 BE][14 bytes of SHA-256("kubbi id\0" ‖ token hash),
 //!                                   v4 bits set]
 //! ```
 //!

@@ -285,10 +285,9 @@ impl Executor {
                         // Not this group's: another group answers for it.
                         Served::NotOwned => continue,
                     }
-                    if let Some(mut r) = read_kubbi(&view, id).map_err(from_store)? {
+                    if let Some(r) = read_kubbi(&view, id).map_err(from_store)? {
                         // Answers carry no tail, whether they stay here or not.
-                        r.claim_marks = None;
-                        found.push(r);
+                        found.push(r.without_tail());
                     }
                 }
                 self.judge(raft, g, view, &mut found).await?;

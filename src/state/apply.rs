@@ -758,7 +758,7 @@ fn duplicate_claim(
             .then(|| {
                 // Counted before; its bytes went with the answer that was lost.
                 Outcome::Duplicate(Box::new(Outcome::Claimed(Box::new(Claimed {
-                    record: rec.without_tail(),
+                    record: rec.clone().without_tail(),
                     parts: Vec::new(),
                     manifest: None,
                     burned: rec.status == Status::Burned,
@@ -841,10 +841,7 @@ fn claim(
         put_record(s, &rec);
     }
     // The outcome carries no marks.
-    let rec = KubbiRecord {
-        claim_marks: None,
-        ..rec
-    };
+    let rec = rec.without_tail();
 
     let claimed = Outcome::Claimed(Box::new(Claimed {
         record: rec,
@@ -1513,14 +1510,14 @@ mod tests {
             // The serde form (in dedup entries and messages) does not carry it.
             assert_eq!(
                 decode::<KubbiRecord>("record", &encode(&rec)).expect("decodes"),
-                rec.without_tail()
+                rec.clone().without_tail()
             );
         }
         // Layout 2 stored the serde form alone.
         let plain = encode(&rec);
         assert_eq!(
             KubbiRecord::from_value(&plain).expect("decodes"),
-            rec.without_tail()
+            rec.clone().without_tail()
         );
         for bad in [vec![9], vec![3], vec![3, 7], vec![3, 0, 0]] {
             let mut v = plain.clone();

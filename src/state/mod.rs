@@ -197,10 +197,10 @@ impl KubbiRecord {
 
     /// The record without its stored tail, as it is remembered or sent to a peer: what its
     /// serde form holds.
-    pub fn without_tail(&self) -> Self {
+    pub fn without_tail(self) -> Self {
         Self {
             claim_marks: None,
-            ..self.clone()
+            ..self
         }
     }
 
