@@ -10,10 +10,28 @@ use serde_json::Value;
 
 use super::{Api, eventually, logscan};
 
-/// Reserves a free loopback port (released before the node binds it).
+/// Picks a loopback port that is free now, for a node to bind a moment later.
+///
+/// The port comes from below the kernel's ephemeral range (32768 and up on Linux): a port the
+/// kernel handed out for `bind(0)` is soon handed out again as the source port of one of the
+/// suite's many outgoing connections, and a node that then finds it taken never comes up.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
+    for _ in 0..1_000 {
+        let port = LOW + rand::random::<u16>() % (HIGH - LOW);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{HIGH}");
+}
+
+/// The last `n` lines of a node's log.
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn write_private(path: &Path, contents: &str) {
@@ -203,11 +221,27 @@ impl Cluster {
     /// Waits until member `i` serves HTTP (it has registered in the member table).
     pub async fn wait_up(&mut self, i: usize) {
         let f = self.members[i].dir.join("http.addr");
-        let addr = eventually(Duration::from_secs(90), "node writes http.addr", || {
-            let f = f.clone();
-            async move { std::fs::read_to_string(&f).ok().filter(|s| !s.is_empty()) }
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        let addr = loop {
+            if let Some(a) = std::fs::read_to_string(&f).ok().filter(|s| !s.is_empty()) {
+                break a;
+            }
+            let m = &mut self.members[i];
+            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "node {} exited with {status} before serving; its log ends:\n{}",
+                    m.id,
+                    log_tail(&m.log, 40)
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} wrote no http.addr in 90 s; its log ends:\n{}",
+                m.id,
+                log_tail(&m.log, 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         self.members[i].api = Some(Api::new(format!("http://{addr}")));
     }
 
