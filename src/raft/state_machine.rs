@@ -205,7 +205,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let log_id = entry.log_id;
             let outcome = match entry.payload {
                 EntryPayload::Blank => Outcome::None,
-                EntryPayload::Normal(req) => state::apply(&mut txn, &req).map_err(|e| {
+                // Only an entry proposed here has a client waiting for its outcome.
+                EntryPayload::Normal(req) => state::apply_for(
+                    &mut txn,
+                    &req,
+                    if responder.is_some() {
+                        state::Answer::Full
+                    } else {
+                        state::Answer::Unread
+                    },
+                )
+                .map_err(|e| {
                     tracing::error!(group = self.group, index = log_id.index, error = %e, "apply failed");
                     io_err(e)
                 })?,

@@ -326,19 +326,49 @@ pub fn read_group_time(s: &impl StateRead) -> Result<Millis, StoreError> {
 /// it alone. A leader whose clock runs ahead moves the group's time with it until real time
 /// catches up: keep clocks synchronised (`kubbi_group_time_ahead_ms` shows the gap per node).
 pub fn apply(s: &mut impl StateStore, req: &Request) -> Result<Outcome, StoreError> {
+    apply_for(s, req, Answer::Full)
+}
+
+/// Who reads the outcome of an apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// A client waits for it (the leader that proposed the entry): a claim's outcome carries
+    /// the payload it hands out.
+    Full,
+    /// Nobody does (a replica applying an entry it did not propose): a claim leaves its payload
+    /// unread, since no state it writes holds it, except the answer it keeps for a retry with
+    /// the same `Idempotency-Key`, which it reads the payload for on every replica. The state
+    /// written is the same either way; only the outcome differs.
+    Unread,
+}
+
+/// [`apply`], with the outcome built for `answer`.
+///
+/// # Errors
+/// As [`apply`].
+pub fn apply_for(
+    s: &mut impl StateStore,
+    req: &Request,
+    answer: Answer,
+) -> Result<Outcome, StoreError> {
     let last = read_group_time(s)?;
     let mut noting = Noting {
         inner: s,
         wrote: false,
     };
-    let outcome = apply_at(&mut noting, req, req.now.max(last))?;
+    let outcome = apply_at(&mut noting, req, req.now.max(last), answer)?;
     if noting.wrote && req.now > last {
         s.put(Table::State, keys::clock(), req.now.to_be_bytes().to_vec());
     }
     Ok(outcome)
 }
 
-fn apply_at(s: &mut impl StateStore, req: &Request, now: Millis) -> Result<Outcome, StoreError> {
+fn apply_at(
+    s: &mut impl StateStore,
+    req: &Request,
+    now: Millis,
+    answer: Answer,
+) -> Result<Outcome, StoreError> {
     match &req.cmd {
         // Naturally idempotent: no request-id dedup needed.
         Command::Sweep { max } => return sweep(s, now, *max),
@@ -398,6 +428,7 @@ fn apply_at(s: &mut impl StateStore, req: &Request, now: Millis) -> Result<Outco
                 idempotency.as_ref(),
                 &req.request_id,
                 now,
+                answer,
             )?;
             if !in_table {
                 return Ok(outcome);
@@ -779,6 +810,7 @@ fn claim(
     idem: Option<&super::ClaimIdempotency>,
     request_id: &crate::ids::RequestId,
     now: Millis,
+    answer: Answer,
 ) -> Result<(Outcome, bool), StoreError> {
     let found = read_kubbi_by_token(s, shard, token_hash)?;
     let in_table = found.as_ref().is_none_or(|r| r.claim_marks.is_none());
@@ -807,15 +839,18 @@ fn claim(
             in_table,
         ));
     }
-    let mut parts = Vec::with_capacity(rec.parts as usize);
-    for p in 0..rec.parts {
+    // The payload is read where someone receives it: the proposer's client, or an idempotent
+    // retry through any replica that leads later (the kept answer holds it).
+    let hand_out = answer == Answer::Full || idem.is_some();
+    let mut parts = Vec::with_capacity(if hand_out { rec.parts as usize } else { 0 });
+    for p in (0..rec.parts).filter(|_| hand_out) {
         let key = keys::blob(&rec.id, p);
         let blob = s
             .get(Table::Blob, &key)?
             .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
         parts.push(Blob(blob));
     }
-    let manifest = if rec.has_manifest {
+    let manifest = if rec.has_manifest && hand_out {
         let key = keys::blob(&rec.id, MANIFEST_PART);
         Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
             corrupt(&key, "manifest missing from an active package")
@@ -1902,6 +1937,58 @@ mod tests {
         assert!(dup.parts.is_empty(), "request dedup keeps no payload");
         let rec = read_kubbi(&s, &c.id).expect("reads").expect("present");
         assert_eq!(rec.retrieval_count, 1);
+    }
+
+    /// A replica that applies a claim nobody waits for reads no payload, and writes exactly
+    /// what the proposing leader writes; a claim that keeps its answer for an idempotent retry
+    /// reads the payload on every replica, and keeps the same answer everywhere.
+    #[test]
+    fn an_unanswered_claim_reads_no_payload_and_writes_the_same_state() {
+        for (max, parts, keyed) in [
+            (Some(1), 1, false),
+            (Some(3), 1, false),
+            (Some(1), 3, false),
+            (None, 2, false),
+            (Some(1), 3, true),
+            (Some(2), 1, true),
+        ] {
+            let c = new_create(max, 60_000, parts);
+            let mut leader = MemStore::default();
+            create_one(&mut leader, &c);
+            let mut replica = leader.clone();
+            let r = req(
+                T0 + 5,
+                Command::ClaimIn {
+                    shard: c.id.shard(),
+                    token_hash: c.token_hash,
+                    idempotency: keyed.then_some(ClaimIdempotency {
+                        key: [9; 32],
+                        window_ms: 60_000,
+                    }),
+                },
+            );
+            let what = format!("max {max:?}, {parts} part(s), keyed {keyed}");
+            let full = apply_for(&mut leader, &r, Answer::Full).expect("applies");
+            let unread = apply_for(&mut replica, &r, Answer::Unread).expect("applies");
+            assert_eq!(leader, replica, "{what}: the replicas' state differs");
+            let (Outcome::Claimed(full), Outcome::Claimed(unread)) = (full, unread) else {
+                panic!("{what}: not claimed");
+            };
+            assert_eq!(full.parts.len(), parts, "{what}");
+            assert_eq!(full.manifest.is_some(), parts > 1, "{what}");
+            assert_eq!(full.record, unread.record, "{what}");
+            assert_eq!(full.burned, unread.burned, "{what}");
+            if keyed {
+                assert_eq!(unread.parts, full.parts, "{what}");
+                assert_eq!(unread.manifest, full.manifest, "{what}");
+            } else {
+                assert!(
+                    unread.parts.is_empty(),
+                    "{what}: read a payload nobody receives"
+                );
+                assert!(unread.manifest.is_none(), "{what}");
+            }
+        }
     }
 
     #[test]

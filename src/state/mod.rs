@@ -18,9 +18,9 @@ pub mod keys;
 pub mod map;
 
 pub use apply::{
-    Rows, StateRead, StateStore, StoreError, Table, Totals, apply, claim_of_ended, next_timer_due,
-    read_group_time, read_kubbi, read_kubbi_by_token, read_map, read_nodes, read_owner_usage,
-    read_ownership, read_stats, remembered,
+    Answer, Rows, StateRead, StateStore, StoreError, Table, Totals, apply, apply_for,
+    claim_of_ended, next_timer_due, read_group_time, read_kubbi, read_kubbi_by_token, read_map,
+    read_nodes, read_owner_usage, read_ownership, read_stats, remembered,
 };
 
 use std::fmt;
