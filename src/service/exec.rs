@@ -141,12 +141,18 @@ impl Executor {
 
     /// `Ok` when this node leads `raft`; otherwise `NotLeader` with the known leader.
     fn must_lead(&self, raft: &Raft) -> Result<(), ExecError> {
-        let m = raft.metrics().borrow_watched().clone();
-        if m.current_leader == Some(self.node_id) && m.state.is_leader() {
+        // Two fields of the metrics, read in place: a clone of them all (membership, replication
+        // progress) allocated on every operation.
+        let metrics = raft.metrics();
+        let (leader, leading) = {
+            let m = metrics.borrow_watched();
+            (m.current_leader, m.state.is_leader())
+        };
+        if leader == Some(self.node_id) && leading {
             Ok(())
         } else {
             Err(ExecError::NotLeader {
-                leader: m.current_leader.filter(|l| *l != self.node_id),
+                leader: leader.filter(|l| *l != self.node_id),
             })
         }
     }
@@ -200,14 +206,15 @@ impl Executor {
                 idempotency,
             } => {
                 self.must_lead(raft)?;
-                serves(&self.storage.read_view(g), shard)?;
-                let read = || read_kubbi_by_token(&self.storage.read_view(g), shard, &token_hash);
-                let record = match read().map_err(from_store)? {
+                let view = self.storage.read_view(g);
+                serves(&view, shard)?;
+                let read = |view| read_kubbi_by_token(&view, shard, &token_hash);
+                let record = match read(view).map_err(from_store)? {
                     Some(r) => Some(r),
                     None => {
                         // Maybe created a moment ago and not applied here yet.
                         client::linearizable(raft).await.map_err(from_raft)?;
-                        read().map_err(from_store)?
+                        read(self.storage.read_view(g)).map_err(from_store)?
                     }
                 };
                 let Some(record) = record else {
