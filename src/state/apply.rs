@@ -841,22 +841,10 @@ fn claim(
     }
     // The payload is read where someone receives it: the proposer's client, or an idempotent
     // retry through any replica that leads later (the kept answer holds it).
-    let hand_out = answer == Answer::Full || idem.is_some();
-    let mut parts = Vec::with_capacity(if hand_out { rec.parts as usize } else { 0 });
-    for p in (0..rec.parts).filter(|_| hand_out) {
-        let key = keys::blob(&rec.id, p);
-        let blob = s
-            .get(Table::Blob, &key)?
-            .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
-        parts.push(Blob(blob));
-    }
-    let manifest = if rec.has_manifest && hand_out {
-        let key = keys::blob(&rec.id, MANIFEST_PART);
-        Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
-            corrupt(&key, "manifest missing from an active package")
-        })?))
+    let (parts, manifest) = if answer == Answer::Full || idem.is_some() {
+        read_payload(s, &rec)?
     } else {
-        None
+        (Vec::new(), None)
     };
 
     rec.retrieval_count = rec.retrieval_count.saturating_add(1);
@@ -902,6 +890,30 @@ fn claim(
         );
     }
     Ok((claimed, in_table))
+}
+
+/// The sealed parts and manifest of an active kubbi.
+fn read_payload(
+    s: &impl StateRead,
+    rec: &KubbiRecord,
+) -> Result<(Vec<Blob>, Option<Blob>), StoreError> {
+    let mut parts = Vec::with_capacity(rec.parts as usize);
+    for p in 0..rec.parts {
+        let key = keys::blob(&rec.id, p);
+        let blob = s
+            .get(Table::Blob, &key)?
+            .ok_or_else(|| corrupt(&key, "payload part missing from an active kubbi"))?;
+        parts.push(Blob(blob));
+    }
+    let manifest = if rec.has_manifest {
+        let key = keys::blob(&rec.id, MANIFEST_PART);
+        Some(Blob(s.get(Table::Blob, &key)?.ok_or_else(|| {
+            corrupt(&key, "manifest missing from an active package")
+        })?))
+    } else {
+        None
+    };
+    Ok((parts, manifest))
 }
 
 fn delete(

@@ -321,13 +321,9 @@ impl Cluster {
     pub fn logs_tail(&self) -> String {
         let mut out = String::new();
         for m in &self.members {
-            let text = std::fs::read_to_string(&m.log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(15).collect();
             out.push_str(&format!("--- node {} ---\n", m.id));
-            for l in tail.into_iter().rev() {
-                out.push_str(l);
-                out.push('\n');
-            }
+            out.push_str(&log_tail(&m.log, 15));
+            out.push('\n');
         }
         out
     }
