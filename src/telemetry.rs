@@ -158,6 +158,27 @@ pub fn inject(headers: &mut reqwest::header::HeaderMap) {
     });
 }
 
+/// The current span's trace context as header pairs, for a request that has no HTTP headers
+/// (the internal stream's); empty when no propagator is installed.
+pub fn inject_pairs() -> Vec<(String, String)> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    let mut pairs = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut pairs));
+    pairs.into_iter().collect()
+}
+
+/// Makes `span` continue the trace named by `pairs` (from [`inject_pairs`]), if any.
+pub fn continue_trace_pairs(span: &tracing::Span, pairs: Vec<(String, String)>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if pairs.is_empty() {
+        return;
+    }
+    let pairs: std::collections::HashMap<String, String> = pairs.into_iter().collect();
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&pairs));
+    let _ = span.set_parent(cx);
+}
+
 /// Makes `span` continue the trace named by incoming request headers, if any.
 pub fn continue_trace(span: &tracing::Span, headers: &axum::http::HeaderMap) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -128,7 +128,8 @@ fn load_files(files: &TlsFiles) -> Result<Loaded, String> {
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(certs, key_der)
         .map_err(mismatch)?;
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    // The internal port: HTTP/2, or a node-pair stream.
+    server.alpn_protocols = vec![b"h2".to_vec(), crate::transport::stream::ALPN.to_vec()];
     Ok(Loaded {
         server: Arc::new(server),
         client_key: Some(Arc::new(client_key)),

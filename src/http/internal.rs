@@ -1,7 +1,9 @@
-//! The internal port: raft messages, forwarded operations, joins and status, for peers only.
+//! The internal port, for peers only: raft messages, forwarded operations and liveness pings on
+//! node-pair streams (`transport::stream`, served by [`InternalState`]'s `stream::Handler`),
+//! joins, status, the shard map and key refreshes over HTTP/2.
 //!
-//! Every request must carry the cluster secret and name this node (id and incarnation) as its
-//! target; see `transport` for the client side.
+//! Every HTTP request and every stream's hello must carry the cluster secret and name this
+//! node (id and incarnation) as its target ([`admit`]); see `transport` for the client side.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -25,6 +27,7 @@ use crate::raft::{Snapshot, SnapshotData};
 use crate::service::{Executor, Service};
 use crate::state::{Command, NodeRecord};
 use crate::transport::messages::{NodeStatus, ShardOp, SnapshotPart};
+use crate::transport::stream::{self, Call};
 use crate::transport::{
     AddressBook, H_FROM, H_FROM_INCARNATION, H_PROTOCOL, H_TO, H_TO_INCARNATION, Identity, PROTOCOL,
 };
@@ -48,13 +51,10 @@ pub struct InternalState {
 /// The internal router.
 pub fn internal_router(state: Arc<InternalState>) -> Router {
     Router::new()
-        .route("/internal/v1/raft/{group}/{kind}", post(raft_rpc))
-        .route("/internal/v1/shard/{group}", post(shard))
         .route("/internal/v1/join", post(join))
         .route("/internal/v1/status", post(status))
         .route(crate::node::map::MAP_PATH, post(shard_map))
         .route(crate::transport::KEYS_REFRESH_PATH, post(refresh_keys))
-        .route(crate::transport::messages::LIVENESS_PATH, post(liveness))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
@@ -105,7 +105,85 @@ impl Throttled {
 
 static PROTOCOL_WARNING: Throttled = Throttled::new(10_000);
 
-/// Authenticates the peer and checks that the request is meant for this node as it is now.
+/// Who a request (or a stream's hello) says it is from and for, with the secret it presents.
+pub struct Credentials<'a> {
+    pub secret: &'a [u8],
+    /// The sender's protocol version (1 sent none).
+    pub protocol: u64,
+    pub from: u64,
+    pub from_incarnation: u64,
+    pub to: u64,
+    pub to_incarnation: u64,
+    /// A join or a shard-map read: the sender knows this node only by address, and may not be
+    /// known by its incarnation yet.
+    pub joining: bool,
+}
+
+/// Authenticates the peer and checks that what it sends is meant for this node as it is now:
+/// every HTTP request ([`guard`]) and every stream, once, at its hello.
+///
+/// # Errors
+/// The status and reason to refuse with.
+pub fn admit(st: &InternalState, c: &Credentials<'_>) -> Result<(), (StatusCode, &'static str)> {
+    if !crypto::ct_eq(&crypto::sha256(c.secret), &st.secret_hash) {
+        return Err((StatusCode::UNAUTHORIZED, "bad cluster secret"));
+    }
+    if c.protocol != u64::from(PROTOCOL) {
+        // A peer on another build sends every heartbeat of every group: say it once in a while.
+        if PROTOCOL_WARNING.due() {
+            tracing::warn!(
+                peer = c.from,
+                peer_protocol = c.protocol,
+                protocol = PROTOCOL,
+                "refused a peer that speaks another internal protocol: run one kubbi build on every node"
+            );
+        } else {
+            tracing::debug!(
+                peer = c.from,
+                peer_protocol = c.protocol,
+                "refused a peer of another protocol"
+            );
+        }
+        return Err((
+            StatusCode::UPGRADE_REQUIRED,
+            "this node speaks another internal protocol version: run one kubbi build on every node",
+        ));
+    }
+    if c.to != st.me.node_id && !(c.joining && c.to == 0) {
+        return Err((StatusCode::MISDIRECTED_REQUEST, "this is another node"));
+    }
+    if c.to_incarnation != 0 && c.to_incarnation != st.me.incarnation {
+        tracing::warn!(
+            expected = c.to_incarnation,
+            "refused a request for this node id with another data directory"
+        );
+        return Err((
+            StatusCode::CONFLICT,
+            "identity mismatch: this node's data directory is not the one the cluster knows",
+        ));
+    }
+    if !c.joining {
+        sender_is_known(st, c.from, c.from_incarnation)?;
+    }
+    Ok(())
+}
+
+/// Refuses a sender whose data directory is not the one the cluster knows for its id.
+fn sender_is_known(
+    st: &InternalState,
+    from: u64,
+    from_incarnation: u64,
+) -> Result<(), (StatusCode, &'static str)> {
+    match st.book.incarnation(from) {
+        Some(known) if known != 0 && known != from_incarnation => Err((
+            StatusCode::CONFLICT,
+            "identity mismatch: the sender's data directory is not the one the cluster knows",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks every HTTP request to the internal port with [`admit`].
 async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -> Response {
     let h = req.headers();
     let presented = h
@@ -113,66 +191,66 @@ async fn guard(State(st): State<Arc<InternalState>>, req: Request, next: Next) -
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if !crypto::ct_eq(&crypto::sha256(presented.as_bytes()), &st.secret_hash) {
-        return refuse(StatusCode::UNAUTHORIZED, "bad cluster secret");
-    }
-    // Version 1 sent no header.
-    let protocol = header_u64(h, H_PROTOCOL).unwrap_or(1);
-    if protocol != u64::from(PROTOCOL) {
-        let peer = header_u64(h, H_FROM).unwrap_or(0);
-        // A peer on another build sends every heartbeat of every group: say it once in a while.
-        if PROTOCOL_WARNING.due() {
-            tracing::warn!(
-                peer,
-                peer_protocol = protocol,
-                protocol = PROTOCOL,
-                "refused a peer that speaks another internal protocol: run one kubbi build on every node"
-            );
-        } else {
-            tracing::debug!(
-                peer,
-                peer_protocol = protocol,
-                "refused a peer of another protocol"
-            );
-        }
-        return refuse(
-            StatusCode::UPGRADE_REQUIRED,
-            "this node speaks another internal protocol version: run one kubbi build on every node",
-        );
-    }
-    // A joining node knows its seed only by address.
-    let is_join = matches!(
-        req.uri().path(),
-        "/internal/v1/join" | crate::node::map::MAP_PATH
-    );
-    let to = header_u64(h, H_TO).unwrap_or(0);
-    if to != st.me.node_id && !(is_join && to == 0) {
-        return refuse(StatusCode::MISDIRECTED_REQUEST, "this is another node");
-    }
-    let to_inc = header_u64(h, H_TO_INCARNATION).unwrap_or(0);
-    if to_inc != 0 && to_inc != st.me.incarnation {
-        tracing::warn!(
-            expected = to_inc,
-            "refused a request for this node id with another data directory"
-        );
-        return refuse(
-            StatusCode::CONFLICT,
-            "identity mismatch: this node's data directory is not the one the cluster knows",
-        );
-    }
-    let from = header_u64(h, H_FROM).unwrap_or(0);
-    let from_inc = header_u64(h, H_FROM_INCARNATION).unwrap_or(0);
-    if let Some((_, known)) = st.book.get(from)
-        && known != 0
-        && from_inc != known
-        && !is_join
-    {
-        return refuse(
-            StatusCode::CONFLICT,
-            "identity mismatch: the sender's data directory is not the one the cluster knows",
-        );
+    let credentials = Credentials {
+        secret: presented.as_bytes(),
+        // Version 1 sent no header.
+        protocol: header_u64(h, H_PROTOCOL).unwrap_or(1),
+        from: header_u64(h, H_FROM).unwrap_or(0),
+        from_incarnation: header_u64(h, H_FROM_INCARNATION).unwrap_or(0),
+        to: header_u64(h, H_TO).unwrap_or(0),
+        to_incarnation: header_u64(h, H_TO_INCARNATION).unwrap_or(0),
+        // A joining node knows its seed only by address.
+        joining: matches!(
+            req.uri().path(),
+            "/internal/v1/join" | crate::node::map::MAP_PATH
+        ),
+    };
+    if let Err((status, why)) = admit(&st, &credentials) {
+        return refuse(status, why);
     }
     next.run(req).await
+}
+
+impl stream::Handler for InternalState {
+    fn admit(&self, hello: &stream::Hello) -> Result<(), stream::Answer> {
+        admit(
+            self,
+            &Credentials {
+                secret: &hello.secret,
+                protocol: u64::from(hello.protocol),
+                from: hello.from,
+                from_incarnation: hello.from_incarnation,
+                to: hello.to,
+                to_incarnation: hello.to_incarnation,
+                joining: false,
+            },
+        )
+        .map_err(|(status, why)| stream::Answer::refuse(status.as_u16(), why))
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        peer: stream::Peer,
+        call: Call,
+        trace: Vec<(String, String)>,
+        body: Bytes,
+    ) -> stream::Answer {
+        // The cluster may have learned of the sender's new data directory since the
+        // stream opened.
+        if let Err((status, why)) = sender_is_known(&self, peer.id, peer.incarnation) {
+            return stream::Answer::refuse(status.as_u16(), why);
+        }
+        let answer = match call {
+            Call::Shard(g) => Ok(shard(&self, g, trace, &body).await),
+            Call::Liveness => liveness(&self, peer.id, &body),
+            Call::Append(g)
+            | Call::Vote(g)
+            | Call::PreVote(g)
+            | Call::Transfer(g)
+            | Call::Snapshot(g) => raft_rpc(&self, g, call, &body).await,
+        };
+        answer.unwrap_or_else(|Undecodable| stream::Answer::refuse(400, "undecodable request"))
+    }
 }
 
 fn reply<T: Serialize>(v: &T) -> Response {
@@ -192,7 +270,7 @@ impl IntoResponse for Undecodable {
     }
 }
 
-fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Undecodable> {
+fn body<T: DeserializeOwned>(b: &[u8]) -> Result<T, Undecodable> {
     decode("internal request", b).map_err(|e| {
         tracing::warn!(error = %e, "undecodable internal request");
         Undecodable
@@ -200,28 +278,29 @@ fn body<T: DeserializeOwned>(b: &Bytes) -> Result<T, Undecodable> {
 }
 
 async fn raft_rpc(
-    State(st): State<Arc<InternalState>>,
-    Path((group, kind)): Path<(GroupId, String)>,
-    b: Bytes,
-) -> Response {
+    st: &InternalState,
+    group: GroupId,
+    call: Call,
+    b: &[u8],
+) -> Result<stream::Answer, Undecodable> {
     let Some(lg) = st.exec.group(group) else {
-        return refuse(StatusCode::NOT_FOUND, "no such group");
+        return Ok(stream::Answer::refuse(404, "no such group"));
     };
     let raft = &lg.raft;
     // Whether the message wakes a quiet follower (`raft::quiet`): anything but a heartbeat
     // without entries or a pre-vote.
     let mut wakes = true;
-    let r: Result<Response, Undecodable> = async {
-        Ok(match kind.as_str() {
-            "append" => {
-                let req: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> = body(&b)?;
+    let r = async {
+        Ok(stream::Answer::ok(match call {
+            Call::Append(_) => {
+                let req: openraft::raft::AppendEntriesRequest<crate::raft::TypeConfig> = body(b)?;
                 wakes = !req.entries.is_empty();
-                reply(&raft.append_entries(req).await.map_err(|e| e.to_string()))
+                encode(&raft.append_entries(req).await.map_err(|e| e.to_string()))
             }
-            "vote" => reply(&raft.vote(body(&b)?).await.map_err(|e| e.to_string())),
-            "prevote" => {
+            Call::Vote(_) => encode(&raft.vote(body(b)?).await.map_err(|e| e.to_string())),
+            Call::PreVote(_) => {
                 wakes = false;
-                let mut r = raft.pre_vote(body(&b)?).await.map_err(|e| e.to_string());
+                let mut r = raft.pre_vote(body(b)?).await.map_err(|e| e.to_string());
                 // A quiet follower that hears the leader's liveness pings says no, as an awake
                 // one that hears heartbeats does (`Quiet::hears_leader`). Refusing a pre-vote
                 // is always safe: a pre-vote changes nothing.
@@ -231,37 +310,34 @@ async fn raft_rpc(
                 {
                     resp.vote_granted = false;
                 }
-                reply(&r)
+                encode(&r)
             }
-            "transfer" => reply(
+            Call::Transfer(_) => encode(
                 &raft
-                    .handle_transfer_leader(body(&b)?)
+                    .handle_transfer_leader(body(b)?)
                     .await
                     .map_err(|e| e.to_string()),
             ),
-            "snapshot" => {
-                let part: SnapshotPart = body(&b)?;
-                reply(&receive_snapshot(&st, group, raft, part).await)
+            Call::Snapshot(_) => {
+                let part: SnapshotPart = body(b)?;
+                encode(&receive_snapshot(st, group, raft, part).await)
             }
-            _ => refuse(StatusCode::NOT_FOUND, "no such raft call"),
-        })
+            Call::Shard(_) | Call::Liveness => {
+                return Ok(stream::Answer::refuse(404, "no such raft call"));
+            }
+        }))
     }
     .await;
     // After the message was handled: a follower's leader lease is fresh when its ticker starts.
     st.exec.quiet().after_message(group, wakes);
-    r.unwrap_or_else(IntoResponse::into_response)
+    r
 }
 
 /// A peer's liveness ping: the heartbeat of the groups it leads quietly.
-async fn liveness(State(st): State<Arc<InternalState>>, headers: HeaderMap, b: Bytes) -> Response {
-    let ping: crate::transport::messages::Liveness = match body(&b) {
-        Ok(p) => p,
-        Err(r) => return r.into_response(),
-    };
-    // `guard` checked the secret and that the sender's incarnation is the known one.
-    let from = header_u64(&headers, H_FROM).unwrap_or(0);
+fn liveness(st: &InternalState, from: u64, b: &[u8]) -> Result<stream::Answer, Undecodable> {
+    let ping: crate::transport::messages::Liveness = body(b)?;
     st.exec.quiet().on_ping(from, &ping, Instant::now());
-    reply(&())
+    Ok(stream::Answer::ok(encode(&())))
 }
 
 /// How long an unfinished snapshot upload is kept.
@@ -300,15 +376,17 @@ async fn receive_snapshot(
         .map_err(|e| e.to_string())
 }
 
+/// A forwarded operation: executed here or refused with a leader hint (a forward is never
+/// forwarded again).
 async fn shard(
-    State(st): State<Arc<InternalState>>,
-    Path(group): Path<GroupId>,
-    headers: HeaderMap,
-    b: Bytes,
-) -> Response {
-    let op: ShardOp = match body(&b) {
+    st: &InternalState,
+    group: GroupId,
+    trace: Vec<(String, String)>,
+    b: &[u8],
+) -> stream::Answer {
+    let op: ShardOp = match body(b) {
         Ok(op) => op,
-        Err(r) => return r.into_response(),
+        Err(Undecodable) => return stream::Answer::refuse(400, "undecodable request"),
     };
     let span = tracing::debug_span!(
         "kubbi.forwarded",
@@ -317,9 +395,10 @@ async fn shard(
         kubbi.op = op.name(),
         kubbi.node = st.me.node_id
     );
-    crate::telemetry::continue_trace(&span, &headers);
-    // Executed here or refused with a leader hint: a forward is never forwarded again.
-    reply(&tracing::Instrument::instrument(st.exec.execute(group, op), span).await)
+    crate::telemetry::continue_trace_pairs(&span, trace);
+    stream::Answer::ok(encode(
+        &tracing::Instrument::instrument(st.exec.execute(group, op), span).await,
+    ))
 }
 
 async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {

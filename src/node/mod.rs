@@ -41,7 +41,8 @@ use crate::service::{Directory, Executor, KeyCache, Router, Service};
 use crate::shard::{Candidate, replicas};
 use crate::state::{Command, NodeRecord, NodeState, Outcome, next_timer_due, read_nodes};
 use crate::storage::{CF_RAFT_META, Storage, group_key};
-use crate::transport::messages::{LIVENESS_PATH, Liveness, NodeStatus, ShardOp};
+use crate::transport::messages::{Liveness, NodeStatus, ShardOp};
+use crate::transport::stream::Call;
 use crate::transport::{AddressBook, Identity, Lane, Peers};
 
 /// Starting a node failed.
@@ -605,7 +606,7 @@ async fn quiet_loop(quiet: Arc<Quiet>, peers: Option<Peers>) {
             // Fire and forget: a ping that does not arrive is what the peer watches for.
             tokio::spawn(async move {
                 let r: Result<(), _> = peers
-                    .post_bytes(id, LIVENESS_PATH, body, every * 2, Lane::BySize)
+                    .call(id, Call::Liveness, &body, every * 2, Lane::BySize)
                     .await;
                 if let Err(e) = r {
                     tracing::debug!(peer = id, error = %e, "liveness ping not delivered");
@@ -1192,7 +1193,8 @@ async fn start_node(config: Config) -> Result<NodeHandle, NodeError> {
         }
         servers.push(serve_internal(
             l,
-            internal_router(st),
+            internal_router(st.clone()),
+            st,
             stop_rx.clone(),
             internal_tls,
         ));
@@ -1307,14 +1309,16 @@ const INTERNAL_STREAM_WINDOW: u32 = 16 << 20;
 const INTERNAL_CONNECTION_WINDOW: u32 = 64 << 20;
 const INTERNAL_MAX_FRAME: u32 = 1 << 20;
 
-/// The internal port: HTTP/2, plaintext or (with `tls`) mutual TLS, tuned for many multiplexed
-/// raft streams per peer (a peer's timed-out requests reset their streams; hyper's default
-/// tolerance of 20 pending resets would drop the whole connection under load). A connection
-/// whose client presents no certificate chaining to the CA ends in the handshake, before any
-/// HTTP is read.
+/// The internal port: node-pair streams (`transport::stream`) and HTTP/2, plaintext or (with
+/// `tls`) mutual TLS. A stream is told from HTTP/2 by its first byte, or under TLS by the ALPN
+/// protocol the peer chose. HTTP/2 is tuned for many multiplexed streams per peer (a peer's
+/// timed-out requests reset their streams; hyper's default tolerance of 20 pending resets would
+/// drop the whole connection under load). A connection whose client presents no certificate
+/// chaining to the CA ends in the handshake, before anything else is read.
 fn serve_internal(
     listener: tokio::net::TcpListener,
     app: axum::Router,
+    streams: Arc<InternalState>,
     mut stop: watch::Receiver<bool>,
     tls: Option<Arc<crate::tls::ReloadingTls>>,
 ) -> JoinHandle<()> {
@@ -1338,6 +1342,7 @@ fn serve_internal(
             let svc = TowerToHyperService::new(app.clone());
             let mut conn_stop = stop.clone();
             let acceptor = tls.as_ref().map(|t| t.acceptor());
+            let streams = streams.clone();
             tokio::spawn(async move {
                 let mut b = Builder::new(TokioExecutor::new());
                 // Windows sized for payload bodies (hyper's default is 1 MiB for the whole
@@ -1351,6 +1356,19 @@ fn serve_internal(
                     .max_frame_size(Some(INTERNAL_MAX_FRAME));
                 let r = match acceptor {
                     None => {
+                        let mut first = [0u8; 1];
+                        let peeked = tokio::time::timeout(
+                            INTERNAL_HANDSHAKE_TIMEOUT,
+                            stream.peek(&mut first),
+                        );
+                        let is_stream = tokio::select! {
+                            p = peeked => matches!(p, Ok(Ok(1))) && first[0] == crate::transport::stream::MAGIC[0],
+                            _ = conn_stop.changed() => return,
+                        };
+                        if is_stream {
+                            crate::transport::stream::serve(stream, streams, conn_stop).await;
+                            return;
+                        }
                         tokio::select! {
                             r = b.serve_connection(TokioIo::new(stream), svc) => r,
                             _ = conn_stop.changed() => return,
@@ -1382,6 +1400,12 @@ fn serve_internal(
                             },
                             _ = conn_stop.changed() => return,
                         };
+                        if stream.get_ref().1.alpn_protocol()
+                            == Some(crate::transport::stream::ALPN)
+                        {
+                            crate::transport::stream::serve(stream, streams, conn_stop).await;
+                            return;
+                        }
                         tokio::select! {
                             r = b.serve_connection(TokioIo::new(stream), svc) => r,
                             _ = conn_stop.changed() => return,

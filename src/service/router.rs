@@ -1,7 +1,7 @@
 //! Sends each operation to its group's leader: here, or one hop away over the internal port.
 //!
 //! ```text
-//!   call(group, op) ─▶ best guess ─▶ execute here, or POST /internal/v1/shard/{group} there
+//!   call(group, op) ─▶ best guess ─▶ execute here, or forward (`Call::Shard`) there
 //!                          ▲              │ NotLeader{hint} ─▶ follow the hint
 //!                          └──────────────┘ unreachable / no leader yet ─▶ next candidate, backoff
 //! ```
@@ -23,6 +23,7 @@ use crate::ids::GroupId;
 use crate::shard::{Candidate, replicas};
 use crate::state::{NodeRecord, NodeState};
 use crate::transport::messages::{ExecError, GroupStatus, ShardOp, ShardReply};
+use crate::transport::stream::Call;
 use crate::transport::{Lane, Peers, TransportError};
 
 /// How long one operation keeps looking for its leader (elections take about a second).
@@ -120,10 +121,10 @@ impl Router {
     pub async fn status_at(&self, node: u64, g: GroupId) -> Result<GroupStatus, ApiError> {
         let reply = match &self.peers {
             Some(peers) if node != self.me => peers
-                .post_bytes::<Result<ShardReply, ExecError>>(
+                .call::<Result<ShardReply, ExecError>>(
                     node,
-                    &format!("/internal/v1/shard/{g}"),
-                    encode(&ShardOp::Status),
+                    Call::Shard(g),
+                    &encode(&ShardOp::Status),
                     FORWARD_TIMEOUT,
                     Lane::BySize,
                 )
@@ -235,17 +236,16 @@ impl Router {
         loop {
             let result = match &self.peers {
                 Some(peers) if target != self.me => {
-                    let body = encoded.get_or_insert_with(|| encode(&op)).clone();
-                    let path = format!("/internal/v1/shard/{g}");
+                    let body = encoded.get_or_insert_with(|| encode(&op));
                     let lane = if op.replies_with_payload() {
                         Lane::Bulk
                     } else {
                         Lane::BySize
                     };
                     let sent = peers
-                        .post_bytes::<Result<ShardReply, ExecError>>(
+                        .call::<Result<ShardReply, ExecError>>(
                             target,
-                            &path,
+                            Call::Shard(g),
                             body,
                             FORWARD_TIMEOUT,
                             lane,

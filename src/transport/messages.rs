@@ -165,9 +165,6 @@ pub struct NodeStatus {
     pub groups: Vec<(GroupId, Option<u64>, u64)>,
 }
 
-/// Where a node sends its [`Liveness`] pings.
-pub const LIVENESS_PATH: &str = "/internal/v1/liveness";
-
-/// A node's liveness ping to a peer, once per `QuietTiming::ping_every`: the heartbeat of every
+/// A node's liveness ping to a peer (`stream::Call::Liveness`), once per `QuietTiming::ping_every`: the heartbeat of every
 /// group it leads quietly, and which it leads awake (`raft::quiet`). The reply is `()`.
 pub type Liveness = crate::raft::quiet::Beat;

@@ -1,16 +1,18 @@
-//! Node-to-node RPC: raft messages and forwarded operations, over HTTP/2 with bincode bodies:
-//! plaintext h2c, or mutual TLS when the node has `--internal-tls-*` (see `tls`). Each peer gets
-//! two multiplexed connections: one for small messages (votes, heartbeats, appends of small
-//! entries, forwarded operations) and one for bodies of [`BULK_BODY_BYTES`] or more (appends of
-//! large payloads, snapshot chunks), so a vote or heartbeat never queues in a TCP buffer behind
-//! megabytes of payload.
+//! Node-to-node RPC with bincode bodies, plaintext or mutual TLS when the node has
+//! `--internal-tls-*` (see `tls`). Raft messages, forwarded operations and liveness pings go
+//! over node-pair streams ([`Peers::call`], see [`stream`]), authenticated once per connection;
+//! joins, status, the shard map and key refreshes are HTTP/2 requests ([`Peers::post`]). Each
+//! peer gets two connections of each: one for small messages (votes, heartbeats, appends of
+//! small entries, forwarded operations) and one for bodies of [`BULK_BODY_BYTES`] or more
+//! (appends of large payloads, snapshot chunks) and replies that may be large, so a vote or
+//! heartbeat never queues in a TCP buffer behind megabytes of payload.
 //!
 //! ```text
 //!   node A                                   node B (internal port)
-//!   Peers::post ──POST /internal/v1/...──▶   [mTLS: client cert chains to the CA]
-//!                                            auth: cluster secret (constant-time)
-//!     headers: from, from-incarnation,            identity: to == B, to-incarnation == B's
-//!              to, to-incarnation                 ▼
+//!   Peers::call ──stream (hello once)───▶    [mTLS: client cert chains to the CA]
+//!   Peers::post ──POST /internal/v1/...──▶   auth: cluster secret (constant-time)
+//!     hello / headers: from,                      identity: to == B, to-incarnation == B's
+//!       from-incarnation, to, to-incarnation      ▼
 //!                                            raft group / shard executor
 //! ```
 //!
@@ -21,6 +23,7 @@
 
 pub mod messages;
 pub mod raft_network;
+pub mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -60,7 +63,9 @@ pub const H_PROTOCOL: &str = "x-kubbi-proto";
 /// runs a data group only where the map places it (a node of 6 runs every group everywhere).
 /// 8 applies creates and claims in key layout 3 (no token index entry for an id the token
 /// names, claims remembered in the record), so replicas of 7 and 8 would hold different state.
-pub const PROTOCOL: u32 = 8;
+/// 9 carries raft messages, forwarded operations and liveness pings on node-pair streams
+/// (`stream`) instead of HTTP/2 requests, which a node of 8 does not serve.
+pub const PROTOCOL: u32 = 9;
 
 /// Asks a node to re-read the key table from the system group's leader now (after a
 /// revocation); the reply is `true` once it has.
@@ -122,6 +127,17 @@ impl AddressBook {
             .get(&id)
             .cloned()
             .filter(|(a, _)| !a.is_empty())
+    }
+
+    /// The incarnation known for node `id` (0: not yet known), as [`AddressBook::get`] has
+    /// it, without copying the address.
+    pub fn incarnation(&self, id: u64) -> Option<u64> {
+        self.nodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .filter(|(a, _)| !a.is_empty())
+            .map(|(_, inc)| *inc)
     }
 
     pub fn remove(&self, id: u64) {
@@ -223,6 +239,8 @@ pub struct Peers {
     me: Identity,
     book: Arc<AddressBook>,
     rpcs: Arc<RaftRpcCounts>,
+    /// The node-pair streams: raft messages, forwarded operations, liveness pings.
+    streams: Arc<stream::Dialer>,
 }
 
 /// Raft RPCs this node has sent, by kind (`kubbi_raft_rpcs_total{kind}`): what quiet groups
@@ -262,10 +280,12 @@ impl Peers {
         book: Arc<AddressBook>,
         tls: Option<rustls::ClientConfig>,
     ) -> Self {
+        let secret = Arc::new(secret);
         Self {
             bulk: Http::new(tls.clone()),
+            streams: Arc::new(stream::Dialer::new(me.clone(), secret.clone(), tls.clone())),
             http: Http::new(tls),
-            secret: Arc::new(secret),
+            secret,
             me,
             book,
             rpcs: Arc::default(),
@@ -283,6 +303,41 @@ impl Peers {
 
     pub fn me(&self) -> &Identity {
         &self.me
+    }
+
+    /// Sends `body` (encoded) to node `to` as `call` over the node-pair stream, on the
+    /// connection `lane` picks, and decodes the reply.
+    ///
+    /// # Errors
+    /// See [`TransportError`].
+    pub async fn call<Resp: DeserializeOwned>(
+        &self,
+        to: u64,
+        call: stream::Call,
+        body: &[u8],
+        timeout: Duration,
+        lane: Lane,
+    ) -> Result<Resp, TransportError> {
+        let (addr, incarnation) = self.book.get(to).ok_or(TransportError::NoAddress(to))?;
+        let bulk = lane == Lane::Bulk || body.len() >= BULK_BODY_BYTES;
+        // Only a forwarded operation has a span on the other side to continue.
+        let trace = if matches!(call, stream::Call::Shard(_)) {
+            stream::trace_context()
+        } else {
+            Vec::new()
+        };
+        let (status, bytes) = self
+            .streams
+            .call(to, &addr, incarnation, call, &trace, body, timeout, bulk)
+            .await?;
+        if status != 200 {
+            return Err(TransportError::Refused {
+                peer: to,
+                status,
+                reason: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            });
+        }
+        decode("peer reply", &bytes).map_err(|e| TransportError::Decode(to, e.to_string()))
     }
 
     /// POSTs `body` to `path` on node `to` and decodes the reply.

@@ -1,5 +1,5 @@
 //! openraft's network over [`Peers`]: one connection object per (group, target), all sharing
-//! the peer's multiplexed HTTP/2 connection.
+//! the node-pair stream to that peer (`transport::stream`).
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,7 +16,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::messages::SnapshotPart;
-use super::{Peers, TransportError};
+use super::stream::Call;
+use super::{Lane, Peers, TransportError};
+use crate::codec::encode;
 use crate::ids::GroupId;
 use crate::raft::{Entry, NodeId, NodeInfo, Snapshot, SnapshotData, TypeConfig, Vote};
 
@@ -108,10 +110,10 @@ fn append_timeout(base: Duration, entries: usize, bytes: usize) -> Duration {
 }
 
 impl Connection {
-    /// Sends one raft RPC to `path` (`/internal/v1/raft/{group}/{path}`), counted as `kind`.
+    /// Sends one raft RPC (`call` names its kind and the group), counted as `kind`.
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
-        path: &str,
+        call: fn(GroupId) -> Call,
         kind: &'static str,
         req: &Req,
         timeout: Duration,
@@ -123,9 +125,14 @@ impl Connection {
             ))));
         };
         peers.raft_rpcs().count(kind);
-        let path = format!("/internal/v1/raft/{}/{path}", self.group);
         let reply: Result<Resp, String> = peers
-            .post(self.target, &path, req, timeout)
+            .call(
+                self.target,
+                call(self.group),
+                &encode(req),
+                timeout,
+                Lane::BySize,
+            )
             .await
             .map_err(rpc_error)?;
         // A remote raft error (the peer's group stopped): back off as for an unreachable peer.
@@ -153,7 +160,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         // An AppendEntries without entries is a heartbeat (or a commit index update).
         let kind = if keep == 0 { "heartbeat" } else { "append" };
         let resp: AppendEntriesResponse<TypeConfig> =
-            self.call("append", kind, &rpc, timeout).await?;
+            self.call(Call::Append, kind, &rpc, timeout).await?;
         Ok(match resp {
             AppendEntriesResponse::Success if partial => {
                 AppendEntriesResponse::PartialSuccess(last)
@@ -167,7 +174,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("vote", "vote", &rpc, option.soft_ttl()).await
+        self.call(Call::Vote, "vote", &rpc, option.soft_ttl()).await
     }
 
     async fn pre_vote(
@@ -175,7 +182,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("prevote", "prevote", &rpc, option.soft_ttl())
+        self.call(Call::PreVote, "prevote", &rpc, option.soft_ttl())
             .await
     }
 
@@ -184,7 +191,7 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("transfer", "transfer", &req, option.soft_ttl())
+        self.call(Call::Transfer, "transfer", &req, option.soft_ttl())
             .await
     }
 
@@ -214,7 +221,12 @@ impl RaftNetworkV2<TypeConfig> for Connection {
                     last,
                 };
                 let reply: Option<SnapshotResponse<TypeConfig>> = self
-                    .call("snapshot", "snapshot_chunk", &part, Duration::from_secs(60))
+                    .call(
+                        Call::Snapshot,
+                        "snapshot_chunk",
+                        &part,
+                        Duration::from_secs(60),
+                    )
                     .await
                     .map_err(|e| match e {
                         RPCError::Unreachable(u) => StreamingError::Unreachable(u),

@@ -1420,6 +1420,90 @@ async fn a_peer_speaking_another_internal_protocol_is_refused() {
     .await;
 }
 
+/// A node-pair stream is admitted at its hello by the same rules as an HTTP request: the
+/// secret first, then the protocol version, then the identities; a refused hello gets the
+/// status and reason and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_hello_is_refused_like_an_internal_request() {
+    use kubbi::transport::stream::{Hello, MAGIC};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(1).await;
+    let port = c.members[0].internal_port;
+    let incarnation = kubbi::transport::Peers::new(
+        kubbi::transport::Identity {
+            node_id: 9,
+            incarnation: 99,
+        },
+        zeroize::Zeroizing::new(c.secret()),
+        std::sync::Arc::new(kubbi::transport::AddressBook::default()),
+        None,
+    )
+    .post_addr::<kubbi::transport::messages::NodeStatus>(
+        1,
+        &format!("127.0.0.1:{port}"),
+        0,
+        "/internal/v1/status",
+        kubbi::codec::encode(&()),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("status")
+    .incarnation;
+    let hello = |secret: &str, protocol: u32, to: u64, to_incarnation: u64| {
+        let h = kubbi::codec::encode(&Hello {
+            secret: secret.as_bytes().to_vec(),
+            protocol,
+            from: 9,
+            from_incarnation: 99,
+            to,
+            to_incarnation,
+        });
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&u32::try_from(h.len()).expect("small").to_le_bytes());
+        out.extend_from_slice(&h);
+        async move {
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            s.write_all(&out).await.expect("hello");
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).await.expect("an answer");
+            let mut f = vec![0u8; u32::from_le_bytes(len) as usize];
+            s.read_exact(&mut f).await.expect("the whole answer");
+            let status = u16::from_le_bytes([f[8], f[9]]);
+            let reason = String::from_utf8_lossy(&f[10..]).to_string();
+            // A refused stream is closed; an admitted one stays open.
+            let mut rest = [0u8; 1];
+            let closed = tokio::time::timeout(Duration::from_millis(500), s.read(&mut rest))
+                .await
+                .is_ok_and(|r| matches!(r, Ok(0)));
+            (status, reason, closed)
+        }
+    };
+    let secret = c.secret();
+    let now = kubbi::transport::PROTOCOL;
+    let (status, _, closed) = hello(&secret, now, 1, incarnation).await;
+    assert_eq!((status, closed), (200, false));
+    let (status, reason, closed) = hello("wrong", now + 1, 2, 5).await;
+    assert_eq!(
+        (status, reason.as_str(), closed),
+        (401, "bad cluster secret", true)
+    );
+    for other in [now - 1, now + 1] {
+        let (status, reason, closed) = hello(&secret, other, 1, incarnation).await;
+        assert_eq!(status, 426, "{reason}");
+        assert!(closed);
+    }
+    let (status, _, closed) = hello(&secret, now, 2, 0).await;
+    assert_eq!((status, closed), (421, true), "a hello for another node");
+    let (status, _, closed) = hello(&secret, now, 1, incarnation + 1).await;
+    assert_eq!(
+        (status, closed),
+        (409, true),
+        "a hello for another data directory of this node"
+    );
+}
+
 /// Issue 22's expiry hole on three nodes: a group led for a moment by a node whose clock runs
 /// 61 s ahead answers a preview `expired`; back under a leader with the right time, no claim of
 /// that kubbi (the read recorded the expiry) nor of another one of the same deadline (the

@@ -709,6 +709,44 @@ async fn the_peer_client_accepts_only_servers_of_the_ca_under_the_name_it_dialle
         .to_string();
     assert!(err.contains("UnknownIssuer"), "{err}");
 
+    // The node-pair stream's client checks the same: the node under its certificate's name
+    // answers a forwarded operation, the wrong name and another CA's server are refused.
+    let streamed = |addr: String| {
+        let peers = peers.clone();
+        async move {
+            peers.book().set(1, &addr, 0);
+            peers
+                .call::<Result<
+                    kubbi::transport::messages::ShardReply,
+                    kubbi::transport::messages::ExecError,
+                >>(
+                    1,
+                    kubbi::transport::stream::Call::Shard(0),
+                    &kubbi::codec::encode(&kubbi::transport::messages::ShardOp::Status),
+                    Duration::from_secs(10),
+                    kubbi::transport::Lane::BySize,
+                )
+                .await
+        }
+    };
+    let reply = streamed(format!("127.0.0.1:{port}"))
+        .await
+        .expect("a member's server is accepted");
+    assert!(
+        matches!(reply, Ok(kubbi::transport::messages::ShardReply::Status(_))),
+        "{reply:?}"
+    );
+    let err = streamed(format!("localhost:{port}"))
+        .await
+        .expect_err("wrong name")
+        .to_string();
+    assert!(err.contains("not valid for name"), "{err}");
+    let err = streamed(format!("127.0.0.1:{rogue_port}"))
+        .await
+        .expect_err("another CA")
+        .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+
     let _ = rogue.kill();
     let _ = rogue.wait();
     node.shutdown().await;
