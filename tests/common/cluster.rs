@@ -57,6 +57,8 @@ pub struct Member {
     pub api: Option<Api>,
     pub zone: String,
     pub extra: Vec<String>,
+    /// Extra environment variables of the node's process.
+    pub env: Vec<(String, String)>,
 }
 
 /// A running cluster.
@@ -85,6 +87,15 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra `kubbi serve` flags per node id.
     pub async fn start_each(n: u64, extra: impl Fn(u64) -> Vec<String>) -> Self {
+        Self::start_full(n, extra, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with extra environment variables for every node.
+    pub async fn start_env(n: u64, env: &[(&str, &str)]) -> Self {
+        Self::start_full(n, |_| Vec::new(), env).await
+    }
+
+    async fn start_full(n: u64, extra: impl Fn(u64) -> Vec<String>, env: &[(&str, &str)]) -> Self {
         let base = tempfile::tempdir().expect("tempdir");
         let secret_file = base.path().join("cluster-secret");
         let secret = format!("{:032x}", rand::random::<u128>());
@@ -115,6 +126,10 @@ impl Cluster {
                 api: None,
                 zone: format!("local/z{id}"),
                 extra: extra(id),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             });
         }
         let bootstrap = members
@@ -166,7 +181,8 @@ impl Cluster {
             .arg(&self.admin_file)
             .args(["--raft-heartbeat-ms", "100"])
             .args(&m.extra)
-            .env("KUBBI_LOG", logscan::cluster_level());
+            .env("KUBBI_LOG", logscan::cluster_level())
+            .envs(m.env.iter().map(|(k, v)| (k, v)));
         if bootstrap {
             cmd.args(["--bootstrap", &self.bootstrap]);
         }
@@ -199,6 +215,7 @@ impl Cluster {
             api: None,
             zone: format!("local/z{id}"),
             extra: Vec::new(),
+            env: self.members[seed].env.clone(),
         };
         m.extra = self.members[seed]
             .extra

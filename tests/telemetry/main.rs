@@ -143,3 +143,59 @@ async fn spans_reach_an_otlp_receiver_and_carry_no_secrets() {
         assert!(!s.name.contains(&token[..16]));
     }
 }
+
+/// A claim through a node that does not lead the kubbi's group is forwarded over the node-pair
+/// stream, and the leader's span for it (`kubbi.forwarded`) continues the claim's trace: the
+/// trace context crosses the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_claim_continues_its_trace_on_the_leader() {
+    let (endpoint, spans) = receiver().await;
+    let c = common::cluster::Cluster::start_env(
+        3,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    let (key, _) = c.api(0).new_api_key(&c.admin, "otel").await;
+    let created = c
+        .api(0)
+        .create(&key, json!({"content": "traced", "max_retrievals": 1}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let id = created.body["id"].as_str().expect("id");
+    let shard = u16::from_str_radix(&id[..4], 16).expect("shard bits");
+    let leader = c
+        .leader_of_shard(0, shard)
+        .await
+        .expect("the shard's group has a leader");
+    let follower = (0..3)
+        .find(|&i| c.members[i].id != leader)
+        .expect("a follower");
+    let token = created.body["claim_token"].as_str().expect("token");
+    let claim = c.api(follower).claim(token).await;
+    assert_eq!(claim.status, StatusCode::OK, "{:?}", claim.body);
+
+    common::eventually(
+        Duration::from_secs(20),
+        "the leader's forwarded span joins the claim's trace",
+        || {
+            let spans = spans.clone();
+            async move {
+                let s = spans.lock().expect("lock");
+                let root = s.iter().find(|s| {
+                    attr(s, "http.route").map(text).as_deref() == Some("/r/{token}/claim")
+                })?;
+                s.iter()
+                    .any(|x| {
+                        x.name == "kubbi.forwarded"
+                            && x.trace_id == root.trace_id
+                            && attr(x, "kubbi.op").map(text).as_deref() == Some("claim")
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
