@@ -345,6 +345,32 @@ async fn metrics(State(app): State<AppState>) -> Response {
         for (kind, n) in peers.raft_rpcs().snapshot() {
             let _ = writeln!(out, "kubbi_raft_rpcs_total{{kind=\"{kind}\"}} {n}");
         }
+        let streams = peers.stream_stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        gauge(
+            &mut out,
+            "kubbi_internal_streams_opened_total",
+            "counter",
+            "Node-pair streams this node opened to its peers and had admitted.",
+            load(&streams.opened),
+        );
+        gauge(
+            &mut out,
+            "kubbi_internal_streams_open",
+            "gauge",
+            "Node-pair streams from this node to its peers open now.",
+            load(&streams.open),
+        );
+        out.push_str("# HELP kubbi_internal_streams_failed_total Node-pair streams from this node that failed: broken (could not connect, broke, or the peer was silent 6 s with requests waiting) or refused (the peer refused the hello: secret, protocol version, identity).\n# TYPE kubbi_internal_streams_failed_total counter\n");
+        for (reason, n) in [
+            ("broken", load(&streams.broken)),
+            ("refused", load(&streams.refused)),
+        ] {
+            let _ = writeln!(
+                out,
+                "kubbi_internal_streams_failed_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
     }
     out.push_str("# HELP kubbi_raft_quiet_wakes_total Times a quiet replica woke, by reason.\n# TYPE kubbi_raft_quiet_wakes_total counter\n");
     for (reason, n) in wakes {

@@ -296,6 +296,11 @@ impl Peers {
         &self.book
     }
 
+    /// What this node's node-pair streams did.
+    pub fn stream_stats(&self) -> &stream::StreamStats {
+        self.streams.stats()
+    }
+
     /// The raft RPCs sent through this client, by kind.
     pub fn raft_rpcs(&self) -> &Arc<RaftRpcCounts> {
         &self.rpcs

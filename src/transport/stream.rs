@@ -453,6 +453,19 @@ impl Failure {
 
 type Waiter = oneshot::Sender<Result<(u16, Bytes), Failure>>;
 
+/// What a node's streams to its peers did (`/metrics`).
+#[derive(Debug, Default)]
+pub struct StreamStats {
+    /// Connections admitted by their peer.
+    pub opened: AtomicU64,
+    /// Connections open now.
+    pub open: AtomicU64,
+    /// Connections that could not be opened or broke: peer unreachable or silent, an error.
+    pub broken: AtomicU64,
+    /// Hellos the peer refused (secret, protocol version, identity).
+    pub refused: AtomicU64,
+}
+
 /// One open (or opening) connection to a peer.
 struct Conn {
     addr: String,
@@ -465,6 +478,7 @@ struct Conn {
     failed: OnceLock<Failure>,
     /// Set once failed: the connection's task ends.
     closed: watch::Sender<bool>,
+    stats: Arc<StreamStats>,
 }
 
 impl Conn {
@@ -495,6 +509,7 @@ pub struct Dialer {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// By (peer, bulk lane).
     conns: Mutex<HashMap<(u64, bool), Arc<Conn>>>,
+    stats: Arc<StreamStats>,
 }
 
 impl Dialer {
@@ -514,7 +529,13 @@ impl Dialer {
             secret,
             tls,
             conns: Mutex::default(),
+            stats: Arc::default(),
         }
+    }
+
+    /// What this node's streams did so far.
+    pub fn stats(&self) -> &StreamStats {
+        &self.stats
     }
 
     fn conn(&self, to: u64, addr: &str, incarnation: u64, bulk: bool) -> Arc<Conn> {
@@ -539,6 +560,7 @@ impl Dialer {
             heard: AtomicU64::new(0),
             failed: OnceLock::new(),
             closed: watch::Sender::new(false),
+            stats: self.stats.clone(),
         });
         let hello = Hello {
             secret: self.secret.as_bytes().to_vec(),
@@ -651,6 +673,10 @@ async fn run(
     if !matches!(failure, Failure::Broken(ref w) if w == "connection closed") {
         tracing::debug!(addr = %conn.addr, failure = ?failure, "internal stream failed");
     }
+    match failure {
+        Failure::Refused(..) => conn.stats.refused.fetch_add(1, Ordering::Relaxed),
+        Failure::Broken(_) => conn.stats.broken.fetch_add(1, Ordering::Relaxed),
+    };
     conn.fail(failure);
 }
 
@@ -689,6 +715,16 @@ async fn drive<S: AsyncRead + AsyncWrite + Send + Unpin>(
     tokio::time::timeout(HANDSHAKE_TIMEOUT, admitted)
         .await
         .map_err(|_| Failure::Broken("the peer did not answer the hello in time".into()))??;
+    conn.stats.opened.fetch_add(1, Ordering::Relaxed);
+    conn.stats.open.fetch_add(1, Ordering::Relaxed);
+    /// Counts the connection closed however `drive` ends once it was admitted.
+    struct Open<'a>(&'a StreamStats);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let _open = Open(&conn.stats);
     let reader = async {
         loop {
             let f = read_frame(&mut rd, MAX_REPLY)
@@ -828,6 +864,8 @@ mod tests {
                     a = l.accept() => a.expect("accept"),
                     _ = stopping.changed() => return,
                 };
+                // As the internal port does.
+                s.set_nodelay(true).expect("nodelay");
                 tokio::spawn(serve(s, Arc::new(Echo), stop_rx.clone()));
             }
         });
@@ -849,46 +887,52 @@ mod tests {
     async fn concurrent_calls_each_get_their_own_reply() {
         let (addr, _stop) = echo_server().await;
         let d = Arc::new(dialer("s3cret"));
-        let calls = (0..400u32).map(|i| {
-            let (d, addr) = (d.clone(), addr.clone());
-            tokio::spawn(async move {
-                let body = format!("{}-request-{i}", i % 251).into_bytes();
-                let call = if i % 2 == 0 {
-                    Call::Shard(7)
-                } else {
-                    Call::Append(3)
-                };
-                // Half on each lane.
-                let (status, reply) = d
-                    .call(
-                        2,
-                        &addr,
-                        22,
-                        call,
-                        b"",
-                        &body,
-                        Duration::from_secs(10),
-                        i % 3 == 0,
-                    )
-                    .await
-                    .expect("answered");
-                assert_eq!(status, 200);
-                let mut want = vec![call.tag_and_group().0];
-                want.extend(body.iter().rev());
-                assert_eq!(&reply[..], &want[..], "call {i} got another call's reply");
+        // Spawned all at once (collected), so they are in flight together.
+        let calls: Vec<_> = (0..400u32)
+            .map(|i| {
+                let (d, addr) = (d.clone(), addr.clone());
+                tokio::spawn(async move {
+                    let body = format!("{}-request-{i}", i % 251).into_bytes();
+                    let call = if i % 2 == 0 {
+                        Call::Shard(7)
+                    } else {
+                        Call::Append(3)
+                    };
+                    // A third on the bulk lane.
+                    let (status, reply) = d
+                        .call(
+                            2,
+                            &addr,
+                            22,
+                            call,
+                            b"",
+                            &body,
+                            Duration::from_secs(10),
+                            i % 3 == 0,
+                        )
+                        .await
+                        .expect("answered");
+                    assert_eq!(status, 200);
+                    let mut want = vec![call.tag_and_group().0];
+                    want.extend(body.iter().rev());
+                    assert_eq!(&reply[..], &want[..], "call {i} got another call's reply");
+                })
             })
-        });
+            .collect();
         for c in calls {
             c.await.expect("no panic");
         }
         // One connection per lane, reused by all of them.
         assert_eq!(d.conns.lock().expect("lock").len(), 2);
+        assert_eq!(d.stats().opened.load(Ordering::Relaxed), 2);
+        assert_eq!(d.stats().open.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_hello_fails_the_call_with_the_servers_reason() {
         let (addr, _stop) = echo_server().await;
-        let err = dialer("wrong")
+        let d = dialer("wrong");
+        let err = d
             .call(
                 2,
                 &addr,
@@ -909,6 +953,8 @@ mod tests {
                 reason: "bad cluster secret".into()
             }
         );
+        assert_eq!(d.stats().refused.load(Ordering::Relaxed), 1);
+        assert_eq!(d.stats().opened.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -972,6 +1018,8 @@ mod tests {
             .expect("no panic")
             .expect_err("its connection broke");
         assert!(matches!(err, TransportError::Unreachable(2, _)), "{err:?}");
+        assert_eq!(d.stats().broken.load(Ordering::Relaxed), 1);
+        assert_eq!(d.stats().open.load(Ordering::Relaxed), 0);
         // A server on the same address again: the next call opens a new connection.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let l = loop {

@@ -1638,6 +1638,24 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
         appends().await > appended_before,
         "the write's entries were sent (kubbi_raft_rpcs_total{{kind=\"append\"}})"
     );
+    // Every node talks to its peers over streams it opened, none refused.
+    for i in 0..3 {
+        let m = c.api(i).metrics_text().await;
+        let opened = sample(&m, "kubbi_internal_streams_opened_total").unwrap_or(0);
+        let open = sample(&m, "kubbi_internal_streams_open").unwrap_or(0);
+        assert!(
+            opened >= 2 && open >= 2,
+            "node {i}: {opened} opened, {open} open"
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "kubbi_internal_streams_failed_total{reason=\"refused\"}"
+            ),
+            Some(0),
+            "node {i}"
+        );
+    }
     wait_all_quiet(&c, "after the write").await;
     // Quiet groups send no entries: the count stands still (heartbeats of the system group's
     // read-index rounds go on, under another kind).
