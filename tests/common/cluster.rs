@@ -146,14 +146,61 @@ impl Cluster {
             admin_file,
             bootstrap,
         };
-        for i in 0..c.members.len() {
-            c.spawn(i, true);
-        }
-        for i in 0..c.members.len() {
-            c.wait_up(i).await;
+        // A port free when it was picked can be taken by the time a node binds it (another
+        // test process picked it too): then every node starts again on fresh ports.
+        for attempt in 1.. {
+            for i in 0..c.members.len() {
+                c.spawn(i, true);
+            }
+            let mut port_taken = false;
+            for i in 0..c.members.len() {
+                port_taken |= !c.wait_up_or_port_taken(i).await;
+            }
+            if !port_taken {
+                break;
+            }
+            assert!(attempt < 5, "internal ports taken at every attempt");
+            for i in 0..c.members.len() {
+                c.kill9(i);
+                let _ = std::fs::remove_dir_all(&c.members[i].dir);
+                c.members[i].internal_port = free_port();
+            }
+            c.bootstrap = c
+                .members
+                .iter()
+                .map(|m| format!("{}=127.0.0.1:{}@{}", m.id, m.internal_port, m.zone))
+                .collect::<Vec<_>>()
+                .join(",");
         }
         c.wait_all_led().await;
         c
+    }
+
+    /// Like [`Cluster::wait_up`], but `false` when the node exited because a port it was to
+    /// listen on was taken.
+    async fn wait_up_or_port_taken(&mut self, i: usize) -> bool {
+        let f = self.members[i].dir.join("http.addr");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        while tokio::time::Instant::now() < deadline
+            && !std::fs::read_to_string(&f).is_ok_and(|s| !s.is_empty())
+        {
+            let m = &mut self.members[i];
+            if m.child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some()
+            {
+                // The last words of a node that could not bind (its log spans restarts).
+                if log_tail(&m.log, 3).contains("Address already in use") {
+                    m.child = None;
+                    return false;
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.wait_up(i).await;
+        true
     }
 
     /// The cluster secret every member presents on the internal port.
