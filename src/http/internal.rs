@@ -241,7 +241,7 @@ impl stream::Handler for InternalState {
             return stream::Answer::refuse(status.as_u16(), why);
         }
         let answer = match call {
-            Call::Shard(g) => Ok(shard(&self, g, trace, &body).await),
+            Call::Shard(g) => shard(&self, g, trace, &body).await,
             Call::Liveness => liveness(&self, peer.id, &body),
             Call::Append(g)
             | Call::Vote(g)
@@ -383,11 +383,8 @@ async fn shard(
     group: GroupId,
     trace: Vec<(String, String)>,
     b: &[u8],
-) -> stream::Answer {
-    let op: ShardOp = match body(b) {
-        Ok(op) => op,
-        Err(Undecodable) => return stream::Answer::refuse(400, "undecodable request"),
-    };
+) -> Result<stream::Answer, Undecodable> {
+    let op: ShardOp = body(b)?;
     let span = tracing::debug_span!(
         "kubbi.forwarded",
         otel.kind = "server",
@@ -396,9 +393,9 @@ async fn shard(
         kubbi.node = st.me.node_id
     );
     crate::telemetry::continue_trace_pairs(&span, trace);
-    stream::Answer::ok(encode(
+    Ok(stream::Answer::ok(encode(
         &tracing::Instrument::instrument(st.exec.execute(group, op), span).await,
-    ))
+    )))
 }
 
 async fn join(State(st): State<Arc<InternalState>>, b: Bytes) -> Response {

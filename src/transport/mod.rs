@@ -335,14 +335,7 @@ impl Peers {
             .streams
             .call(to, &addr, incarnation, call, &trace, body, timeout, bulk)
             .await?;
-        if status != 200 {
-            return Err(TransportError::Refused {
-                peer: to,
-                status,
-                reason: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            });
-        }
-        decode("peer reply", &bytes).map_err(|e| TransportError::Decode(to, e.to_string()))
+        answer(to, status, &bytes)
     }
 
     /// POSTs `body` to `path` on node `to` and decodes the reply.
@@ -442,13 +435,23 @@ impl Peers {
         let (status, bytes) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| TransportError::Timeout(to))??;
-        if !status.is_success() {
-            return Err(TransportError::Refused {
-                peer: to,
-                status: status.as_u16(),
-                reason: String::from_utf8_lossy(&bytes).chars().take(200).collect(),
-            });
-        }
-        decode("peer reply", &bytes).map_err(|e| TransportError::Decode(to, e.to_string()))
+        answer(to, status.as_u16(), &bytes)
     }
+}
+
+/// A peer's answer, HTTP or stream: the decoded reply of a 2xx, else its refusal with the
+/// start of its reason.
+fn answer<Resp: DeserializeOwned>(
+    to: u64,
+    status: u16,
+    bytes: &[u8],
+) -> Result<Resp, TransportError> {
+    if !(200..300).contains(&status) {
+        return Err(TransportError::Refused {
+            peer: to,
+            status,
+            reason: String::from_utf8_lossy(bytes).chars().take(200).collect(),
+        });
+    }
+    decode("peer reply", bytes).map_err(|e| TransportError::Decode(to, e.to_string()))
 }

@@ -186,8 +186,8 @@ fn frame_len(len: usize) -> [u8; 4] {
     u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes()
 }
 
-fn request_frame(id: u64, call: Call, trace: &[u8], body: &[u8]) -> Vec<u8> {
-    let (tag, group) = call.tag_and_group();
+/// A request frame of a call's `(tag, group)` (or a [`PING`]'s).
+fn request_frame(id: u64, (tag, group): (u8, GroupId), trace: &[u8], body: &[u8]) -> Vec<u8> {
     let trace_len = u16::try_from(trace.len()).unwrap_or(0);
     let trace = &trace[..usize::from(trace_len)];
     let len = 8 + 1 + 2 + 2 + trace.len() + body.len();
@@ -208,12 +208,7 @@ const PING: u8 = 0;
 /// A client's ping, sent while requests wait and the peer has been silent for a second: its
 /// answer shows the peer is there and reading, however long its requests take.
 fn ping_frame() -> Vec<u8> {
-    let mut f = Vec::with_capacity(4 + 13);
-    f.extend_from_slice(&frame_len(13));
-    f.extend_from_slice(&0u64.to_le_bytes());
-    f.push(PING);
-    f.extend_from_slice(&[0; 4]);
-    f
+    request_frame(0, (PING, 0), b"", b"")
 }
 
 fn reply_frame(id: u64, a: &Answer) -> Vec<u8> {
@@ -609,7 +604,7 @@ impl Dialer {
         }
         if conn
             .queue
-            .send(request_frame(id, call, trace, body))
+            .send(request_frame(id, call.tag_and_group(), trace, body))
             .is_err()
         {
             conn.pending().remove(&id);
@@ -785,7 +780,7 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_short_ones_are_refused() {
-        let f = request_frame(7, Call::Shard(3), b"tr", b"body");
+        let f = request_frame(7, Call::Shard(3).tag_and_group(), b"tr", b"body");
         let len = u32::from_le_bytes(f[..4].try_into().expect("4 bytes")) as usize;
         assert_eq!(len, f.len() - 4);
         let (id, call, trace, body) = parse_request(&Bytes::from(f[4..].to_vec())).expect("parses");
@@ -812,7 +807,7 @@ mod tests {
         assert_eq!((id, status, &body[..]), (9, 409, &b"no"[..]));
 
         assert!(parse_request(&Bytes::from_static(&[0; 12])).is_err());
-        let mut lying = request_frame(1, Call::Liveness, b"", b"")[4..].to_vec();
+        let mut lying = request_frame(1, Call::Liveness.tag_and_group(), b"", b"")[4..].to_vec();
         lying[11] = 5; // a trace longer than the frame
         assert!(parse_request(&Bytes::from(lying)).is_err());
         assert!(parse_reply(&Bytes::from_static(&[0; 9])).is_err());
