@@ -1309,6 +1309,13 @@ const INTERNAL_STREAM_WINDOW: u32 = 16 << 20;
 const INTERNAL_CONNECTION_WINDOW: u32 = 64 << 20;
 const INTERNAL_MAX_FRAME: u32 = 1 << 20;
 
+/// TCP keepalive of the internal port's connections: probes after 30 s of silence, every 10 s,
+/// and the connection is closed after 3 unanswered ones.
+const INTERNAL_KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(Duration::from_secs(30))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(3);
+
 /// The internal port: node-pair streams (`transport::stream`) and HTTP/2, plaintext or (with
 /// `tls`) mutual TLS. A stream is told from HTTP/2 by its first byte, or under TLS by the ALPN
 /// protocol the peer chose. HTTP/2 is tuned for many multiplexed streams per peer (a peer's
@@ -1339,6 +1346,9 @@ fn serve_internal(
                 _ = stop.changed() => return,
             };
             let _ = stream.set_nodelay(true);
+            // A peer that vanished without closing (power cut, cut link) is noticed by the
+            // kernel's probes, so its connection and the work queued on it do not stay forever.
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&INTERNAL_KEEPALIVE);
             let svc = TowerToHyperService::new(app.clone());
             let mut conn_stop = stop.clone();
             let acceptor = tls.as_ref().map(|t| t.acceptor());

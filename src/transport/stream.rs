@@ -68,6 +68,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// dropped.
 const SILENT_TICKS: u32 = 6;
 
+/// Requests one connection may have in progress on a server at once; past it, a request is
+/// answered `503` at once (pings still are), so a peer cannot pile up unbounded work.
+const MAX_IN_FLIGHT: usize = 1024;
+
 /// Queued frames written in one go, up to this many bytes; a frame this large or larger is
 /// written on its own, not copied.
 const COALESCE_BYTES: usize = 64 << 10;
@@ -322,8 +326,20 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 
 /// Serves one stream connection whose first bytes (the magic) are still unread, until it ends
 /// or `stop` changes.
-pub async fn serve<S, H>(io: S, handler: Arc<H>, mut stop: watch::Receiver<bool>)
+pub async fn serve<S, H>(io: S, handler: Arc<H>, stop: watch::Receiver<bool>)
 where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    H: Handler,
+{
+    serve_bounded(io, handler, stop, MAX_IN_FLIGHT).await;
+}
+
+async fn serve_bounded<S, H>(
+    io: S,
+    handler: Arc<H>,
+    mut stop: watch::Receiver<bool>,
+    max_in_flight: usize,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     H: Handler,
 {
@@ -371,6 +387,7 @@ where
         return;
     }
     let (out, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
     let writer = async move {
         if let Err(e) = write_loop(&mut wr, &mut queue, || Ok(None)).await {
             tracing::debug!(peer = peer.id, error = %e, "internal stream write failed");
@@ -407,10 +424,16 @@ where
             } else {
                 decode("trace context", &trace).unwrap_or_default()
             };
+            let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                let busy = Answer::refuse(503, "too many requests in progress on this connection");
+                let _ = out.send(reply_frame(id, &busy));
+                continue;
+            };
             let (handler, out) = (handler.clone(), out.clone());
             tokio::spawn(async move {
                 let a = handler.handle(peer, call, trace, body).await;
                 let _ = out.send(reply_frame(id, &a));
+                drop(permit);
             });
         }
     };
@@ -776,6 +799,8 @@ pub fn trace_context() -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
     #[test]
@@ -1115,6 +1140,101 @@ mod tests {
                 .all(|c| c.failed.get().is_none()),
             "the slow request did not break its connection"
         );
+    }
+
+    /// A server full of requests in progress answers the next one `503` at once and still
+    /// answers pings; a finished request frees its place.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_with_too_many_requests_in_progress_is_answered_busy() {
+        struct Gate {
+            running: AtomicUsize,
+            open: tokio::sync::Semaphore,
+        }
+        impl Handler for Gate {
+            fn admit(&self, _: &Hello) -> Result<(), Answer> {
+                Ok(())
+            }
+            async fn handle(
+                self: Arc<Self>,
+                _: Peer,
+                _: Call,
+                _: Vec<(String, String)>,
+                _: Bytes,
+            ) -> Answer {
+                self.running.fetch_add(1, Ordering::SeqCst);
+                self.open.acquire().await.expect("open").forget();
+                self.running.fetch_sub(1, Ordering::SeqCst);
+                Answer::ok(b"done".to_vec())
+            }
+        }
+        let gate = Arc::new(Gate {
+            running: AtomicUsize::new(0),
+            open: tokio::sync::Semaphore::new(0),
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let server = gate.clone();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.expect("accept");
+            serve_bounded(s, server, watch::channel(false).1, 3).await;
+        });
+        let d = Arc::new(dialer("any"));
+        let call = |d: Arc<Dialer>, addr: String| async move {
+            d.call(
+                2,
+                &addr,
+                0,
+                Call::Shard(1),
+                b"",
+                b"x",
+                Duration::from_secs(30),
+                false,
+            )
+            .await
+        };
+        let held: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(call(d.clone(), addr.clone())))
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gate.running.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the calls never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (status, why) = call(d.clone(), addr.clone()).await.expect("answered");
+        assert_eq!(status, 503, "{}", String::from_utf8_lossy(&why));
+        assert_eq!(
+            gate.running.load(Ordering::SeqCst),
+            3,
+            "the fourth never ran"
+        );
+        // Let one finish: its place is free again.
+        gate.open.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !held.iter().any(tokio::task::JoinHandle::is_finished) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("one call finished");
+        let next = tokio::spawn(call(d.clone(), addr.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while gate.running.load(Ordering::SeqCst) < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the freed place was not reused"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        gate.open.add_permits(3);
+        for h in held.into_iter().chain([next]) {
+            let (status, body) = h.await.expect("no panic").expect("answered");
+            assert_eq!((status, &body[..]), (200, &b"done"[..]));
+        }
     }
 
     #[test]
