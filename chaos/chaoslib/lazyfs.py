@@ -148,7 +148,10 @@ class LazyFS(fuse.Operations):
         return os.open(self._p(path), flags & ~(os.O_APPEND | os.O_DIRECT))
 
     def create(self, path, mode, fi=None):
-        return os.open(self._p(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        # fusepy does not pass the caller's flags here; the kernel enforces the caller's access
+        # mode on its own descriptor, so the backing one must allow both (a process may read a
+        # file it created read-write: the raft log's segments are).
+        return os.open(self._p(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
 
     def read(self, path, length, offset, fh):
         p = self._p(path)
