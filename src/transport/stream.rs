@@ -870,6 +870,15 @@ mod tests {
         }
     }
 
+    /// Waits up to 10 s for `cond`, failing with `failure` if it never holds.
+    async fn wait_until(failure: &str, cond: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{failure}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Serves [`Echo`] on a loopback port until the returned sender is dropped or set.
     async fn echo_server() -> (String, watch::Sender<bool>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -1023,14 +1032,7 @@ mod tests {
                 .map(|c| c.pending().len())
                 .sum::<usize>()
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pending() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the call never went out"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until("the call never went out", || pending() > 0).await;
         stop.send_replace(true);
         let err = tokio::time::timeout(Duration::from_secs(10), waiting)
             .await
@@ -1142,8 +1144,8 @@ mod tests {
         );
     }
 
-    /// A server full of requests in progress answers the next one `503` at once and still
-    /// answers pings; a finished request frees its place.
+    /// A server full of requests in progress answers the next one `503` at once; a finished
+    /// request frees its place.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_connection_with_too_many_requests_in_progress_is_answered_busy() {
         struct Gate {
@@ -1197,14 +1199,10 @@ mod tests {
         let held: Vec<_> = (0..3)
             .map(|_| tokio::spawn(call(d.clone(), addr.clone())))
             .collect();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while gate.running.load(Ordering::SeqCst) < 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the calls never started"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until("the calls never started", || {
+            gate.running.load(Ordering::SeqCst) == 3
+        })
+        .await;
         let (status, why) = call(d.clone(), addr.clone()).await.expect("answered");
         assert_eq!(status, 503, "{}", String::from_utf8_lossy(&why));
         assert_eq!(
@@ -1214,22 +1212,15 @@ mod tests {
         );
         // Let one finish: its place is free again.
         gate.open.add_permits(1);
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !held.iter().any(tokio::task::JoinHandle::is_finished) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        wait_until("no call finished", || {
+            held.iter().any(tokio::task::JoinHandle::is_finished)
         })
-        .await
-        .expect("one call finished");
+        .await;
         let next = tokio::spawn(call(d.clone(), addr.clone()));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while gate.running.load(Ordering::SeqCst) < 3 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the freed place was not reused"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until("the freed place was not reused", || {
+            gate.running.load(Ordering::SeqCst) == 3
+        })
+        .await;
         gate.open.add_permits(3);
         for h in held.into_iter().chain([next]) {
             let (status, body) = h.await.expect("no panic").expect("answered");
