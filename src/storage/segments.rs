@@ -271,9 +271,7 @@ impl SegmentLog {
         for group in groups {
             inner.rewrite_group(group)?;
         }
-        if let Some(s) = inner.segments.get(&next) {
-            s.file.sync_data()?;
-        }
+        inner.sync_active()?;
         let old: Vec<u64> = inner.segments.range(..next).map(|(seq, _)| *seq).collect();
         for seq in old {
             std::fs::remove_file(segment_path(&inner.dir, seq))?;
@@ -483,9 +481,7 @@ impl Inner {
 
     /// Makes the full active segment durable and starts segment `seq`.
     fn start_segment(&mut self, seq: u64) -> io::Result<()> {
-        if let Some(s) = self.segments.get(&self.active_seq) {
-            s.file.sync_data()?;
-        }
+        self.sync_active()?;
         let path = segment_path(&self.dir, seq);
         let file = OpenOptions::new()
             .read(true)
