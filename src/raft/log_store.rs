@@ -128,8 +128,8 @@ pub struct LogStore {
     appended: Arc<AtomicU64>,
     /// The committed log id openraft last saved, in memory only (see `save_committed`).
     committed: Arc<Mutex<Option<LogId>>>,
-    /// How far this log is durable (`Storage::log_durable`).
-    durable: Arc<crate::storage::LogDurable>,
+    /// One past the newest index known durable (`Storage::log_flushed`).
+    flushed: Arc<crate::storage::LogDurable>,
 }
 
 impl LogStore {
@@ -139,7 +139,7 @@ impl LogStore {
             tail: Arc::default(),
             appended: Arc::default(),
             committed: Arc::default(),
-            durable: storage.log_durable(group),
+            flushed: storage.log_flushed(group),
             storage,
         }
     }
@@ -360,13 +360,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         let latency = self.storage.append_latency.clone();
-        let (durable, upto) = (self.durable.clone(), last + 1);
+        let (flushed, upto) = (self.flushed.clone(), last + 1);
         self.storage.raft_log_syncer().after_sync(move |r| {
             latency.observe(started.elapsed().as_secs_f64());
             if r.is_ok() {
-                durable.advance(upto);
+                flushed.advance(upto);
             } else {
-                durable.failed();
+                flushed.failed();
             }
             callback.io_completed(r.map_err(io::Error::other));
         });
@@ -383,7 +383,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Entries from `from` on are gone; those appended there next are durable only when
         // their own fsync completes. Lowered after the sync: the callbacks of earlier appends,
         // which may raise it, have all run by then (the syncer serves waiters in order).
-        self.durable.truncated(from);
+        self.flushed.truncated(from);
         Ok(())
     }
 

@@ -55,8 +55,8 @@ pub struct StateMachine {
     /// The group's ownership record as applied so far (`None` until first read), so that
     /// commands do not each read it.
     ownership: Option<Option<state::Ownership>>,
-    /// How far the group's raft log is durable: no state is written beyond it.
-    log_durable: Arc<crate::storage::LogDurable>,
+    /// One past the newest index of the group's raft log known durable.
+    log_flushed: Arc<crate::storage::LogDurable>,
 }
 
 impl StateMachine {
@@ -71,7 +71,7 @@ impl StateMachine {
             None => false,
         }));
         Self {
-            log_durable: storage.log_durable(group),
+            log_flushed: storage.log_flushed(group),
             storage,
             group,
             current,
@@ -245,9 +245,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // fsync (the one the append already waits on) when this batch reaches past what is
         // known durable. On a follower the entries are usually durable already (its leader
         // counted them only after their fsync); a leader that the followers outran waits.
-        self.log_durable
-            .wait(last_applied.index(), storage.raft_log_syncer())
-            .await?;
+        if self.log_flushed.next() <= last_applied.index() {
+            self.log_flushed
+                .wait(last_applied.index(), storage.raft_log_syncer())
+                .await?;
+        }
         let mut batch = WriteBatch::default();
         txn.write_into(&mut batch);
         let cf = storage.cf(CF_STATE);

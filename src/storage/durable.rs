@@ -67,11 +67,6 @@ impl LogDurable {
     /// # Errors
     /// When that fsync fails.
     pub async fn wait(&self, index: u64, syncer: &Syncer) -> std::io::Result<()> {
-        // The common case (a follower's entries, fsynced before they were acknowledged) takes
-        // no lock of the notifier.
-        if self.next() > index {
-            return Ok(());
-        }
         let failures = self.failures.load(Ordering::Acquire);
         loop {
             let changed = self.changed.notified();

@@ -71,8 +71,9 @@ pub struct Storage {
     syncer: Syncer,
     raft_log: Arc<segments::SegmentLog>,
     raft_log_syncer: Syncer,
-    /// Per group, how far its raft log is durable (see [`Storage::log_durable`]).
-    log_durable: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<LogDurable>>>,
+    /// Per group, one past the newest raft log index known durable (see
+    /// [`Storage::log_flushed`]).
+    log_flushed: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<LogDurable>>>,
     /// Time from a raft append's write to its durability callback.
     pub append_latency: Arc<crate::metrics::Histogram>,
     /// Releasers of the raft snapshots' pinned views (see `raft::snapshot`): each returns
@@ -195,7 +196,7 @@ impl Storage {
         );
         migrate_raft_log(&db, &raft_log)?;
         // What an earlier process wrote may still sit in the page cache: durable from here on, so
-        // every entry found now counts as durable (`Storage::log_durable`).
+        // every entry found now counts as durable (`Storage::log_flushed`).
         raft_log.sync().map_err(StorageError::RaftLog)?;
         let segments = raft_log.clone();
         let raft_log_syncer = Syncer::start("kubbi-log-sync", move |fsync| {
@@ -206,7 +207,7 @@ impl Storage {
             syncer,
             raft_log,
             raft_log_syncer,
-            log_durable: std::sync::Mutex::default(),
+            log_flushed: std::sync::Mutex::default(),
             append_latency: Arc::new(crate::metrics::Histogram::default()),
             pin_releasers: std::sync::Mutex::new(Vec::new()),
         }))
@@ -288,7 +289,7 @@ impl Storage {
             .map_err(StorageError::RaftLog)?;
         // A group started here again begins with what its log holds then (nothing); callbacks
         // of the old log's appends still pending advance the forgotten instance.
-        self.log_durable
+        self.log_flushed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
@@ -330,8 +331,8 @@ impl Storage {
     /// How far `group`'s raft log is durable, shared by its log store (which advances it when
     /// an append's fsync completes) and its state machine (which applies no entry beyond it:
     /// see [`LogDurable`]). Entries the log held at open are durable (`open` synced them).
-    pub fn log_durable(&self, group: GroupId) -> Arc<LogDurable> {
-        self.log_durable
+    pub fn log_flushed(&self, group: GroupId) -> Arc<LogDurable> {
+        self.log_flushed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(group)

@@ -271,7 +271,9 @@ impl SegmentLog {
         for group in groups {
             inner.rewrite_group(group)?;
         }
-        inner.sync_active()?;
+        if let Some(s) = inner.segments.get(&next) {
+            s.file.sync_data()?;
+        }
         let old: Vec<u64> = inner.segments.range(..next).map(|(seq, _)| *seq).collect();
         for seq in old {
             std::fs::remove_file(segment_path(&inner.dir, seq))?;
@@ -481,7 +483,9 @@ impl Inner {
 
     /// Makes the full active segment durable and starts segment `seq`.
     fn start_segment(&mut self, seq: u64) -> io::Result<()> {
-        self.sync_active()?;
+        if let Some(s) = self.segments.get(&self.active_seq) {
+            s.file.sync_data()?;
+        }
         let path = segment_path(&self.dir, seq);
         let file = OpenOptions::new()
             .read(true)
