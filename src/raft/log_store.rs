@@ -129,7 +129,7 @@ pub struct LogStore {
     /// The committed log id openraft last saved, in memory only (see `save_committed`).
     committed: Arc<Mutex<Option<LogId>>>,
     /// One past the newest index known durable (`Storage::log_flushed`).
-    flushed: Arc<crate::storage::LogDurable>,
+    flushed: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -364,9 +364,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.storage.raft_log_syncer().after_sync(move |r| {
             latency.observe(started.elapsed().as_secs_f64());
             if r.is_ok() {
-                flushed.advance(upto);
-            } else {
-                flushed.failed();
+                flushed.fetch_max(upto, Ordering::Release);
             }
             callback.io_completed(r.map_err(io::Error::other));
         });
@@ -377,14 +375,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
         // The cache first: it must never hold an entry the log no longer has.
         self.tail().truncate_from(from);
+        // Entries from `from` on are gone; those appended there next are durable only when
+        // their own fsync completes.
+        self.flushed.fetch_min(from, Ordering::Release);
         self.storage.raft_log().truncate(self.group, from)?;
         // Truncated entries must not reappear after a crash: sync before returning.
-        self.storage.raft_log_syncer().sync().await?;
-        // Entries from `from` on are gone; those appended there next are durable only when
-        // their own fsync completes. Lowered after the sync: the callbacks of earlier appends,
-        // which may raise it, have all run by then (the syncer serves waiters in order).
-        self.flushed.truncated(from);
-        Ok(())
+        self.storage.raft_log_syncer().sync().await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {

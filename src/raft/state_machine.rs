@@ -56,7 +56,7 @@ pub struct StateMachine {
     /// commands do not each read it.
     ownership: Option<Option<state::Ownership>>,
     /// One past the newest index of the group's raft log known durable.
-    log_flushed: Arc<crate::storage::LogDurable>,
+    log_flushed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl StateMachine {
@@ -242,13 +242,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // not once the local append is durable. The state must never be durable ahead of the
         // log it was applied from (a RocksDB flush or WAL sync could make it so, and after a
         // power cut the replica would hold state its log does not): wait for the raft log's
-        // fsync (the one the append already waits on) when this batch reaches past what is
-        // known durable. On a follower the entries are usually durable already (its leader
-        // counted them only after their fsync); a leader that the followers outran waits.
-        if self.log_flushed.next() <= last_applied.index() {
-            self.log_flushed
-                .wait(last_applied.index(), storage.raft_log_syncer())
-                .await?;
+        // fsync when this batch reaches past what is known durable. On a follower the entries
+        // are usually durable already (the leader counted them only after their fsync).
+        if self.log_flushed.load(std::sync::atomic::Ordering::Acquire) <= last_applied.index() {
+            storage.raft_log_syncer().sync().await?;
         }
         let mut batch = WriteBatch::default();
         txn.write_into(&mut batch);

@@ -18,18 +18,17 @@
 //! only up to a point the state was synced to first (`raft::log_store`). Votes, purge points
 //! and membership go to RocksDB and are synced by a second syncer, on its WAL.
 
-mod durable;
 pub mod layout;
 pub mod segments;
 mod syncer;
 mod view;
 
-pub use durable::LogDurable;
 pub use syncer::{Syncer, UNSAFE_SKIP_FSYNC_ENV};
 pub use view::{GroupTxn, ReadView};
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Options};
 
@@ -73,7 +72,7 @@ pub struct Storage {
     raft_log_syncer: Syncer,
     /// Per group, one past the newest raft log index known durable (see
     /// [`Storage::log_flushed`]).
-    log_flushed: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<LogDurable>>>,
+    log_flushed: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<AtomicU64>>>,
     /// Time from a raft append's write to its durability callback.
     pub append_latency: Arc<crate::metrics::Histogram>,
     /// Releasers of the raft snapshots' pinned views (see `raft::snapshot`): each returns
@@ -195,9 +194,6 @@ impl Storage {
             segments::SegmentLog::open(&dir.join(RAFT_LOG_DIR)).map_err(StorageError::RaftLog)?,
         );
         migrate_raft_log(&db, &raft_log)?;
-        // What an earlier process wrote may still sit in the page cache: durable from here on, so
-        // every entry found now counts as durable (`Storage::log_flushed`).
-        raft_log.sync().map_err(StorageError::RaftLog)?;
         let segments = raft_log.clone();
         let raft_log_syncer = Syncer::start("kubbi-log-sync", move |fsync| {
             if fsync { segments.sync() } else { Ok(()) }
@@ -287,12 +283,6 @@ impl Storage {
             .clear(group)
             .and_then(|()| self.raft_log.sync())
             .map_err(StorageError::RaftLog)?;
-        // A group started here again begins with what its log holds then (nothing); callbacks
-        // of the old log's appends still pending advance the forgotten instance.
-        self.log_flushed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&group);
         let mut batch = rocksdb::WriteBatch::default();
         for name in [CF_STATE, CF_BLOB, CF_RAFT_LOG, CF_RAFT_META] {
             batch.delete_range_cf(self.cf(name), &lo, &hi);
@@ -328,18 +318,15 @@ impl Storage {
         &self.raft_log_syncer
     }
 
-    /// How far `group`'s raft log is durable, shared by its log store (which advances it when
-    /// an append's fsync completes) and its state machine (which applies no entry beyond it:
-    /// see [`LogDurable`]). Entries the log held at open are durable (`open` synced them).
-    pub fn log_flushed(&self, group: GroupId) -> Arc<LogDurable> {
+    /// One past the newest index of `group`'s raft log known to be durable, shared by its log
+    /// store (which advances it when an append's fsync completes) and its state machine (which
+    /// applies no entry beyond it: see `raft::state_machine`).
+    pub fn log_flushed(&self, group: GroupId) -> Arc<AtomicU64> {
         self.log_flushed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(group)
-            .or_insert_with(|| {
-                let next = self.raft_log.bounds(group).map_or(0, |(_, last)| last + 1);
-                Arc::new(LogDurable::new(next))
-            })
+            .or_default()
             .clone()
     }
 
