@@ -258,7 +258,8 @@ async fn metrics(State(app): State<AppState>) -> Response {
     let mut out = String::with_capacity(16 * 1024);
     app.metrics.http.render(&mut out);
     app.metrics.lifecycle.render(&mut out);
-    app.storage.syncer().render(&mut out);
+    // The raft log's group commits: the fsyncs every replicated operation waits on.
+    app.storage.raft_log_syncer().render(&mut out);
     out.push_str("# HELP kubbi_raft_append_duration_seconds Raft log append to durable.\n# TYPE kubbi_raft_append_duration_seconds histogram\n");
     app.storage
         .append_latency
@@ -409,10 +410,17 @@ async fn metrics(State(app): State<AppState>) -> Response {
     );
     gauge(
         &mut out,
+        "kubbi_raft_log_segments",
+        "gauge",
+        "Segment files of this node's raft log (64 MiB each; deleted once every entry in them is purged).",
+        app.storage.raft_log().segment_count() as u64,
+    );
+    gauge(
+        &mut out,
         "kubbi_storage_fsyncs_total",
         "counter",
-        "WAL fsyncs.",
-        app.storage.syncer().fsync_count(),
+        "fsyncs of the raft log and of RocksDB's WAL.",
+        app.storage.raft_log_syncer().fsync_count() + app.storage.syncer().fsync_count(),
     );
     (
         [(

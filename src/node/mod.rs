@@ -337,6 +337,14 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, NodeError> {
         // still hear from a leader (a node that was partitioned, paused, or whose own raft
         // core fell behind), it does not raise the term and depose that leader.
         enable_pre_vote: Some(true),
+        // A node that led before a restart wins an election like any other instead of leading
+        // again at once in its old term. After a power cut its state can be older than its log
+        // (the state machine's writes are not synced; the log replays them), and the committed
+        // index is not persisted: a restored leader would take its applied index for the
+        // committed one and answer reads from the older state until replication caught up (an
+        // acknowledged kubbi answering 404). A new term's first entry commits, and reads wait for
+        // it to apply, only after every entry before it (docs/design-notes.md, Durability).
+        enable_leader_restore: Some(false),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
             config.raft.snapshot_every_entries,
         ),

@@ -1,9 +1,15 @@
-//! The raft log of one group, in the node's shared RocksDB.
+//! The raft log of one group: its entries in the node's segment log (`storage::segments`), its
+//! vote and purge point in RocksDB's `raft_meta` family.
 //!
 //! Durability contract (openraft's, and DESIGN.md invariant 5): vote, truncate and purge are on
 //! disk before they return; appended entries are readable when `append` returns and durable when
-//! its callback fires. The callback fires from the group-commit syncer, so concurrent appends of
-//! all groups share fsyncs.
+//! its callback fires. The callback fires from the raft log's group-commit syncer, so concurrent
+//! appends of all groups share fsyncs.
+//!
+//! The state machine's writes are not synced (`raft::state_machine`): after a power cut the
+//! state may be older than the log, and openraft applies the difference again. So a purge first
+//! syncs RocksDB (its purge point is written there, after every apply so far) and only then
+//! forgets the entries: the log always reaches back to the durable state.
 //!
 //! The newest entries are also kept in memory ([`TailCache`]): the leader reads each entry back
 //! once per follower to replicate it and once more to apply it, and a follower once to apply
@@ -20,12 +26,12 @@ use std::sync::{Arc, Mutex};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, OptionalSend, RaftLogReader};
-use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::WriteBatch;
 
 use super::{Entry, LogId, TypeConfig, Vote, io_err};
 use crate::codec::{decode, encode};
 use crate::ids::GroupId;
-use crate::storage::{CF_RAFT_LOG, CF_RAFT_META, Storage, group_key};
+use crate::storage::{CF_RAFT_META, Storage, group_key};
 
 const META_VOTE: &[u8] = b"vote";
 const META_PURGED: &[u8] = b"purged";
@@ -122,16 +128,19 @@ pub struct LogStore {
     appended: Arc<AtomicU64>,
     /// The committed log id openraft last saved, in memory only (see `save_committed`).
     committed: Arc<Mutex<Option<LogId>>>,
+    /// How far this log is durable (`Storage::log_durable`).
+    durable: Arc<crate::storage::LogDurable>,
 }
 
 impl LogStore {
     pub fn new(storage: Arc<Storage>, group: GroupId) -> Self {
         Self {
-            storage,
             group,
             tail: Arc::default(),
             appended: Arc::default(),
             committed: Arc::default(),
+            durable: storage.log_durable(group),
+            storage,
         }
     }
 
@@ -144,23 +153,6 @@ impl LogStore {
 
     fn tail(&self) -> std::sync::MutexGuard<'_, TailCache> {
         self.tail.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn key(&self, index: u64) -> Vec<u8> {
-        group_key(self.group, &index.to_be_bytes())
-    }
-
-    /// A key above every log key of this group.
-    fn end_key(&self) -> Vec<u8> {
-        group_key(self.group, &[0xff; 9])
-    }
-
-    fn index_of(&self, key: &[u8]) -> io::Result<u64> {
-        let b: [u8; 8] = key
-            .get(2..10)
-            .and_then(|s| s.try_into().ok())
-            .ok_or_else(|| io_err("malformed raft log key"))?;
-        Ok(u64::from_be_bytes(b))
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(
@@ -210,18 +202,7 @@ pub(crate) fn has_raft_state(storage: &Storage, group: GroupId) -> io::Result<bo
     {
         return Ok(true);
     }
-    let mut ro = ReadOptions::default();
-    ro.set_iterate_upper_bound(group_key(group, &[0xff; 9]));
-    let first = db
-        .iterator_cf_opt(
-            storage.cf(CF_RAFT_LOG),
-            ro,
-            IteratorMode::From(&group_key(group, &[]), Direction::Forward),
-        )
-        .next()
-        .transpose()
-        .map_err(io_err)?;
-    Ok(first.is_some())
+    Ok(storage.raft_log().bounds(group).is_some())
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -245,30 +226,21 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if let Some(hit) = self.tail().get(start, end) {
             return Ok(hit);
         }
-        let upper = match end {
-            Some(e) => self.key(e),
-            None => self.end_key(),
+        let log = self.storage.raft_log();
+        let end = match end {
+            Some(e) => e,
+            None => match log.bounds(self.group) {
+                Some((_, last)) => last + 1,
+                None => return Ok(Vec::new()),
+            },
         };
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(upper.clone());
-        let from = self.key(start);
-        let iter = self.storage.db().iterator_cf_opt(
-            self.storage.cf(CF_RAFT_LOG),
-            ro,
-            IteratorMode::From(&from, Direction::Forward),
-        );
         let mut out = Vec::new();
-        for item in iter {
-            let (k, v) = item.map_err(io_err)?;
-            if k[..] >= upper[..] {
-                break;
-            }
-            let index = self.index_of(&k)?;
-            let entry = Self::decode_entry(&v)?;
+        for (index, bytes) in log.read(self.group, start, end)? {
+            let entry = Self::decode_entry(&bytes)?;
             if entry.index() != index {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("raft log key {index} holds entry {}", entry.index()),
+                    format!("raft log index {index} holds entry {}", entry.index()),
                 ));
             }
             out.push(entry);
@@ -286,20 +258,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged: Option<LogId> = self.get_meta(META_PURGED)?;
-        let from = self.key(u64::MAX);
-        let mut iter = self.storage.db().iterator_cf(
-            self.storage.cf(CF_RAFT_LOG),
-            IteratorMode::From(&from, Direction::Reverse),
-        );
-        let last = match iter.next() {
-            Some(item) => {
-                let (k, v) = item.map_err(io_err)?;
-                if k[..2] == self.group.to_be_bytes() {
-                    Some(Self::decode_entry(&v)?.log_id())
-                } else {
-                    None
-                }
-            }
+        let log = self.storage.raft_log();
+        // Entries up to the durable purge point may still be in the segments (a purge whose
+        // segments were not deleted yet, or whose deletion a crash undid).
+        if let Some(p) = last_purged {
+            log.purge(self.group, p.index());
+        }
+        let last = match log.bounds(self.group) {
+            Some((_, last)) => match log.read(self.group, last, last + 1)?.first() {
+                Some((_, bytes)) => Some(Self::decode_entry(bytes)?.log_id()),
+                None => None,
+            },
             None => None,
         };
         Ok(LogState {
@@ -355,32 +324,50 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let started = std::time::Instant::now();
-        let cf = self.storage.cf(CF_RAFT_LOG);
-        let mut batch = WriteBatch::default();
-        let mut written: Vec<(Entry, usize)> = Vec::new();
+        let mut written: Vec<(Entry, Vec<u8>)> = Vec::new();
+        let mut last = 0;
         for entry in entries {
+            last = entry.index();
             if written.is_empty() {
                 // Whatever the cache holds from here on is about to be overwritten.
                 self.tail().truncate_from(entry.index());
             }
             let bytes = encode(&entry);
-            batch.put_cf(cf, self.key(entry.index()), &bytes);
-            written.push((entry, bytes.len()));
+            written.push((entry, bytes));
         }
         // Written (readable) now; durable once the group-commit fsync that covers it completes.
-        self.storage.write(batch).map_err(io_err)?;
-        let bytes: usize = written.iter().map(|(_, n)| n).sum();
+        let log = self.storage.raft_log();
+        let appended = || {
+            log.append(
+                self.group,
+                written.iter().map(|(e, b)| (e.index(), b.as_slice())),
+            )
+        };
+        let bytes: usize = written.iter().map(|(_, b)| b.len()).sum();
+        if bytes >= LARGE_APPEND_BYTES && multi_thread_runtime() {
+            // Megabytes copied and checksummed: the worker's other tasks (every group's
+            // heartbeats and votes) move to another thread meanwhile.
+            tokio::task::block_in_place(appended)?;
+        } else {
+            appended()?;
+        }
         self.appended
             .fetch_add(u64::try_from(bytes).unwrap_or(u64::MAX), Ordering::Relaxed);
         {
             let mut tail = self.tail();
-            for (entry, size) in written {
-                tail.push(entry, size);
+            for (entry, bytes) in written {
+                tail.push(entry, bytes.len());
             }
         }
         let latency = self.storage.append_latency.clone();
-        self.storage.syncer().after_sync(move |r| {
+        let (durable, upto) = (self.durable.clone(), last + 1);
+        self.storage.raft_log_syncer().after_sync(move |r| {
             latency.observe(started.elapsed().as_secs_f64());
+            if r.is_ok() {
+                durable.advance(upto);
+            } else {
+                durable.failed();
+            }
             callback.io_completed(r.map_err(io::Error::other));
         });
         Ok(())
@@ -388,32 +375,42 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.storage.cf(CF_RAFT_LOG), self.key(from), self.end_key());
-        // The cache first: it must never hold an entry the database no longer has.
+        // The cache first: it must never hold an entry the log no longer has.
         self.tail().truncate_from(from);
-        self.storage.db().write(batch).map_err(io_err)?;
+        self.storage.raft_log().truncate(self.group, from)?;
         // Truncated entries must not reappear after a crash: sync before returning.
-        self.storage.sync().await
+        self.storage.raft_log_syncer().sync().await?;
+        // Entries from `from` on are gone; those appended there next are durable only when
+        // their own fsync completes. Lowered after the sync: the callbacks of earlier appends,
+        // which may raise it, have all run by then (the syncer serves waiters in order).
+        self.durable.truncated(from);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let mut batch = WriteBatch::default();
-        batch.put_cf(
-            self.storage.cf(CF_RAFT_META),
-            group_key(self.group, META_PURGED),
-            encode(&log_id),
-        );
-        batch.delete_range_cf(
-            self.storage.cf(CF_RAFT_LOG),
-            self.key(0),
-            self.key(log_id.index() + 1),
-        );
+        self.storage
+            .db()
+            .put_cf(
+                self.storage.cf(CF_RAFT_META),
+                group_key(self.group, META_PURGED),
+                encode(&log_id),
+            )
+            .map_err(io_err)?;
+        // The purge point, and every state-machine write before it (all of this group's applies
+        // up to the purged entries), durable before the entries are forgotten.
+        self.storage.sync().await?;
         self.tail().purge_to(log_id.index());
-        self.storage.db().write(batch).map_err(io_err)?;
-        // The purge record must be durable before openraft forgets the purged entries.
-        self.storage.sync().await
+        self.storage.raft_log().purge(self.group, log_id.index());
+        Ok(())
     }
+}
+
+/// An entry batch this large leaves the async worker while it is written.
+const LARGE_APPEND_BYTES: usize = 1 << 20;
+
+fn multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 #[cfg(test)]

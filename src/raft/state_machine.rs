@@ -2,8 +2,9 @@
 //! in RocksDB as one `WriteBatch` per apply call, together with the last applied log id and the
 //! membership. Apply never reads a clock: time comes from the entry.
 //!
-//! The batch is not fsynced by itself. It shares the WAL with the raft log, whose entries were
-//! fsynced before they committed; after a crash the state is at some applied index not past
+//! The batch is not fsynced by itself, and the raft log is not in RocksDB (it is in the segment
+//! files, `storage::segments`): a batch reaching past the log's durable index first waits for
+//! the log's fsync (see `apply`), so after a crash the state is at some applied index not past
 //! the durable log, and openraft re-applies the rest. Before a snapshot lets the log be purged,
 //! [`Builder::build_snapshot`] syncs the WAL so the state it stands for is on disk.
 
@@ -54,6 +55,8 @@ pub struct StateMachine {
     /// The group's ownership record as applied so far (`None` until first read), so that
     /// commands do not each read it.
     ownership: Option<Option<state::Ownership>>,
+    /// How far the group's raft log is durable: no state is written beyond it.
+    log_durable: Arc<crate::storage::LogDurable>,
 }
 
 impl StateMachine {
@@ -68,6 +71,7 @@ impl StateMachine {
             None => false,
         }));
         Self {
+            log_durable: storage.log_durable(group),
             storage,
             group,
             current,
@@ -234,6 +238,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             return Ok(());
         };
 
+        // openraft applies an entry once it is in the local log and committed by the cluster,
+        // not once the local append is durable. The state must never be durable ahead of the
+        // log it was applied from (a RocksDB flush or WAL sync could make it so, and after a
+        // power cut the replica would hold state its log does not): wait for the raft log's
+        // fsync (the one the append already waits on) when this batch reaches past what is
+        // known durable. On a follower the entries are usually durable already (its leader
+        // counted them only after their fsync); a leader that the followers outran waits.
+        self.log_durable
+            .wait(last_applied.index(), storage.raft_log_syncer())
+            .await?;
         let mut batch = WriteBatch::default();
         txn.write_into(&mut batch);
         let cf = storage.cf(CF_STATE);

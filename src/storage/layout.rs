@@ -28,7 +28,11 @@ use crate::state::keys;
 /// through their token index, records without a tail), so a layout-2 directory needs no
 /// rewrite, only the new number: a build of layout 2 must not open it, as it cannot read those
 /// records.
-pub const LAYOUT: u32 = 3;
+///
+/// Layout 4 keeps the raft log in segment files (`storage::segments`) instead of the
+/// `raft_log` family; its state keys are layout 3's. `Storage::open` moves an older directory's
+/// entries over; a build of layout 3 must not open it, as it would find no log.
+pub const LAYOUT: u32 = 4;
 
 /// Bytes of rewritten keys collected before they are written.
 const UPGRADE_BATCH_BYTES: usize = 4 << 20;

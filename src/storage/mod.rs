@@ -1,23 +1,30 @@
-//! One RocksDB instance per node, shared by every raft group on it.
+//! One RocksDB instance per node, shared by every raft group on it, and one raft log
+//! ([`segments`]) holding every group's entries.
 //!
 //! ```text
 //!   column family   key                               value
-//!   raft_log        group(2) ‖ index(8 BE)            bincode raft entry
+//!   raft_log        group(2) ‖ index(8 BE)            (layout 3 and before; moved to segments)
 //!   raft_meta       group(2) ‖ name                   vote, last purged log id
 //!   state           group(2) ‖ state::keys …          records, indexes, timers, dedup,
 //!                   group(2) ‖ 'm' ‖ name             last applied, membership, snapshot meta
 //!   blob            group(2) ‖ id(16) ‖ part(4 BE)    sealed payload parts
+//!   <db>/raft-log/*.seg                               every group's raft entries
 //! ```
 //!
-//! All groups share one WAL, so one fsync makes every group's appends durable: [`Syncer`] runs
-//! fsyncs on a dedicated thread and completes every waiter that wrote before the fsync began
-//! (group commit). State-machine writes are not synced on their own: they ride the same WAL, and
-//! after a crash openraft re-applies from the durable log whatever the state lost.
+//! All groups share one raft log, so one fsync makes every group's appends durable: a
+//! [`Syncer`] runs those fsyncs on a dedicated thread and completes every waiter that wrote
+//! before the fsync began (group commit). State-machine writes are not synced: after a crash
+//! openraft re-applies from the durable raft log whatever the state lost, and the log is purged
+//! only up to a point the state was synced to first (`raft::log_store`). Votes, purge points
+//! and membership go to RocksDB and are synced by a second syncer, on its WAL.
 
+mod durable;
 pub mod layout;
+pub mod segments;
 mod syncer;
 mod view;
 
+pub use durable::LogDurable;
 pub use syncer::{Syncer, UNSAFE_SKIP_FSYNC_ENV};
 pub use view::{GroupTxn, ReadView};
 
@@ -35,6 +42,9 @@ pub const CF_RAFT_META: &str = "raft_meta";
 pub const CF_STATE: &str = "state";
 pub const CF_BLOB: &str = "blob";
 
+/// The raft log's directory, inside the database's.
+pub const RAFT_LOG_DIR: &str = "raft-log";
+
 /// Values at least this large (sealed payload parts, raft entries carrying them) are kept in
 /// RocksDB's blob files instead of its SSTs.
 const LARGE_VALUE_BYTES: u64 = 4096;
@@ -51,12 +61,18 @@ pub enum StorageError {
     MissingCf(&'static str),
     #[error("cannot start the WAL sync thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("raft log: {0}")]
+    RaftLog(std::io::Error),
 }
 
 /// The node's database and its group-commit syncer.
 pub struct Storage {
     db: Arc<DB>,
     syncer: Syncer,
+    raft_log: Arc<segments::SegmentLog>,
+    raft_log_syncer: Syncer,
+    /// Per group, how far its raft log is durable (see [`Storage::log_durable`]).
+    log_durable: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<LogDurable>>>,
     /// Time from a raft append's write to its durability callback.
     pub append_latency: Arc<crate::metrics::Histogram>,
     /// Releasers of the raft snapshots' pinned views (see `raft::snapshot`): each returns
@@ -85,6 +101,11 @@ impl Storage {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // The WAL is fsynced only now and then (votes, purges, snapshots: the raft log is what
+        // each operation waits on), so without this megabytes of payloads pile up unwritten in
+        // the page cache and the next fsync writes them all at once, stalling the disk for every
+        // raft log fsync behind it. Written back in the background every MiB instead.
+        opts.set_wal_bytes_per_sync(1 << 20);
         opts.set_keep_log_file_num(4);
         opts.increase_parallelism(2);
         // Bound memtable memory across all column families: the node's RSS must not grow with
@@ -165,10 +186,27 @@ impl Storage {
         for name in [CF_RAFT_LOG, CF_RAFT_META, CF_STATE, CF_BLOB] {
             db.cf_handle(name).ok_or(StorageError::MissingCf(name))?;
         }
-        let syncer = Syncer::start(db.clone())?;
+        let wal = db.clone();
+        let syncer = Syncer::start("kubbi-wal-sync", move |fsync| {
+            wal.flush_wal(fsync).map_err(std::io::Error::other)
+        })?;
+        let raft_log = Arc::new(
+            segments::SegmentLog::open(&dir.join(RAFT_LOG_DIR)).map_err(StorageError::RaftLog)?,
+        );
+        migrate_raft_log(&db, &raft_log)?;
+        // What an earlier process wrote may still sit in the page cache: durable from here on, so
+        // every entry found now counts as durable (`Storage::log_durable`).
+        raft_log.sync().map_err(StorageError::RaftLog)?;
+        let segments = raft_log.clone();
+        let raft_log_syncer = Syncer::start("kubbi-log-sync", move |fsync| {
+            if fsync { segments.sync() } else { Ok(()) }
+        })?;
         Ok(Arc::new(Self {
             db,
             syncer,
+            raft_log,
+            raft_log_syncer,
+            log_durable: std::sync::Mutex::default(),
             append_latency: Arc::new(crate::metrics::Histogram::default()),
             pin_releasers: std::sync::Mutex::new(Vec::new()),
         }))
@@ -230,6 +268,8 @@ impl Storage {
         }
         // The memtables are empty now; a last flush retires the WAL that held their writes.
         self.db.flush_wal(true)?;
+        // Purged raft entries (the creates of ended kubbis among them) leave the segments.
+        self.raft_log.rewrite().map_err(StorageError::RaftLog)?;
         Ok(())
     }
 
@@ -240,6 +280,18 @@ impl Storage {
     /// When RocksDB fails to write.
     pub fn clear_group(&self, group: GroupId, compact: bool) -> Result<(), StorageError> {
         let (lo, hi) = (group_key(group, &[]), group_key(group, &[0xff; 64]));
+        // The log first: a crash in between leaves state without a log, as a seeded group
+        // starts, never entries of a group whose vote and purge point are gone.
+        self.raft_log
+            .clear(group)
+            .and_then(|()| self.raft_log.sync())
+            .map_err(StorageError::RaftLog)?;
+        // A group started here again begins with what its log holds then (nothing); callbacks
+        // of the old log's appends still pending advance the forgotten instance.
+        self.log_durable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
         let mut batch = rocksdb::WriteBatch::default();
         for name in [CF_STATE, CF_BLOB, CF_RAFT_LOG, CF_RAFT_META] {
             batch.delete_range_cf(self.cf(name), &lo, &hi);
@@ -248,6 +300,7 @@ impl Storage {
         sync.set_sync(true);
         self.db.write_opt(batch, &sync)?;
         if compact {
+            self.raft_log.rewrite().map_err(StorageError::RaftLog)?;
             for name in [CF_STATE, CF_BLOB, CF_RAFT_LOG, CF_RAFT_META] {
                 self.db
                     .compact_range_cf(self.cf(name), Some(lo.as_slice()), Some(hi.as_slice()));
@@ -262,6 +315,38 @@ impl Storage {
 
     pub fn syncer(&self) -> &Syncer {
         &self.syncer
+    }
+
+    /// Every group's raft entries.
+    pub fn raft_log(&self) -> &segments::SegmentLog {
+        &self.raft_log
+    }
+
+    /// Group commit of the raft log.
+    pub fn raft_log_syncer(&self) -> &Syncer {
+        &self.raft_log_syncer
+    }
+
+    /// How far `group`'s raft log is durable, shared by its log store (which advances it when
+    /// an append's fsync completes) and its state machine (which applies no entry beyond it:
+    /// see [`LogDurable`]). Entries the log held at open are durable (`open` synced them).
+    pub fn log_durable(&self, group: GroupId) -> Arc<LogDurable> {
+        self.log_durable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group)
+            .or_insert_with(|| {
+                let next = self.raft_log.bounds(group).map_or(0, |(_, last)| last + 1);
+                Arc::new(LogDurable::new(next))
+            })
+            .clone()
+    }
+
+    /// Makes every later fsync, of RocksDB and of the raft log, fail (tests of the failure
+    /// path: a disk that stopped syncing).
+    pub fn inject_fsync_failure(&self, fail: bool) {
+        self.syncer.inject_failure(fail);
+        self.raft_log_syncer.inject_failure(fail);
     }
 
     /// A column family handle. The four families are checked at open, so this cannot fail.
@@ -292,6 +377,53 @@ impl Storage {
     pub async fn sync(&self) -> std::io::Result<()> {
         self.syncer.sync().await
     }
+}
+
+/// Moves the raft entries that a build of key layout 3 or older kept in the `raft_log` family
+/// into the segment log, then deletes them there. Safe to repeat after a crash: an entry
+/// appended again at its index replaces the copy made before.
+fn migrate_raft_log(db: &DB, log: &segments::SegmentLog) -> Result<(), StorageError> {
+    let cf = db
+        .cf_handle(CF_RAFT_LOG)
+        .ok_or(StorageError::MissingCf(CF_RAFT_LOG))?;
+    let mut run: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut run_group = None;
+    let mut moved = 0u64;
+    let flush = |group: Option<GroupId>, run: &mut Vec<(u64, Vec<u8>)>| match group {
+        Some(g) if !run.is_empty() => {
+            let r = log.append(g, run.iter().map(|(i, d)| (*i, d.as_slice())));
+            run.clear();
+            r.map_err(StorageError::RaftLog)
+        }
+        _ => Ok(()),
+    };
+    for item in db.iterator_cf(cf, rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let (Some(g), Some(i)) = (k.get(..2), k.get(2..10)) else {
+            continue;
+        };
+        let group = GroupId::from_be_bytes([g[0], g[1]]);
+        let mut index = [0u8; 8];
+        index.copy_from_slice(i);
+        if run_group != Some(group) || run.len() >= 1024 {
+            flush(run_group, &mut run)?;
+            run_group = Some(group);
+        }
+        run.push((u64::from_be_bytes(index), v.to_vec()));
+        moved += 1;
+    }
+    flush(run_group, &mut run)?;
+    if moved == 0 {
+        return Ok(());
+    }
+    log.sync().map_err(StorageError::RaftLog)?;
+    db.delete_range_cf(cf, &[] as &[u8], &[0xffu8; 11][..])?;
+    db.flush_wal(true)?;
+    tracing::info!(
+        entries = moved,
+        "moved the raft log out of RocksDB into its segment files"
+    );
+    Ok(())
 }
 
 /// Prefixes `key` with the group id.

@@ -1,4 +1,5 @@
-//! Group commit: one thread fsyncs the shared WAL for every waiter that wrote before it began.
+//! Group commit: one thread fsyncs a log (RocksDB's WAL, or the raft log's active segment) for
+//! every waiter that wrote before it began.
 //!
 //! ```text
 //!   append (group 3) ─write─┐                       ┌─▶ callback(group 3 entries durable)
@@ -11,8 +12,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-
-use rocksdb::DB;
 
 type Callback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -47,7 +46,12 @@ pub struct Syncer {
 }
 
 impl Syncer {
-    pub(super) fn start(db: Arc<DB>) -> std::io::Result<Self> {
+    /// Starts the thread `name`, which calls `sync(true)` to make everything written so far
+    /// durable (`sync(false)` under [`UNSAFE_SKIP_FSYNC_ENV`]: written to the OS, not synced).
+    pub(super) fn start(
+        name: &str,
+        sync: impl Fn(bool) -> std::io::Result<()> + Send + 'static,
+    ) -> std::io::Result<Self> {
         let q = Arc::new(Queue {
             pending: Mutex::new(Vec::new()),
             wake: Condvar::new(),
@@ -66,8 +70,8 @@ impl Syncer {
         }
         let q2 = q.clone();
         let thread = std::thread::Builder::new()
-            .name("kubbi-wal-sync".into())
-            .spawn(move || run(&db, &q2))?;
+            .name(name.into())
+            .spawn(move || run(&sync, &q2))?;
         Ok(Self {
             q,
             thread: Some(thread),
@@ -109,7 +113,7 @@ impl Syncer {
 
     /// Appends the fsync metrics.
     pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP kubbi_storage_fsync_duration_seconds Duration of each WAL fsync.\n# TYPE kubbi_storage_fsync_duration_seconds histogram\n");
+        out.push_str("# HELP kubbi_storage_fsync_duration_seconds Duration of each raft log fsync.\n# TYPE kubbi_storage_fsync_duration_seconds histogram\n");
         self.q
             .latency
             .render("kubbi_storage_fsync_duration_seconds", "", out);
@@ -133,7 +137,7 @@ impl Drop for Syncer {
     }
 }
 
-fn run(db: &DB, q: &Queue) {
+fn run(sync: &dyn Fn(bool) -> std::io::Result<()>, q: &Queue) {
     loop {
         let batch = {
             let mut pending = q.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -149,8 +153,8 @@ fn run(db: &DB, q: &Queue) {
         let result = if q.fail.load(Ordering::SeqCst) {
             Err("injected fsync failure".to_string())
         } else {
-            // Everything written to the WAL before this call reaches stable storage here.
-            db.flush_wal(!q.skip).map_err(|e| e.to_string())
+            // Everything written to the log before this call reaches stable storage here.
+            sync(!q.skip).map_err(|e| e.to_string())
         };
         q.fsyncs.fetch_add(1, Ordering::Relaxed);
         q.latency.observe(started.elapsed().as_secs_f64());

@@ -764,6 +764,8 @@ async fn metrics_count_lifecycle_routes_and_raft_without_secrets() {
         "kubbi_raft_is_leader{group=\"system\"} 1",
         "kubbi_storage_fsync_duration_seconds_count",
         "kubbi_raft_append_duration_seconds_bucket",
+        // A fresh node's raft log: one segment, appended to.
+        "kubbi_raft_log_segments 1",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }

@@ -96,7 +96,18 @@ impl Cluster {
     }
 
     async fn start_full(n: u64, extra: impl Fn(u64) -> Vec<String>, env: &[(&str, &str)]) -> Self {
-        let base = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), n, extra, env).await
+    }
+
+    /// Like [`Cluster::start`], in `base`, where member `i`'s data directory is `node{i}` (the
+    /// caller may have mounted a file system there), with extra flags per node id and extra
+    /// environment variables for every node.
+    pub async fn start_in(
+        base: tempfile::TempDir,
+        n: u64,
+        extra: impl Fn(u64) -> Vec<String>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let secret_file = base.path().join("cluster-secret");
         let secret = format!("{:032x}", rand::random::<u128>());
         logscan::record("cluster-secret", &secret);
@@ -226,7 +237,14 @@ impl Cluster {
             .arg(&self.keys_file)
             .arg("--admin-token-file")
             .arg(&self.admin_file)
-            .args(["--raft-heartbeat-ms", "100"])
+            .args(
+                // Fast elections unless the test asked for its own timing.
+                if m.extra.iter().any(|a| a == "--raft-heartbeat-ms") {
+                    &[][..]
+                } else {
+                    &["--raft-heartbeat-ms", "100"][..]
+                },
+            )
             .args(&m.extra)
             .env("KUBBI_LOG", logscan::cluster_level())
             .envs(m.env.iter().map(|(k, v)| (k, v)));

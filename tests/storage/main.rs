@@ -88,7 +88,8 @@ async fn appends_vote_and_purge_survive_reopen() {
             .expect("vote");
         ls.purge(entry(9).log_id).await.expect("purge");
         // Every call above returned only after its fsync: the group commit covered it.
-        assert!(storage.syncer().fsync_count() >= 3);
+        assert!(storage.syncer().fsync_count() >= 2, "vote and purge");
+        assert!(storage.raft_log_syncer().fsync_count() >= 1, "the append");
     }
     let storage = Storage::open(dir.path()).expect("reopen");
     let mut ls = LogStore::new(storage, GROUP);
@@ -110,7 +111,7 @@ async fn appends_vote_and_purge_survive_reopen() {
 async fn a_failed_fsync_fails_the_append_callback() {
     let dir = tempfile::tempdir().expect("tempdir");
     let storage = Storage::open(dir.path()).expect("open");
-    storage.syncer().inject_failure(true);
+    storage.inject_fsync_failure(true);
     let mut ls = LogStore::new(storage.clone(), GROUP);
     let err = ls.blocking_append([entry(0)]).await;
     assert!(
@@ -118,7 +119,7 @@ async fn a_failed_fsync_fails_the_append_callback() {
         "an append whose fsync failed must not report success"
     );
     assert!(storage.sync().await.is_err());
-    storage.syncer().inject_failure(false);
+    storage.inject_fsync_failure(false);
     storage.sync().await.expect("sync works again");
 }
 
@@ -454,4 +455,86 @@ async fn seeded_replicas_elect_serve_and_a_fourth_catches_up_by_snapshot() {
     for r in rafts {
         r.shutdown().await.expect("shuts down");
     }
+}
+
+/// A data directory of key layout 3 or older kept its raft log in RocksDB: opening it moves
+/// every group's entries into the segment log, once, and the log reads as it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raft_log_kept_in_rocksdb_is_moved_into_segments_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let storage = Storage::open(dir.path()).expect("open");
+        let cf = storage.cf(kubbi::storage::CF_RAFT_LOG);
+        for g in [GROUP, GROUP + 1] {
+            for i in 3..40u64 {
+                storage
+                    .db()
+                    .put_cf(
+                        cf,
+                        kubbi::storage::group_key(g, &i.to_be_bytes()),
+                        kubbi::codec::encode(&entry(i)),
+                    )
+                    .expect("put");
+            }
+        }
+        storage.db().flush_wal(true).expect("sync");
+    }
+    let storage = Storage::open(dir.path()).expect("reopen");
+    let cf = storage.cf(kubbi::storage::CF_RAFT_LOG);
+    assert!(
+        storage
+            .db()
+            .iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .next()
+            .is_none(),
+        "the family is emptied"
+    );
+    for g in [GROUP, GROUP + 1] {
+        let mut ls = LogStore::new(storage.clone(), g);
+        let state = ls.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(39), "group {g}");
+        let mut reader = ls.get_log_reader().await;
+        let got = openraft::RaftLogReader::try_get_log_entries(&mut reader, 0..40)
+            .await
+            .expect("read");
+        let indexes: Vec<u64> = got.iter().map(|e| e.log_id.index).collect();
+        assert_eq!(indexes, (3..40).collect::<Vec<_>>(), "group {g}");
+    }
+}
+
+/// openraft applies an entry once it is accepted into the local log and committed, not once the
+/// local append is durable. The state machine writes no state for an entry the raft log has not
+/// made durable: it waits for the log's fsync (and fails with it), so after a power cut a
+/// replica's state is never ahead of its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_machine_writes_nothing_beyond_the_durable_raft_log() {
+    use openraft::storage::RaftStateMachine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Storage::open(dir.path()).expect("open");
+    let mut sm = StateMachine::new(storage.clone(), GROUP, Arc::new(NoObserver));
+    // Nothing known durable and the log's fsync failing: the apply fails, nothing is written.
+    storage.raft_log_syncer().inject_failure(true);
+    assert!(apply_one(&mut sm, 1).await.is_err());
+    let (applied, _) = sm.applied_state().await.expect("state");
+    assert_eq!(applied, None, "no state written ahead of the log");
+    storage.raft_log_syncer().inject_failure(false);
+    apply_one(&mut sm, 1)
+        .await
+        .expect("applied once the log synced");
+    // Entries whose append was made durable need no fsync of their own.
+    let mut ls = LogStore::new(storage.clone(), GROUP);
+    ls.blocking_append((2..4).map(entry)).await.expect("append");
+    storage.raft_log_syncer().inject_failure(true);
+    apply_one(&mut sm, 2)
+        .await
+        .expect("entry 2 is durable already");
+    let (applied, _) = sm.applied_state().await.expect("state");
+    assert_eq!(applied.map(|l| l.index), Some(2));
+    storage.raft_log_syncer().inject_failure(false);
+}
+
+async fn apply_one(sm: &mut StateMachine, index: u64) -> Result<(), std::io::Error> {
+    use openraft::storage::RaftStateMachine;
+    sm.apply(futures::stream::iter(vec![Ok((entry(index), None))]))
+        .await
 }
