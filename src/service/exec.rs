@@ -313,12 +313,17 @@ impl Executor {
                     )
                     .map_err(from_store)?;
                 let own = view.ownership().map_err(from_store)?;
+                // Each status as a reader must see it, judged at the group's time as claims and
+                // previews are (never by the clock of the node that asked).
+                let now = self.group_now(&view)?;
                 let entries = rows
                     .iter()
                     .map(|(k, v)| {
-                        OwnerEntry::decode(k, v).ok_or_else(|| {
+                        let mut e = OwnerEntry::decode(k, v).ok_or_else(|| {
                             ExecError::Internal("undecodable owner index entry".into())
-                        })
+                        })?;
+                        e.status = e.status_at(now);
+                        Ok(e)
                     })
                     // A range fenced here is listed by the group it moved to (both hold its
                     // keys until the release).

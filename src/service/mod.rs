@@ -579,13 +579,13 @@ impl Service {
             .data_groups()
             .into_iter()
             .map(|g| self.call(g, ShardOp::OwnerEntries { owner: *owner }));
-        let now = self.now();
         let mut entries: Vec<OwnerEntry> = Vec::new();
         for r in futures::future::join_all(calls).await {
             match r? {
+                // Each entry's status was judged by its group's leader, at the group's time.
                 ShardReply::OwnerEntries(es) => entries.extend(
                     es.into_iter()
-                        .filter(|e| status.is_none_or(|s| e.status_at(now) == s)),
+                        .filter(|e| status.is_none_or(|s| e.status == s)),
                 ),
                 other => return Err(unexpected("owner entries", &other)),
             }

@@ -1558,6 +1558,43 @@ async fn an_expiry_seen_through_a_fast_leader_holds_under_the_next_one() {
     c.shutdown().await;
 }
 
+/// A list filtered by status judges each kubbi at its group's time, as claims and previews do,
+/// not by the clock of the node that was asked: through a node whose clock runs 61 s ahead, a
+/// kubbi of 60 s that its group's leader still lets be claimed is listed as active, not expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_through_a_fast_node_judges_status_at_the_groups_time() {
+    let c = common::inproc::InProcCluster::start(3).await;
+    let key = c.api_key().await;
+    let r = c
+        .api(0)
+        .create(&key, json!({"content": "x", "ttl_seconds": 60}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let g = c.group_of(r.body["id"].as_str().expect("id")).await;
+    let fast = 2;
+    let total = |r: &common::Resp| r.body["pagination"]["total"].as_u64();
+    let mut judged = None;
+    for _ in 0..10 {
+        c.lead(g, 0).await;
+        c.handle(fast).clock.advance(61_000);
+        let active = c.api(fast).get(&key, "/api/v1/kubbis?status=active").await;
+        let expired = c.api(fast).get(&key, "/api/v1/kubbis?status=expired").await;
+        c.handle(fast).clock.advance(-61_000);
+        // The rebalancer may have handed the group to the fast node meanwhile: then its clock is
+        // the group's, and the kubbi is expired indeed. Again.
+        if c.leader_seen_by(fast, g as u16) != Some(c.id(fast)) {
+            judged = Some((total(&active), total(&expired)));
+            break;
+        }
+    }
+    assert_eq!(
+        judged,
+        Some((Some(1), Some(0))),
+        "(active, expired) listed through the fast node"
+    );
+    c.shutdown().await;
+}
+
 /// Whether every group's replica on member `i` is quiet (`kubbi_raft_quiet` of each group 1).
 async fn all_quiet(c: &Cluster, i: usize) -> bool {
     let m = c.api(i).metrics_text().await;
