@@ -589,6 +589,15 @@ async fn a_lost_claim_reply_is_answered_again_to_a_keyed_retry_only() {
         made.push(r.body);
     }
     let leader = 0;
+    let g = c.group_of(made[0]["id"].as_str().expect("id")).await;
+    // Whichever node the election and the rebalancer picked, the test's leader leads the group,
+    // and has applied both creates (a read through it is linearizable).
+    c.lead(g, leader).await;
+    assert_eq!(c.leader_seen_by(leader, g as u16), Some(c.id(leader)));
+    for b in &made {
+        let token = b["claim_token"].as_str().expect("token");
+        assert_eq!(c.api(leader).preview(token).await.status, StatusCode::OK);
+    }
     let storage = c.handle(leader).storage().clone();
     let ciphertexts: Vec<Vec<u8>> = made
         .iter()
@@ -606,8 +615,6 @@ async fn a_lost_claim_reply_is_answered_again_to_a_keyed_retry_only() {
         })
         .collect();
     drop(storage);
-    let g = c.group_of(made[0]["id"].as_str().expect("id")).await;
-    assert_eq!(c.leader_seen_by(leader, g as u16), Some(c.id(leader)));
     let token = |i: usize| made[i]["claim_token"].as_str().expect("token").to_string();
     let idem = marker("idem");
 
