@@ -413,18 +413,18 @@ impl Inner {
                 // Copies not closed by their end record were cut short: none of them counts.
                 copies.clear();
             }
+            // An entry (or a copy) at `index` replaces the group's entries from there on.
+            let mut place = |inner: &mut Self, group: GroupId, index: u64, loc: Loc| {
+                let generation = inner.generation_of(group);
+                inner.groups.entry(group).or_default().push(index, loc);
+                groups.insert(group, generation);
+            };
             match kind {
-                ENTRY => {
-                    let generation = self.generation_of(group);
-                    self.groups.entry(group).or_default().push(index, loc);
-                    groups.insert(group, generation);
-                }
+                ENTRY => place(self, group, index, loc),
                 COPY => copies.push((group, index, loc)),
                 COPIES_END => {
                     for (group, index, loc) in copies.drain(..) {
-                        let generation = self.generation_of(group);
-                        self.groups.entry(group).or_default().push(index, loc);
-                        groups.insert(group, generation);
+                        place(self, group, index, loc);
                     }
                 }
                 TRUNCATE => {

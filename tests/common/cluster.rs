@@ -87,16 +87,18 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra `kubbi serve` flags per node id.
     pub async fn start_each(n: u64, extra: impl Fn(u64) -> Vec<String>) -> Self {
-        Self::start_full(n, extra, &[]).await
+        Self::start_in(tempfile::tempdir().expect("tempdir"), n, extra, &[]).await
     }
 
     /// Like [`Cluster::start`], with extra environment variables for every node.
     pub async fn start_env(n: u64, env: &[(&str, &str)]) -> Self {
-        Self::start_full(n, |_| Vec::new(), env).await
-    }
-
-    async fn start_full(n: u64, extra: impl Fn(u64) -> Vec<String>, env: &[(&str, &str)]) -> Self {
-        Self::start_in(tempfile::tempdir().expect("tempdir"), n, extra, env).await
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            n,
+            |_| Vec::new(),
+            env,
+        )
+        .await
     }
 
     /// Like [`Cluster::start`], in `base`, where member `i`'s data directory is `node{i}` (the
