@@ -1655,6 +1655,9 @@ async fn idle_groups_go_quiet_wake_on_a_write_and_fail_over_when_their_leader_di
         n
     };
     let appended_before = appends().await;
+    // Still quiet right before the write (on a loaded machine a late liveness ping can wake a
+    // group meanwhile, and then no follower would wake on the write's entries).
+    wait_all_quiet(&c, "before the write").await;
 
     // A write wakes its group; a claim through another node (a forward) is answered.
     let body = json!({"content": "quiet", "max_retrievals": 2});
