@@ -10,6 +10,10 @@
 //! cargo bench --bench loadgen -- --clients 1,16,64 --seconds 10 --payload 1024 --rss 100000
 //! ```
 //!
+//! With `--cluster DIR --region R` (a cluster started by `cluster/up --regions ...`) the clients
+//! sit in region R and use that region's nodes only; whatever those nodes forward to other
+//! regions crosses the simulator's links.
+//!
 //! Workloads: `create` (single content of `--payload` bytes, max_retrievals 1), `claim` (claims
 //! kubbis created beforehand, each once: every claim burns), `claim-n` (kubbis of
 //! max_retrievals 3 created beforehand, each claimed three times), `preview` (GET /r/:token),
@@ -44,6 +48,9 @@ struct Opts {
     url: Option<String>,
     /// A cluster started by `cluster/up`: clients spread over its nodes.
     cluster: Option<PathBuf>,
+    /// With `--cluster` started with `--regions`: the clients sit in this region and use its
+    /// nodes (`regions.R.endpoints` of cluster.json).
+    region: Option<String>,
     clients: Vec<usize>,
     seconds: u64,
     payload: usize,
@@ -72,6 +79,7 @@ fn parse_opts() -> Opts {
     let mut o = Opts {
         url: None,
         cluster: None,
+        region: None,
         clients: vec![1, 16, 64],
         seconds: 10,
         payload: 1024,
@@ -93,6 +101,7 @@ fn parse_opts() -> Opts {
         match args[i].as_str() {
             "--url" => o.url = Some(val(i)),
             "--cluster" => o.cluster = Some(PathBuf::from(val(i))),
+            "--region" => o.region = Some(val(i)),
             "--clients" => o.clients = val(i).split(',').filter_map(|c| c.parse().ok()).collect(),
             "--seconds" => o.seconds = val(i).parse().unwrap_or(10),
             "--payload" => o.payload = val(i).parse().unwrap_or(1024),
@@ -912,8 +921,18 @@ async fn main() {
                             .expect("cluster.json (run cluster/up)"),
                     )
                     .expect("cluster.json");
-                    for n in state["nodes"].as_array().expect("nodes") {
-                        urls.push(format!("http://{}", n["http"].as_str().expect("http")));
+                    match &opts.region {
+                        Some(r) => {
+                            let eps = state["regions"][r.as_str()]["endpoints"]
+                                .as_array()
+                                .unwrap_or_else(|| panic!("no region {r} in cluster.json"));
+                            urls.extend(eps.iter().filter_map(|u| u.as_str().map(String::from)));
+                        }
+                        None => {
+                            for n in state["nodes"].as_array().expect("nodes") {
+                                urls.push(format!("http://{}", n["http"].as_str().expect("http")));
+                            }
+                        }
                     }
                     Node {
                         child: None,

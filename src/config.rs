@@ -1,6 +1,7 @@
 //! The node's configuration: one typed tree built from flags and `KUBBI_*` environment
 //! variables (see `kubbi serve --help`), then checked by [`Config::validate`].
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -136,6 +137,38 @@ pub fn parse_bootstrap(s: &str) -> Result<Vec<BootstrapMember>, String> {
     Ok(out)
 }
 
+/// Parses `2=127.0.0.1:7801,3=127.0.0.1:7802` (`--peer-routes`).
+///
+/// # Errors
+/// An entry that is not `id=host:port`, or a node named twice.
+pub fn parse_peer_routes(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .ok_or_else(|| format!("peer route `{item}` is not id=host:port"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .ok()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| format!("peer route `{item}`: the id must be a positive integer"))?;
+        let addr = addr.trim();
+        if addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "peer route `{item}`: the address must be host:port"
+            ));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(format!("peer routes name node {id} twice"));
+        }
+    }
+    Ok(out)
+}
+
 /// The zone of a node that names none.
 pub const DEFAULT_ZONE: &str = "default/default";
 
@@ -150,6 +183,9 @@ pub struct ClusterConfig {
     pub advertise_http: Option<String>,
     /// Locality label, `region/zone`.
     pub zone: String,
+    /// Where this node dials some peers instead of the address they advertise (node id →
+    /// `host:port`): a proxy on the path, such as the region simulator's links.
+    pub peer_routes: BTreeMap<u64, String>,
     /// The initial members (first start of a new cluster; harmless on restarts).
     pub bootstrap: Vec<BootstrapMember>,
     /// The internal address of any member, to join an existing cluster.
@@ -514,6 +550,11 @@ pub struct ServeArgs {
     /// Locality label `region/zone`; replicas of a shard go to distinct zones when possible.
     #[arg(long, env = "KUBBI_ZONE", default_value = DEFAULT_ZONE)]
     pub zone: String,
+    /// Dial these peers here instead of at the internal address they advertise:
+    /// `2=host:port,3=host:port` (a proxy on the path, e.g. `kubbi-netsim` between regions).
+    /// With internal mTLS the peer's certificate must name the route's host.
+    #[arg(long, env = "KUBBI_PEER_ROUTES")]
+    pub peer_routes: Option<String>,
     /// Initial members of a new cluster: `1=host:port@region/zone,2=...` (internal addresses).
     #[arg(long, env = "KUBBI_BOOTSTRAP")]
     pub bootstrap: Option<String>,
@@ -636,6 +677,10 @@ impl ServeArgs {
             advertise_internal: self.advertise_internal,
             advertise_http: self.advertise_http,
             zone: self.zone,
+            peer_routes: match self.peer_routes {
+                Some(r) => parse_peer_routes(&r)?,
+                None => BTreeMap::new(),
+            },
             bootstrap: match self.bootstrap {
                 Some(b) => parse_bootstrap(&b)?,
                 None => Vec::new(),
@@ -753,6 +798,26 @@ mod tests {
             Some(13)
         );
         assert_eq!(node_id_from_hostname("kubbi"), None);
+    }
+
+    #[test]
+    fn peer_routes_parse_and_refuse_what_is_not_id_host_port() {
+        let r = parse_peer_routes("2=127.0.0.1:7801, 3=proxy.eu:9000,").expect("parses");
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[&2], "127.0.0.1:7801");
+        assert_eq!(r[&3], "proxy.eu:9000");
+        for bad in [
+            "2",
+            "0=h:1",
+            "x=h:1",
+            "2=h",
+            "2=:1",
+            "2=h:99999",
+            "2=h:1,2=h:2",
+        ] {
+            assert!(parse_peer_routes(bad).is_err(), "{bad} is refused");
+        }
+        assert!(parse_peer_routes("").expect("empty").is_empty());
     }
 
     #[test]

@@ -683,6 +683,21 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                 );
             }
             println!("groups (shard map version {}):", st["map_version"]);
+            // Node id -> region (the part of its zone before `/`), when nodes span regions.
+            let regions: std::collections::BTreeMap<String, String> = st["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| {
+                    let zone = n["zone"].as_str().unwrap_or("");
+                    (n["id"].to_string(), kubbi::shard::region(zone).to_string())
+                })
+                .collect();
+            let spans_regions = regions
+                .values()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                > 1;
             for s in st["shards"].as_array().into_iter().flatten() {
                 let ranges: Vec<String> = s["ranges"]
                     .as_array()
@@ -717,6 +732,20 @@ async fn cluster(admin: AdminArgs, cmd: ClusterCmd) -> anyhow::Result<()> {
                     .flatten()
                     .map(ToString::to_string)
                     .collect();
+                if spans_regions {
+                    let region_of = |id: &serde_json::Value| regions.get(&id.to_string()).cloned();
+                    let replicas: Vec<String> = s["replicas"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(region_of)
+                        .collect();
+                    println!(
+                        "          regions: leader in {}, replicas in {}",
+                        region_of(&s["leader"]).unwrap_or_else(|| "-".into()),
+                        replicas.join(",")
+                    );
+                }
                 if s["pinned"] == true || (!desired.is_empty() && desired != voters) {
                     println!(
                         "          {} {}",

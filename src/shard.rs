@@ -42,20 +42,39 @@ fn score(shard: GroupId, node: u64) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// The replicas of `shard` among `nodes`: `min(rf, nodes)` of them, in distinct zones while
-/// zones last, highest rendezvous score first.
+/// The region of a locality label `region/zone` (the whole label when it has no `/`).
+pub fn region(zone: &str) -> &str {
+    zone.split_once('/').map_or(zone, |(r, _)| r)
+}
+
+/// The replicas of `shard` among `nodes`: `min(rf, nodes)` of them, in distinct regions while
+/// regions last, then in distinct zones while zones last, highest rendezvous score first.
 pub fn replicas(shard: GroupId, nodes: &[Candidate], rf: usize) -> Vec<u64> {
     let mut ranked: Vec<&Candidate> = nodes.iter().collect();
     ranked.sort_by_key(|n| (std::cmp::Reverse(score(shard, n.id)), n.id));
     ranked.dedup_by_key(|n| n.id);
     let want = rf.min(ranked.len());
     let mut chosen: Vec<u64> = Vec::with_capacity(want);
-    let mut zones = BTreeSet::new();
+    // Distinct regions first, then distinct zones, then anyone.
+    let mut regions = BTreeSet::new();
     for n in &ranked {
         if chosen.len() == want {
             break;
         }
-        if zones.insert(n.zone.as_str()) {
+        if regions.insert(region(&n.zone)) {
+            chosen.push(n.id);
+        }
+    }
+    let mut zones: BTreeSet<&str> = ranked
+        .iter()
+        .filter(|n| chosen.contains(&n.id))
+        .map(|n| n.zone.as_str())
+        .collect();
+    for n in &ranked {
+        if chosen.len() == want {
+            break;
+        }
+        if !chosen.contains(&n.id) && zones.insert(n.zone.as_str()) {
             chosen.push(n.id);
         }
     }
@@ -113,11 +132,13 @@ const MAX_STEPS: usize = 10_000;
 /// 1. **repair**: a replica on a node that is no longer an active member (`members`) is dropped;
 ///    a group with more than `min(rf, members)` replicas loses those on the busiest nodes;
 /// 2. **fill**: a group with fewer gets the least busy `eligible` nodes (active members that are
-///    alive), a zone it does not use yet first;
-/// 3. **even out replicas**: while the busiest node holds two replicas more than the least busy
+///    alive), a region it does not use yet first, then a zone;
+/// 3. **spread**: a group in fewer regions than its replicas could span trades a replica in a
+///    region it holds twice for a node in a region it lacks;
+/// 4. **even out replicas**: while the busiest node holds two replicas more than the least busy
 ///    eligible one, one replica of a group that is not pinned moves between them (never
-///    reducing the group's zones);
-/// 4. **even out leaders**: the same with preferred leaders, by reordering a group's replicas.
+///    reducing the group's regions or zones);
+/// 5. **even out leaders**: the same with preferred leaders, by reordering a group's replicas.
 ///
 /// Each step moves as little as it can, so a node joining or leaving moves about its share,
 /// and `converge` of its own result changes nothing (the rebalancer converges to a fixpoint).
@@ -175,11 +196,13 @@ pub fn converge(
                 break;
             }
             let zones: BTreeSet<&str> = r.iter().map(|id| zone_of(*id)).collect();
+            let regions: BTreeSet<&str> = zones.iter().map(|z| region(z)).collect();
             let best = eligible
                 .iter()
                 .filter(|c| !r.contains(&c.id))
                 .min_by_key(|c| {
                     (
+                        regions.contains(region(&c.zone)),
                         zones.contains(c.zone.as_str()),
                         load.get(&c.id).copied().unwrap_or(0),
                         std::cmp::Reverse(score(*g, c.id)),
@@ -193,12 +216,57 @@ pub fn converge(
         }
     }
     let movable: Vec<GroupId> = ids.iter().copied().filter(|g| !groups[g].pinned).collect();
+    // How widely a replica set spreads: distinct regions, then distinct zones.
     let zones = |r: &[u64]| {
-        r.iter()
-            .map(|id| zone_of(*id))
-            .collect::<BTreeSet<_>>()
-            .len()
+        let z: BTreeSet<&str> = r.iter().map(|id| zone_of(*id)).collect();
+        (
+            z.iter().map(|z| region(z)).collect::<BTreeSet<_>>().len(),
+            z.len(),
+        )
     };
+    // Spread: a group in fewer regions than it could span trades a replica that shares its
+    // region with another (the busiest such, the preferred leader last) for the least busy
+    // node of a region it lacks. Losing a region then costs no group its majority.
+    let all_regions: BTreeSet<&str> = eligible.iter().map(|c| region(&c.zone)).collect();
+    for g in &movable {
+        loop {
+            let r = &out[g];
+            let have: BTreeSet<&str> = r.iter().map(|id| region(zone_of(*id))).collect();
+            if have.len() >= r.len().min(all_regions.len()) {
+                break;
+            }
+            let load = count(&out, false);
+            let shared = |id: &u64| {
+                r.iter()
+                    .filter(|o| region(zone_of(**o)) == region(zone_of(*id)))
+                    .count()
+                    > 1
+            };
+            let Some((i, _)) = r
+                .iter()
+                .enumerate()
+                .filter(|(_, id)| shared(id))
+                .max_by_key(|(i, id)| (*i != 0, load.get(*id).copied().unwrap_or(0), *i))
+            else {
+                break;
+            };
+            let Some(to) = eligible
+                .iter()
+                .filter(|c| !have.contains(region(&c.zone)))
+                .min_by_key(|c| {
+                    (
+                        load.get(&c.id).copied().unwrap_or(0),
+                        std::cmp::Reverse(score(*g, c.id)),
+                        c.id,
+                    )
+                })
+                .map(|c| c.id)
+            else {
+                break;
+            };
+            out.get_mut(g).expect("listed")[i] = to;
+        }
+    }
     // Each step moves one replica (then one leader) from a node to one holding at least two
     // fewer, which lowers the sum of squared counts: the loops end, at a fixpoint.
     let is_eligible = |id: u64| eligible.iter().any(|c| c.id == id);
@@ -514,6 +582,49 @@ mod tests {
         // A new group short of replicas is filled from the alive nodes only.
         let g = placed(&[(0, &[1], false)]);
         assert_eq!(converge(&g, &members, &alive, 3)[&0], vec![1, 2]);
+    }
+
+    #[test]
+    fn replicas_span_regions_before_zones() {
+        // cluster/up 5 --regions eu,us,ap: two zones each in eu and us, one in ap.
+        let n = nodes(&[
+            (1, "eu/z1"),
+            (2, "us/z2"),
+            (3, "ap/z3"),
+            (4, "eu/z4"),
+            (5, "us/z5"),
+        ]);
+        let region_count = |r: &[u64]| {
+            r.iter()
+                .map(|id| region(&n[(*id - 1) as usize].zone))
+                .collect::<BTreeSet<_>>()
+                .len()
+        };
+        for s in 0..64 {
+            let r = replicas(s, &n, 3);
+            assert_eq!(region_count(&r), 3, "shard {s}: {r:?}");
+        }
+        // From any start, converging keeps every group in all three regions, and evens out.
+        let g: BTreeMap<GroupId, Placed> = (0..5)
+            .map(|g| {
+                (
+                    g,
+                    Placed {
+                        replicas: vec![1, 4],
+                        pinned: false,
+                    },
+                )
+            })
+            .collect();
+        let out = converge(&g, &ids(&n), &n, 3);
+        for (g, r) in &out {
+            assert_eq!(region_count(r), 3, "group {g}: {r:?}");
+        }
+        let leaders = held(&out, true);
+        assert!(leaders.values().all(|c| *c == 1), "{leaders:?}");
+        assert_eq!(converge(&as_placed(&out, &[]), &ids(&n), &n, 3), out);
+        assert_eq!(region("eu/z1"), "eu");
+        assert_eq!(region("plain"), "plain");
     }
 
     #[test]

@@ -35,6 +35,10 @@ seeded order), inject, hold, heal. Kinds:
                    the time each, while the move runs: kill -9 the group's leader, isolate the new
                    leader, or cut the power of a lazyfs node among the new replicas; half the time
                    the group is then given back to the rebalancer (auto)
+  rolling_restart  (opt-in: name it in --faults) a planned restart of every member in turn:
+                   SIGTERM (the node hands the leadership of its groups off before it exits),
+                   start it again on its data directory, wait until it is ready and every
+                   group is led, then the next member
 
 Every injection and heal is an event in the history file ({"nemesis": ...}).
 """
@@ -167,6 +171,22 @@ class Nemesis:
         for i in ids:
             self.c.nodes[i].start()
         self.event(kind, "end", nodes=ids)
+
+    def do_rolling_restart(self):
+        ids = [nd.id for nd in self.members()]
+        self.event("rolling_restart", "start", nodes=ids)
+        for i in ids:
+            if self.stop_flag.is_set():
+                break
+            nd = self.c.nodes[i]
+            self.event("rolling_restart", "stop", nodes=[i])
+            nd.terminate(timeout=30)
+            nd.start()
+            deadline = time.monotonic() + 60
+            while not nd.ready() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            self.c.wait_led(60)
+        self.event("rolling_restart", "end", nodes=ids)
 
     def do_pause(self):
         nd = self.c.nodes[self.top_leaders(1)[0]] if self.rng.random() < 0.5 else self.rng.choice(self.members())
@@ -585,6 +605,8 @@ class Nemesis:
             return self.do_kill(kind, sorted(self.rng.sample(ids, max(1, (n - 1) // 2))))
         if kind == "pause":
             return self.do_pause()
+        if kind == "rolling_restart":
+            return self.do_rolling_restart()
         if kind == "partition_halves":
             return self.do_partition_halves()
         if kind == "partition_leader":

@@ -312,6 +312,11 @@ async fn raft_rpc(
                 }
                 encode(&r)
             }
+            // A stopping node has handed its groups off (`NodeHandle::hand_off_leadership`);
+            // it takes none back, or its stop would cost the group an election after all.
+            Call::Transfer(_) if st.exec.is_stopping() => {
+                encode(&Err::<(), String>("this node is stopping".into()))
+            }
             Call::Transfer(_) => encode(
                 &raft
                     .handle_transfer_leader(body(b)?)

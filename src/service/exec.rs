@@ -50,6 +50,8 @@ pub struct Executor {
     clock: Arc<dyn Clock>,
     groups: RwLock<BTreeMap<GroupId, Arc<LocalGroup>>>,
     quiet: Arc<crate::raft::quiet::Quiet>,
+    /// Set when the node begins a planned stop: it hands its groups off and takes none back.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 fn from_raft(e: RaftClientError) -> ExecError {
@@ -81,7 +83,19 @@ impl Executor {
             clock,
             groups: RwLock::new(groups.into_iter().map(|g| (g.group, Arc::new(g))).collect()),
             quiet,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the node as stopping: [`Executor::is_stopping`] from now on.
+    pub fn set_stopping(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the node is in a planned stop (it refuses to be handed any group's leadership).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `lg` from now on; `false` (and `lg` is dropped) when the group already runs here.

@@ -211,6 +211,29 @@ impl Router {
         }
     }
 
+    /// Resolves with the new leader once this node's replica of group `g` sees a leader other
+    /// than `target` elected in a later term than the current one; never, where this node holds
+    /// no replica of `g` or no such election happens within [`FORWARD_TIMEOUT`].
+    async fn elected_elsewhere(&self, g: GroupId, target: u64) -> u64 {
+        if let Some(lg) = self.exec.group(g) {
+            let term = lg.raft.metrics().borrow_watched().current_term;
+            let moved = |m: &openraft::RaftMetrics<crate::raft::TypeConfig>| {
+                m.current_leader
+                    .filter(|l| *l != target && m.current_term > term)
+            };
+            if let Ok(m) = lg
+                .raft
+                .wait(Some(FORWARD_TIMEOUT))
+                .metrics(|m| moved(m).is_some(), "another leader elected")
+                .await
+                && let Some(l) = moved(&m)
+            {
+                return l;
+            }
+        }
+        std::future::pending().await
+    }
+
     /// Executes `op` on the leader of group `g`.
     ///
     /// # Errors
@@ -242,15 +265,23 @@ impl Router {
                     } else {
                         Lane::BySize
                     };
-                    let sent = peers
-                        .call::<Result<ShardReply, ExecError>>(
-                            target,
-                            Call::Shard(g),
-                            body,
-                            FORWARD_TIMEOUT,
-                            lane,
-                        )
-                        .await;
+                    let call = peers.call::<Result<ShardReply, ExecError>>(
+                        target,
+                        Call::Shard(g),
+                        body,
+                        FORWARD_TIMEOUT,
+                        lane,
+                    );
+                    let sent = tokio::select! {
+                        sent = call => sent,
+                        l = self.elected_elsewhere(g, target) => {
+                            // The group elected another leader while `target` was silent (cut
+                            // off, paused): go there now instead of waiting out the timeout. The
+                            // retry carries the same request id, so if `target` committed the
+                            // operation after all it is answered once, as after a timeout.
+                            Ok(Err(ExecError::NotLeader { leader: Some(l) }))
+                        }
+                    };
                     match sent {
                         Ok(r) => r,
                         Err(TransportError::Refused {

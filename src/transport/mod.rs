@@ -106,9 +106,20 @@ pub enum TransportError {
 #[derive(Default)]
 pub struct AddressBook {
     nodes: RwLock<BTreeMap<u64, (String, u64)>>,
+    /// Peers dialed somewhere else than the address they advertise (`--peer-routes`).
+    routes: BTreeMap<u64, String>,
 }
 
 impl AddressBook {
+    /// A book that dials the peers in `routes` at the address given there, whatever address
+    /// they advertise (a proxy on the path: the region simulator's links).
+    pub fn with_routes(routes: BTreeMap<u64, String>) -> Self {
+        Self {
+            routes,
+            ..Self::default()
+        }
+    }
+
     pub fn set(&self, id: u64, addr: &str, incarnation: u64) {
         let mut n = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         let e = n.entry(id).or_insert_with(|| (String::new(), 0));
@@ -125,8 +136,8 @@ impl AddressBook {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .cloned()
             .filter(|(a, _)| !a.is_empty())
+            .map(|(a, inc)| (self.routes.get(&id).unwrap_or(a).clone(), *inc))
     }
 
     /// The incarnation known for node `id` (0: not yet known), as [`AddressBook::get`] has
@@ -454,4 +465,24 @@ fn answer<Resp: DeserializeOwned>(
         });
     }
     decode("peer reply", bytes).map_err(|e| TransportError::Decode(to, e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_routed_peer_is_dialed_at_its_route_and_keeps_its_incarnation() {
+        let book = AddressBook::with_routes(BTreeMap::from([(2, "127.0.0.1:7801".to_string())]));
+        assert_eq!(
+            book.get(2),
+            None,
+            "a route alone does not make a peer known"
+        );
+        book.set(2, "10.0.0.2:7070", 5);
+        book.set(3, "10.0.0.3:7070", 6);
+        assert_eq!(book.get(2), Some(("127.0.0.1:7801".into(), 5)));
+        assert_eq!(book.get(3), Some(("10.0.0.3:7070".into(), 6)));
+        assert_eq!(book.incarnation(2), Some(5));
+    }
 }

@@ -3,6 +3,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod regions;
 
 use common::cluster::Cluster;
 use reqwest::StatusCode;

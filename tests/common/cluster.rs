@@ -59,6 +59,8 @@ pub struct Member {
     pub extra: Vec<String>,
     /// Extra environment variables of the node's process.
     pub env: Vec<(String, String)>,
+    /// `--peer-routes` of the node (the region simulator's links), if any.
+    pub routes: Option<String>,
 }
 
 /// A running cluster.
@@ -70,6 +72,120 @@ pub struct Cluster {
     keys_file: PathBuf,
     admin_file: PathBuf,
     bootstrap: String,
+    /// The region simulator between the members, when they are in regions.
+    pub net: Option<Netsim>,
+}
+
+/// Regions for a test cluster: member `id` is in `names[(id - 1) % len]`, and every pair of
+/// regions is `rtt_ms` apart (a `kubbi-netsim` link per directed pair of members).
+#[derive(Clone)]
+pub struct Regions {
+    pub names: Vec<String>,
+    pub rtt_ms: f64,
+}
+
+impl Regions {
+    pub fn of(&self, id: u64) -> &str {
+        &self.names[((id - 1) as usize) % self.names.len()]
+    }
+}
+
+/// A running `kubbi-netsim` (cluster/netsim/main.rs) and its control port.
+pub struct Netsim {
+    child: Child,
+    control: String,
+}
+
+impl Netsim {
+    /// Starts the simulator with one link per directed pair of members in different regions;
+    /// returns it and each member's `--peer-routes`.
+    fn start(dir: &Path, members: &[Member], regions: &Regions) -> (Self, Vec<String>) {
+        let mut links = Vec::new();
+        // Per member: (peer id, index of the link it dials that peer through).
+        let mut dials: Vec<Vec<(u64, usize)>> = Vec::new();
+        for m in members {
+            let mut d = Vec::new();
+            for peer in members {
+                let (from, to) = (regions.of(m.id), regions.of(peer.id));
+                if from == to {
+                    continue;
+                }
+                d.push((peer.id, links.len()));
+                links.push(serde_json::json!({
+                    "listen": "127.0.0.1:0",
+                    "target": format!("127.0.0.1:{}", peer.internal_port),
+                    "from": from, "to": to, "delay_ms": regions.rtt_ms / 2.0,
+                }));
+            }
+            dials.push(d);
+        }
+        let config = dir.join("netsim.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"control": "127.0.0.1:0", "links": links}).to_string(),
+        )
+        .expect("netsim config");
+        let mut child = Command::new(netsim_bin())
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(logscan::append(&logscan::child_log("netsim")))
+            .spawn()
+            .expect("spawn kubbi-netsim");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("kubbi-netsim output");
+        let bound: serde_json::Value = line
+            .strip_prefix("ready ")
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_else(|| panic!("kubbi-netsim did not start: {line}"));
+        let addr = |i: usize| {
+            bound["links"][i]
+                .as_str()
+                .expect("a bound link")
+                .to_string()
+        };
+        let routes = dials
+            .iter()
+            .map(|d| {
+                d.iter()
+                    .map(|(peer, i)| format!("{peer}={}", addr(*i)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let control = bound["control"].as_str().expect("control").to_string();
+        (Self { child, control }, routes)
+    }
+
+    /// Sends one control command (`cut eu`, `heal`, ...) and returns the answer.
+    pub fn say(&self, command: &str) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::net::TcpStream::connect(&self.control).expect("netsim control");
+        s.write_all(format!("{command}\n").as_bytes())
+            .expect("write");
+        let mut line = String::new();
+        std::io::BufReader::new(s)
+            .read_line(&mut line)
+            .expect("answer");
+        assert!(line.starts_with("ok"), "netsim `{command}`: {line}");
+        line.trim().to_string()
+    }
+}
+
+impl Drop for Netsim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn netsim_bin() -> String {
+    std::env::var("NEXTEST_BIN_EXE_kubbi-netsim")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kubbi-netsim").to_string())
 }
 
 impl Cluster {
@@ -110,6 +226,24 @@ impl Cluster {
         extra: impl Fn(u64) -> Vec<String>,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_placed(base, n, extra, env, None).await
+    }
+
+    /// Like [`Cluster::start`], with the members in `regions` (node `id` in region
+    /// `regions.of(id)`, zone `region/z{id}`), talking across the region simulator.
+    pub async fn start_regions(n: u64, regions: Regions, extra: &[&str]) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let base = tempfile::tempdir().expect("tempdir");
+        Self::start_placed(base, n, |_| extra.clone(), &[], Some(regions)).await
+    }
+
+    async fn start_placed(
+        base: tempfile::TempDir,
+        n: u64,
+        extra: impl Fn(u64) -> Vec<String>,
+        env: &[(&str, &str)],
+        regions: Option<Regions>,
+    ) -> Self {
         let secret_file = base.path().join("cluster-secret");
         let secret = format!("{:032x}", rand::random::<u128>());
         logscan::record("cluster-secret", &secret);
@@ -137,12 +271,16 @@ impl Cluster {
                 log: logscan::child_log(&format!("cluster-node{id}")),
                 child: None,
                 api: None,
-                zone: format!("local/z{id}"),
+                zone: match &regions {
+                    Some(r) => format!("{}/z{id}", r.of(id)),
+                    None => format!("local/z{id}"),
+                },
                 extra: extra(id),
                 env: env
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                routes: None,
             });
         }
         let bootstrap = members
@@ -158,10 +296,19 @@ impl Cluster {
             keys_file,
             admin_file,
             bootstrap,
+            net: None,
         };
         // A port free when it was picked can be taken by the time a node binds it (another
         // test process picked it too): then every node starts again on fresh ports.
         for attempt in 1.. {
+            if let Some(r) = &regions {
+                c.net = None; // the links of the last attempt's ports
+                let (net, routes) = Netsim::start(c.base.path(), &c.members, r);
+                for (m, routes) in c.members.iter_mut().zip(routes) {
+                    m.routes = Some(routes).filter(|r| !r.is_empty());
+                }
+                c.net = Some(net);
+            }
             for i in 0..c.members.len() {
                 c.spawn(i, true);
             }
@@ -248,6 +395,7 @@ impl Cluster {
                 },
             )
             .args(&m.extra)
+            .args(m.routes.iter().flat_map(|r| ["--peer-routes", r.as_str()]))
             .env("KUBBI_LOG", logscan::cluster_level())
             .envs(m.env.iter().map(|(k, v)| (k, v)));
         if bootstrap {
@@ -283,6 +431,7 @@ impl Cluster {
             zone: format!("local/z{id}"),
             extra: Vec::new(),
             env: self.members[seed].env.clone(),
+            routes: None,
         };
         m.extra = self.members[seed]
             .extra
@@ -375,6 +524,12 @@ impl Cluster {
         let st = self.status(i).await;
         let g = super::group_of_shard(&st, shard)?;
         st["shards"].as_array()?.iter().find(|s| s["id"] == g)?["leader"].as_u64()
+    }
+
+    /// The region of member `i` (the part of its zone before `/`).
+    pub fn zone_region(&self, i: usize) -> &str {
+        let z = &self.members[i].zone;
+        z.split_once('/').map_or(z.as_str(), |(r, _)| r)
     }
 
     pub fn index_of(&self, id: u64) -> usize {
