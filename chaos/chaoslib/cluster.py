@@ -71,6 +71,7 @@ class Node:
         self.storage = storage
         self.skew = skew
         self.join = join  # internal address to join through, else bootstrap
+        self.bin = None  # this node's kubbi binary when not the cluster's (a rolling upgrade)
         self.dir = os.path.join(cluster.dir, f"node{i}")
         self.backing = os.path.join(cluster.dir, f"node{i}.backing")
         self.log = os.path.join(cluster.dir, f"node{i}.log")
@@ -141,7 +142,7 @@ class Node:
     # process
     def cmd(self):
         c = self.c
-        args = [c.bin, "serve", "--node-id", str(self.id), "--data-dir", self.dir,
+        args = [self.bin or c.bin, "serve", "--node-id", str(self.id), "--data-dir", self.dir,
                 "--http-addr", self.http, "--internal-addr", self.internal, "--zone", self.zone,
                 "--initial-groups", str(c.groups), "--raft-heartbeat-ms", str(c.heartbeat_ms),
                 "--raft-snapshot-every", str(c.snapshot_every), "--ip-link-rate", "0",
@@ -242,6 +243,7 @@ class Cluster:
                  lazy=(), small=(), skewed=(), small_mb=256):
         self.dir = run_dir
         self.bin = bin_path
+        self.upgrade_bin = None  # chaos --upgrade-bin: rolling_restart alternates binaries
         self.n = n
         self.groups = groups
         self.heartbeat_ms = heartbeat_ms

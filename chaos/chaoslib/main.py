@@ -40,6 +40,9 @@ def parse(argv):
     ap.add_argument("--duration", type=float, required=True, help="seconds of workload under faults")
     ap.add_argument("--nodes", type=int, default=5)
     ap.add_argument("--bin", default=None, help="kubbi binary (default $KUBBI_BIN or the release build)")
+    ap.add_argument("--upgrade-bin", default=None,
+                    help="a second kubbi binary: each rolling_restart moves every node to the other "
+                         "binary in turn (this one first), so versions mix while it rolls")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--initial-groups", "--shards", dest="groups", type=int, default=0,
                     help="data raft groups of the new cluster (default 0: one per node, kubbi's default)")
@@ -373,7 +376,8 @@ def main(argv=None):
     os.makedirs(run_dir, exist_ok=True)
     repro = (f"chaos/run --seed {a.seed} --duration {a.duration:g} --nodes {a.nodes}"
              + (f" --faults {','.join(a.faults)}" if a.faults != ALL_FAULTS else "")
-             + f" --bin {a.bin}")
+             + f" --bin {a.bin}"
+             + (f" --upgrade-bin {a.upgrade_bin}" if a.upgrade_bin else ""))
     print(f"chaos: seed {a.seed}, {a.duration:g}s, {a.nodes} nodes, run dir {run_dir}", flush=True)
 
     netns.teardown()
@@ -387,6 +391,7 @@ def main(argv=None):
     if "clock_skew" not in a.faults:
         skewed = set()
     cluster = Cluster(run_dir, a.bin, a.nodes, groups=a.groups, lazy=lazy, small=small, skewed=skewed)
+    cluster.upgrade_bin = a.upgrade_bin
     spare = None
     if "membership" in a.faults:
         spare = Node(cluster, a.nodes + 1)
@@ -397,7 +402,7 @@ def main(argv=None):
     # scheduling and rounding).
     skew_bound = (2 * a.skew if skewed else 0) + 1.0
     report = {"seed": a.seed, "duration_s": a.duration, "nodes": a.nodes, "clients": a.clients,
-              "initial_groups": a.groups, "bin": a.bin, "faults_enabled": a.faults, "run_dir": run_dir,
+              "initial_groups": a.groups, "bin": a.bin, "upgrade_bin": a.upgrade_bin, "faults_enabled": a.faults, "run_dir": run_dir,
               "layout": {"lazyfs": sorted(lazy), "small_disk": sorted(small), "faketime": sorted(skewed),
                          "spare": spare.id if spare else None},
               "skew_bound_s": skew_bound, "recovery_bound_s": a.recovery_bound, "reproduce": repro}

@@ -38,7 +38,8 @@ seeded order), inject, hold, heal. Kinds:
   rolling_restart  (opt-in: name it in --faults) a planned restart of every member in turn:
                    SIGTERM (the node hands the leadership of its groups off before it exits),
                    start it again on its data directory, wait until it is ready and every
-                   group is led, then the next member
+                   group is led, then the next member; with --upgrade-bin each roll moves
+                   the nodes to the other binary (a rolling upgrade, then a downgrade, ...)
 
 Every injection and heal is an event in the history file ({"nemesis": ...}).
 """
@@ -174,13 +175,20 @@ class Nemesis:
 
     def do_rolling_restart(self):
         ids = [nd.id for nd in self.members()]
-        self.event("rolling_restart", "start", nodes=ids)
+        # With --upgrade-bin, every roll moves the nodes to the other binary: versions mix.
+        target = None
+        if self.c.upgrade_bin:
+            self.rolls = getattr(self, "rolls", 0) + 1
+            target = self.c.upgrade_bin if self.rolls % 2 == 1 else self.c.bin
+        self.event("rolling_restart", "start", nodes=ids, bin=target)
         for i in ids:
             if self.stop_flag.is_set():
                 break
             nd = self.c.nodes[i]
             self.event("rolling_restart", "stop", nodes=[i])
             nd.terminate(timeout=30)
+            if target:
+                nd.bin = target
             nd.start()
             deadline = time.monotonic() + 60
             while not nd.ready() and time.monotonic() < deadline:

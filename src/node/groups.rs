@@ -87,7 +87,11 @@ impl GroupStarter {
         let raft = Raft::new(
             self.me,
             self.rcfg.clone(),
-            NetworkFactory::new(g, self.peers.clone()),
+            NetworkFactory::new(
+                g,
+                self.peers.clone(),
+                Duration::from_millis(self.rcfg.election_timeout_min),
+            ),
             log,
             StateMachine::new(self.storage.clone(), g, self.observer.clone()),
         )

@@ -28,11 +28,17 @@ use crate::raft::{Entry, NodeId, NodeInfo, Snapshot, SnapshotData, TypeConfig, V
 pub struct NetworkFactory {
     group: GroupId,
     peers: Option<Peers>,
+    min_timeout: Duration,
 }
 
 impl NetworkFactory {
-    pub fn new(group: GroupId, peers: Option<Peers>) -> Self {
-        Self { group, peers }
+    /// `min_timeout` is the least time any raft RPC gets (the minimum election timeout, below).
+    pub fn new(group: GroupId, peers: Option<Peers>, min_timeout: Duration) -> Self {
+        Self {
+            group,
+            peers,
+            min_timeout,
+        }
     }
 }
 
@@ -41,6 +47,11 @@ pub struct Connection {
     group: GroupId,
     target: NodeId,
     peers: Option<Peers>,
+    /// openraft gives heartbeats and votes ¾ of the heartbeat interval (75 ms by default), less
+    /// than one round trip between regions: every heartbeat would time out, no leader would
+    /// hold a lease or answer a read index, and elections would fail. Waiting longer than the
+    /// minimum election timeout is pointless (the follower has moved on), so that is the floor.
+    min_timeout: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -54,6 +65,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             peers: self.peers.clone(),
+            min_timeout: self.min_timeout,
         }
     }
 }
@@ -130,7 +142,7 @@ impl Connection {
                 self.target,
                 call(self.group),
                 &encode(req),
-                timeout,
+                timeout.max(self.min_timeout),
                 Lane::BySize,
             )
             .await
