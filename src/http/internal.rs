@@ -312,17 +312,23 @@ async fn raft_rpc(
                 }
                 encode(&r)
             }
-            // A stopping node has handed its groups off (`NodeHandle::hand_off_leadership`);
-            // it takes none back, or its stop would cost the group an election after all.
-            Call::Transfer(_) if st.exec.is_stopping() => {
-                encode(&Err::<(), String>("this node is stopping".into()))
+            Call::Transfer(_) => {
+                let req: openraft::raft::TransferLeaderRequest<crate::raft::TypeConfig> = body(b)?;
+                // A stopping node has handed its groups off (`hand_off_leadership`); it takes
+                // none back, or its stop would cost the group an election after all. (A
+                // transfer to another node is broadcast to every voter, this one included:
+                // that one it accepts.)
+                if st.exec.is_stopping() && *req.to_node_id() == st.exec.node_id() {
+                    encode(&Err::<(), String>("this node is stopping".into()))
+                } else {
+                    encode(
+                        &raft
+                            .handle_transfer_leader(req)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    )
+                }
             }
-            Call::Transfer(_) => encode(
-                &raft
-                    .handle_transfer_leader(body(b)?)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
             Call::Snapshot(_) => {
                 let part: SnapshotPart = body(b)?;
                 encode(&receive_snapshot(st, group, raft, part).await)
