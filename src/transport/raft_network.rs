@@ -9,8 +9,8 @@ use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError,
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -20,7 +20,7 @@ use super::stream::Call;
 use super::{Lane, Peers, TransportError};
 use crate::codec::encode;
 use crate::ids::GroupId;
-use crate::raft::{Entry, LogId, NodeId, NodeInfo, Snapshot, SnapshotData, TypeConfig, Vote};
+use crate::raft::{Entry, NodeId, NodeInfo, Snapshot, SnapshotData, TypeConfig, Vote};
 
 /// Creates connections for one group. Without peers (a single node), every connection reports
 /// its target unreachable.
@@ -152,179 +152,8 @@ impl Connection {
     }
 }
 
-impl Clone for Connection {
-    fn clone(&self) -> Self {
-        Self {
-            group: self.group,
-            target: self.target,
-            peers: self.peers.clone(),
-            min_timeout: self.min_timeout,
-        }
-    }
-}
-
-/// One AppendEntries of a replication stream, sent as its own task (so it is on the wire at
-/// once, whoever awaits it), with what its answer means.
-struct InFlight {
-    task: tokio::task::JoinHandle<AppendAnswer>,
-    /// The answer, once the task ended.
-    done: Option<AppendAnswer>,
-    prev: Option<LogId>,
-    last: Option<LogId>,
-    /// No entries: it only tells the follower the new commit index.
-    commit_only: bool,
-}
-
-type AppendAnswer = Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>>;
-
-impl InFlight {
-    fn send(conn: &Connection, rpc: AppendEntriesRequest<TypeConfig>, option: RPCOption) -> Self {
-        let prev = rpc.prev_log_id;
-        let last = rpc.entries.last().map(|e| e.log_id).or(prev);
-        let commit_only = rpc.entries.is_empty();
-        let mut conn = conn.clone();
-        Self {
-            task: tokio::spawn(async move { conn.append_entries(rpc, option).await }),
-            done: None,
-            prev,
-            last,
-            commit_only,
-        }
-    }
-
-    /// Waits for the answer (cancel safe: the task runs on, and a later call waits again).
-    async fn wait(&mut self) {
-        if self.done.is_none() {
-            self.done = Some(match (&mut self.task).await {
-                Ok(a) => a,
-                Err(e) => Err(RPCError::Network(NetworkError::from_string(format!(
-                    "append task: {e}"
-                )))),
-            });
-        }
-    }
-
-    /// The answer for openraft's replication stream, and whether the stream goes on.
-    async fn settle(
-        mut self,
-    ) -> (
-        Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>,
-        bool,
-    ) {
-        self.wait().await;
-        match self
-            .done
-            .take()
-            .unwrap_or_else(|| Err(RPCError::Network(NetworkError::from_string("no answer"))))
-        {
-            Ok(resp) => {
-                // A batch cut short (`batch_prefix`) ends the stream, as openraft's sequential
-                // stream does: openraft sends the rest in a new one.
-                let whole = match &resp {
-                    AppendEntriesResponse::PartialSuccess(upto) => *upto == self.last,
-                    _ => true,
-                };
-                let r = resp.into_stream_result(self.prev, self.last);
-                let go_on = whole && r.is_ok();
-                (Ok(r), go_on)
-            }
-            Err(e) => (Err(e), false),
-        }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        // A stream that stopped (an error, a conflict, a cut batch) with the next request in
-        // flight: openraft starts a new stream from what was acknowledged.
-        self.task.abort();
-    }
-}
-
 impl RaftNetworkV2<TypeConfig> for Connection {
     type SnapshotData = SnapshotData;
-
-    /// openraft's replication stream, with one overlap: while an AppendEntries that carries
-    /// only a new commit index is on the wire, the next request (with entries) is sent at once
-    /// instead of after its answer. openraft sends such a commit-only request right after
-    /// every acknowledgement, so without the overlap every write waited one extra round trip
-    /// behind it (two round trips per create across regions, `benches/README.md`, "Regions").
-    ///
-    /// At most one request with entries is ever in flight, so the follower never sees a
-    /// group's entries out of order. The follower may handle the two in either order, which is
-    /// harmless: the commit-only request changes no log (its `prev_log_id` is already matched,
-    /// and an append without entries truncates nothing), exactly like the heartbeats openraft
-    /// already sends beside a replication stream. Answers are yielded in request order.
-    fn stream_append<'s, S>(
-        &'s mut self,
-        input: S,
-        option: RPCOption,
-    ) -> openraft::base::BoxFuture<
-        's,
-        Result<
-            openraft::base::BoxStream<
-                's,
-                Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>,
-            >,
-            RPCError<TypeConfig>,
-        >,
-    >
-    where
-        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
-            + openraft::OptionalSend
-            + Unpin
-            + 'static,
-    {
-        use futures::StreamExt;
-        let conn = self.clone();
-        Box::pin(async move {
-            // (connection, requests, in flight oldest first, whether requests may still come)
-            let start = (
-                conn,
-                input,
-                std::collections::VecDeque::<InFlight>::new(),
-                true,
-            );
-            let s = futures::stream::unfold(Some(start), move |state| {
-                let option = option.clone();
-                async move {
-                    let (conn, mut input, mut flying, mut more) = state?;
-                    if flying.is_empty() {
-                        if !more {
-                            return None;
-                        }
-                        let rpc = input.next().await?;
-                        flying.push_back(InFlight::send(&conn, rpc, option.clone()));
-                    }
-                    // While only a commit-only request flies, the next one may take off.
-                    while more
-                        && flying.len() == 1
-                        && flying[0].commit_only
-                        && flying[0].done.is_none()
-                    {
-                        let next = {
-                            let front = &mut flying[0];
-                            tokio::select! {
-                                () = front.wait() => None,
-                                next = input.next() => Some(next),
-                            }
-                        };
-                        match next {
-                            None => {}
-                            Some(Some(rpc)) => {
-                                flying.push_back(InFlight::send(&conn, rpc, option.clone()));
-                            }
-                            Some(None) => more = false,
-                        }
-                    }
-                    let front = flying.pop_front()?;
-                    let (r, go_on) = front.settle().await;
-                    Some((r, go_on.then_some((conn, input, flying, more))))
-                }
-            });
-            Ok(Box::pin(s) as openraft::base::BoxStream<'s, _>)
-        })
-    }
 
     async fn append_entries(
         &mut self,
