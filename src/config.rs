@@ -103,6 +103,21 @@ pub struct BootstrapMember {
     pub zone: String,
 }
 
+/// Splits one `id=...` entry of a node list (`what` and `form` name it in errors): the node id
+/// (a positive integer) and what follows the `=`.
+fn id_entry<'a>(item: &'a str, what: &str, form: &str) -> Result<(u64, &'a str), String> {
+    let (id, rest) = item
+        .split_once('=')
+        .ok_or_else(|| format!("{what} `{item}` is not {form}"))?;
+    let id = id
+        .trim()
+        .parse()
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| format!("{what} `{item}`: the id must be a positive integer"))?;
+    Ok((id, rest))
+}
+
 /// Parses `1=10.0.0.1:7070@eu/a,2=10.0.0.2:7070@eu/b,...` (the `@zone` part is optional).
 ///
 /// # Errors
@@ -110,12 +125,7 @@ pub struct BootstrapMember {
 pub fn parse_bootstrap(s: &str) -> Result<Vec<BootstrapMember>, String> {
     let mut out: Vec<BootstrapMember> = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (id, rest) = item
-            .split_once('=')
-            .ok_or_else(|| format!("bootstrap entry `{item}` is not id=host:port[@zone]"))?;
-        let id: u64 = id.trim().parse().ok().filter(|i| *i > 0).ok_or_else(|| {
-            format!("bootstrap entry `{item}`: the id must be a positive integer")
-        })?;
+        let (id, rest) = id_entry(item, "bootstrap entry", "id=host:port[@zone]")?;
         let (internal, zone) = match rest.split_once('@') {
             Some((a, z)) => (a.trim(), z.trim()),
             None => (rest.trim(), DEFAULT_ZONE),
@@ -144,15 +154,7 @@ pub fn parse_bootstrap(s: &str) -> Result<Vec<BootstrapMember>, String> {
 pub fn parse_peer_routes(s: &str) -> Result<BTreeMap<u64, String>, String> {
     let mut out = BTreeMap::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (id, addr) = item
-            .split_once('=')
-            .ok_or_else(|| format!("peer route `{item}` is not id=host:port"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .ok()
-            .filter(|i| *i > 0)
-            .ok_or_else(|| format!("peer route `{item}`: the id must be a positive integer"))?;
+        let (id, addr) = id_entry(item, "peer route", "id=host:port")?;
         let addr = addr.trim();
         if addr
             .rsplit_once(':')

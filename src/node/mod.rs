@@ -170,10 +170,13 @@ impl NodeHandle {
                 let deadline = tokio::time::Instant::now() + patience;
                 // The target ignores a transfer naming a log it does not have yet (writes
                 // that raced the first attempt): ask again until it moves.
-                while tokio::time::Instant::now() < deadline {
+                loop {
                     let m = lg.raft.metrics().borrow_watched().clone();
                     if m.current_leader.is_some_and(|l| l != me) {
                         return true;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return false;
                     }
                     if let Some(to) = target(&m) {
                         let _ = tokio::time::timeout(
@@ -191,11 +194,6 @@ impl NodeHandle {
                         )
                         .await;
                 }
-                lg.raft
-                    .metrics()
-                    .borrow_watched()
-                    .current_leader
-                    .is_some_and(|l| l != me)
             })
         });
         futures::future::join_all(moves)

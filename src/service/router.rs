@@ -212,23 +212,24 @@ impl Router {
     }
 
     /// Resolves with the new leader once this node's replica of group `g` sees a leader other
-    /// than `target` elected in a later term than the current one; never, where this node holds
-    /// no replica of `g` or no such election happens within [`FORWARD_TIMEOUT`].
+    /// than `target` under a newer vote than the current one (an election); never, where this
+    /// node holds no replica of `g`. Watches openraft's server metrics, which change only with
+    /// votes, leaders and membership, not with every append: this runs beside every forward.
     async fn elected_elsewhere(&self, g: GroupId, target: u64) -> u64 {
         if let Some(lg) = self.exec.group(g) {
-            let term = lg.raft.metrics().borrow_watched().current_term;
-            let moved = |m: &openraft::RaftMetrics<crate::raft::TypeConfig>| {
-                m.current_leader
-                    .filter(|l| *l != target && m.current_term > term)
-            };
-            if let Ok(m) = lg
-                .raft
-                .wait(Some(FORWARD_TIMEOUT))
-                .metrics(|m| moved(m).is_some(), "another leader elected")
-                .await
-                && let Some(l) = moved(&m)
-            {
-                return l;
+            let mut rx = lg.raft.server_metrics();
+            let vote = rx.borrow_watched().vote;
+            loop {
+                let elected = {
+                    let m = rx.borrow_watched();
+                    m.current_leader.filter(|l| *l != target && m.vote != vote)
+                };
+                if let Some(l) = elected {
+                    return l;
+                }
+                if rx.changed().await.is_err() {
+                    break;
+                }
             }
         }
         std::future::pending().await

@@ -19,6 +19,29 @@ fn three_regions(rtt_ms: f64) -> Regions {
     }
 }
 
+/// Claims `token` through `api` with Idempotency-Key `key` until the status satisfies `done`
+/// (a retry of a claim that committed but timed out is answered as the first, not counted
+/// again).
+async fn claim_until(
+    api: &common::Api,
+    token: &str,
+    key: &str,
+    within: Duration,
+    what: &str,
+    done: fn(StatusCode) -> bool,
+) -> common::Resp {
+    common::eventually(within, what, || async move {
+        let r = api.claim_idem(token, key).await;
+        done(r.status).then_some(r)
+    })
+    .await
+}
+
+/// Any answer but "no leader right now".
+fn answered(s: StatusCode) -> bool {
+    s != StatusCode::SERVICE_UNAVAILABLE
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_region_cut_off_leaves_every_group_served_and_catches_up_when_it_returns() {
     let c = Cluster::start_regions(3, three_regions(30.0), &[]).await;
@@ -97,19 +120,13 @@ async fn a_region_cut_off_leaves_every_group_served_and_catches_up_when_it_retur
         .iter()
         .find(|(_, g, _)| *g == lost_group)
         .expect("a kubbi of the lost group");
-    // Claims carry an Idempotency-Key: a retry of one that committed but timed out is
-    // answered as the first, not counted again.
-    let first = common::eventually(
+    let first = claim_until(
+        c.api(survivor),
+        token,
+        "cut-first",
         Duration::from_secs(60),
         "a claim of a kubbi whose leader is cut off",
-        || {
-            let api = c.api(survivor).clone();
-            let token = token.clone();
-            async move {
-                let r = api.claim_idem(&token, "cut-first").await;
-                (r.status == StatusCode::OK).then_some(r)
-            }
-        },
+        |s| s == StatusCode::OK,
     )
     .await;
     let recovered = cut_at.elapsed();
@@ -119,14 +136,14 @@ async fn a_region_cut_off_leaves_every_group_served_and_catches_up_when_it_retur
     );
     // Every kubbi is served by the two regions left, each claim counted once.
     for (t, _, content) in &kubbis {
-        let r = common::eventually(Duration::from_secs(30), "a claim in the majority", || {
-            let api = c.api(survivor).clone();
-            let t = t.clone();
-            async move {
-                let r = api.claim_idem(&t, "cut-all").await;
-                (r.status != StatusCode::SERVICE_UNAVAILABLE).then_some(r)
-            }
-        })
+        let r = claim_until(
+            c.api(survivor),
+            t,
+            "cut-all",
+            Duration::from_secs(30),
+            "a claim in the majority",
+            answered,
+        )
         .await;
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
         assert_eq!(r.body["content"], content.as_str());
@@ -165,17 +182,13 @@ async fn a_region_cut_off_leaves_every_group_served_and_catches_up_when_it_retur
     .await;
     // Through the returning node: what the majority did while it was away, and nothing else.
     for (t, _, _) in &kubbis {
-        let r = common::eventually(
+        let r = claim_until(
+            c.api(victim),
+            t,
+            "healed",
             Duration::from_secs(30),
             "a claim through the returned node",
-            || {
-                let api = c.api(victim).clone();
-                let t = t.clone();
-                async move {
-                    let r = api.claim_idem(&t, "healed").await;
-                    (r.status != StatusCode::SERVICE_UNAVAILABLE).then_some(r)
-                }
-            },
+            answered,
         )
         .await;
         if t == token {
